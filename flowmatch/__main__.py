@@ -1,0 +1,5 @@
+import sys
+
+from flowmatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""``flowmatch train|sample|bench|demo``: parse -> config -> pipelines -> exit code.
+
+Every user error prints one line ``flowmatch: error: ...`` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _csv_list(value: str, cast=str) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowmatch", description="Rectified flow / conditional flow matching.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,demo}")
+
+    t = sub.add_parser("train", help="train a flow from a YAML config")
+    t.add_argument("config", help="experiment YAML (see experiments/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument("--out", help="run directory (default runs/<name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; write nothing")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="sample from a checkpoint with an ODE solver")
+    s.add_argument("checkpoint")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--solver", default="euler")
+    s.add_argument("--nfe", type=int, help="function evaluations (fixed-step solvers; a multiple of the stages)")
+    s.add_argument("--atol", type=float, default=1e-5, help="adaptive solvers only")
+    s.add_argument("--rtol", type=float, default=1e-5, help="adaptive solvers only")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="output file (.pt, or .npz)")
+
+    b = sub.add_parser("bench", help="benchmark checkpoints across solvers and NFE")
+    b.add_argument("checkpoints", nargs="+")
+    b.add_argument("--solvers", type=_csv_list, default=["euler", "midpoint", "heun", "rk4", "dopri5"])
+    b.add_argument("--nfe", type=lambda v: _csv_list(v, int), default=[1, 2, 4, 8, 16])
+    b.add_argument("--n", type=int, default=2000, help="samples per row (W2 is exact on n points)")
+    b.add_argument("--grid", default="uniform", help="time grid: uniform, power, cosine")
+    b.add_argument("--atol", type=float, default=1e-5)
+    b.add_argument("--rtol", type=float, default=1e-5)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--tracking", default="offline", choices=["offline", "online", "disabled"])
+    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("demo", help="train and benchmark the toy experiments, write report.md")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--configs", nargs="*", help="experiment YAMLs (default experiments/toy/*.yaml)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--n", type=int, default=2000)
+    d.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flowmatch import pipelines
+    from flowmatch.config import load_config
+
+    if args.command == "train":
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(pipelines.describe_config(cfg), end="")
+            return 0
+        out = args.out or os.path.join("runs", cfg.name)
+        summary = pipelines.train_from_config(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                                              progress=not args.no_progress)
+        ev = summary.eval
+        print(f"trained {summary.name} to step {summary.step} ({summary.steps_per_sec:.0f} steps/s) in {out}; "
+              f"W2 {ev.get('eval/w2', float('nan')):.4f} (floor {ev.get('eval/w2_floor', float('nan')):.4f}) "
+              f"with {ev.get('eval/solver')} at NFE {ev.get('eval/nfe')}; straightness {ev.get('eval/straightness', float('nan')):.4f}")
+        return 0
+    if args.command == "sample":
+        rec = pipelines.sample_from_checkpoint(args.checkpoint, args.out, n=args.n, solver=args.solver, nfe=args.nfe,
+                                               atol=args.atol, rtol=args.rtol, seed=args.seed, device=args.device)
+        print(json.dumps({k: rec[k] for k in ("solver", "num_steps", "nfe", "n", "seconds")}) + f"  -> {args.out}")
+        return 0
+    if args.command == "bench":
+        from flowmatch.bench import rows_to_markdown
+
+        rows = pipelines.bench_from_checkpoints(args.checkpoints, args.out, solvers=args.solvers, nfes=args.nfe,
+                                                n=args.n, seed=args.seed, grid=args.grid, atol=args.atol,
+                                                rtol=args.rtol, device=args.device, tracking=args.tracking,
+                                                progress=not args.no_progress)
+        print(rows_to_markdown(rows, ("model", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
+                                      "seconds")), end="")
+        print(f"wrote {args.out}/bench.json, bench.csv, bench.md, bench_w2_vs_nfe.png")
+        return 0
+    if args.command == "demo":
+        report = pipelines.run_demo(args.out, args.configs or None, overrides=args.overrides, n=args.n,
+                                    progress=not args.no_progress)
+        print(f"wrote {report}")
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flowmatch.errors import FlowmatchError
+
+    try:
+        return _run(args)
+    except FlowmatchError as e:
+        print(f"flowmatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowmatch: interrupted; completed checkpoints are kept (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""2D toy distributions, vectorised and generated on the requested device.
+
+Every distribution has ``sample(n, *, generator=None, device=None) -> [n, dim]``. When a
+``generator`` is given, samples are drawn on its device unless ``device`` says otherwise (the two
+must agree). Definitions:
+
+- ``gaussian``: N(0, I) in any dimension.
+- ``8gaussians``: equal-weight mixture with centres 5 (cos k pi/4, sin k pi/4), k = 0..7, and
+  covariance sqrt(0.1) I (standard deviation 0.1 ** 0.25 per coordinate).
+- ``moons``: scikit-learn's two interleaving half circles with Gaussian noise of std 0.2, then
+  scaled as ``x * 3 - 1``.
+- ``checkerboard``: uniform on the 8 black squares of a 4x4 board on [-4, 4]^2.
+- ``spirals``: two interleaved spirals (scaled to about [-4, 4]^2) with Gaussian noise 0.1.
+- ``circles``: two concentric circles of radius 3 and 1.5 with Gaussian noise 0.08 * 3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from flowmatch.errors import ConfigError
+from flowmatch.utils import lookup
+
+__all__ = ["ToyDistribution", "DATASETS", "get_dataset"]
+
+
+class ToyDistribution:
+    """Base class: subclasses implement ``_sample(n, g, device, dtype)``."""
+
+    name: str = ""
+
+    def __init__(self, dim: int = 2):
+        if dim != 2:
+            raise ConfigError(f"dataset {self.name!r} is 2-dimensional; got data.dim={dim}")
+        self.dim = dim
+
+    def sample(self, n: int, *, generator: Optional[torch.Generator] = None,
+               device: Optional[torch.device | str] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Draw ``n`` points, shape ``[n, dim]``."""
+        if device is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+        device = torch.device(device)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but samples were requested on {device}")
+        return self._sample(int(n), generator, device, dtype)
+
+    def _sample(self, n: int, g: Optional[torch.Generator], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim})"
+
+
+def _randn(n: int, d: int, g, device, dtype) -> torch.Tensor:
+    return torch.randn(n, d, generator=g, device=device, dtype=dtype)
+
+
+def _rand(n: int, g, device, dtype) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device, dtype=dtype)
+
+
+class Gaussian(ToyDistribution):
+    name = "gaussian"
+
+    def __init__(self, dim: int = 2):
+        if dim < 1:
+            raise ConfigError(f"dataset 'gaussian' needs data.dim >= 1, got {dim}")
+        self.dim = dim
+
+    def _sample(self, n, g, device, dtype):
+        return _randn(n, self.dim, g, device, dtype)
+
+
+class EightGaussians(ToyDistribution):
+    name = "8gaussians"
+    radius = 5.0
+    std = 0.1 ** 0.25  # covariance sqrt(0.1) * I
+
+    def centers(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        k = torch.arange(8, device=device, dtype=dtype) * (math.pi / 4)
+        return self.radius * torch.stack([torch.cos(k), torch.sin(k)], dim=1)
+
+    def _sample(self, n, g, device, dtype):
+        idx = torch.randint(0, 8, (n,), generator=g, device=device)
+        return self.centers(device, dtype)[idx] + self.std * _randn(n, 2, g, device, dtype)
+
+
+class Moons(ToyDistribution):
+    name = "moons"
+    noise = 0.2
+
+    def _sample(self, n, g, device, dtype):
+        theta = math.pi * _rand(n, g, device, dtype)
+        lower = torch.rand(n, generator=g, device=device) < 0.5
+        upper_moon = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+        lower_moon = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1)
+        x = torch.where(lower[:, None], lower_moon, upper_moon)
+        x = x + self.noise * _randn(n, 2, g, device, dtype)
+        return x * 3 - 1
+
+
+class Checkerboard(ToyDistribution):
+    name = "checkerboard"
+
+    def _sample(self, n, g, device, dtype):
+        x1 = _rand(n, g, device, dtype) * 4 - 2
+        x2_ = _rand(n, g, device, dtype) - 2 * torch.randint(0, 2, (n,), generator=g, device=device).to(dtype)
+        x2 = x2_ + torch.floor(x1).remainder(2)
+        return torch.stack([x1, x2], dim=1) * 2
+
+
+class Spirals(ToyDistribution):
+    name = "spirals"
+
+    def _sample(self, n, g, device, dtype):
+        r = torch.sqrt(_rand(n, g, device, dtype)) * (540 * 2 * math.pi / 360)
+        dx = -torch.cos(r) * r + _rand(n, g, device, dtype) * 0.5
+        dy = torch.sin(r) * r + _rand(n, g, device, dtype) * 0.5
+        sign = torch.where(torch.rand(n, generator=g, device=device) < 0.5, -1.0, 1.0).to(dtype)
+        x = torch.stack([dx, dy], dim=1) * sign[:, None] / 3
+        return x + 0.1 * _randn(n, 2, g, device, dtype)
+
+
+class Circles(ToyDistribution):
+    name = "circles"
+
+    def _sample(self, n, g, device, dtype):
+        theta = 2 * math.pi * _rand(n, g, device, dtype)
+        inner = torch.rand(n, generator=g, device=device) < 0.5
+        radius = torch.where(inner, 0.5, 1.0).to(dtype)
+        x = radius[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+        return (x + 0.08 * _randn(n, 2, g, device, dtype)) * 3
+
+
+DATASETS: dict[str, type[ToyDistribution]] = {
+    cls.name: cls for cls in (Gaussian, EightGaussians, Moons, Checkerboard, Spirals, Circles)
+}
+
+
+def get_dataset(name: str, dim: int = 2) -> ToyDistribution:
+    """Build a toy distribution by name (an unknown name lists the valid ones)."""
+    return lookup(DATASETS, name, "dataset")(dim=dim)

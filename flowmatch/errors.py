@@ -1,0 +1,51 @@
+"""User-facing errors.
+
+Every error that a user can cause (bad config, bad checkpoint, bad run directory, a diverging run)
+is a :class:`FlowmatchError`. The CLI prints its message as one line and exits non-zero; library
+callers can catch the subclasses.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FlowmatchError",
+    "ConfigError",
+    "CheckpointError",
+    "RunDirError",
+    "NonFiniteLossError",
+    "UnknownNameError",
+]
+
+
+class FlowmatchError(Exception):
+    """Base class of every error a user can cause."""
+
+
+class ConfigError(FlowmatchError, ValueError):
+    """A config key, type or value is wrong."""
+
+
+class UnknownNameError(FlowmatchError, KeyError):
+    """A registry lookup (solver, path, coupling, dataset, ...) found no such name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(FlowmatchError):
+    """A checkpoint is missing, truncated, foreign or of another format version."""
+
+
+class RunDirError(FlowmatchError):
+    """An output directory cannot be used (holds another run, or no run to resume)."""
+
+
+class NonFiniteLossError(FlowmatchError, FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float, checkpoint: str | None = None):
+        self.step = step
+        self.value = value
+        self.checkpoint = checkpoint
+        kept = f"; last good checkpoint kept at {checkpoint}" if checkpoint else "; no checkpoint had been written yet"
+        super().__init__(f"non-finite loss ({value}) at step {step}{kept}")

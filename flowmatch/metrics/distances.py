@@ -1,0 +1,79 @@
+"""Distances between point clouds.
+
+- :func:`w2`: exact 2-Wasserstein distance between two equal-weight clouds, an assignment problem
+  on the squared-Euclidean cost. POT's network simplex (``ot.emd2``) is used when installed (about
+  15 s at n = 10,000 on a 2-core CPU; scipy's ``linear_sum_assignment`` takes ~110 s there), with
+  scipy as the fallback. Reported as ``sqrt(min_pi mean ||x_i - y_pi(i)||^2)``.
+- :func:`mmd`: squared maximum mean discrepancy with a sum of RBF kernels
+  ``k(x, y) = sum_s exp(-||x - y||^2 / (2 s^2))`` over bandwidths ``s`` (unbiased U-statistic,
+  Gretton et al. 2012, eq. 3).
+- :func:`gaussian_w2`: closed form between isotropic Gaussians (a reference for tests).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = ["w2", "mmd", "gaussian_w2", "DEFAULT_BANDWIDTHS"]
+
+DEFAULT_BANDWIDTHS = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def _flat64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
+
+
+def w2(x: torch.Tensor, y: torch.Tensor, *, method: str = "auto") -> float:
+    """Exact W2 between ``x`` and ``y`` (``[n, *D]`` each, same n, uniform weights).
+
+    ``method``: ``auto`` (POT if importable, else scipy), ``pot`` or ``scipy``.
+    """
+    a, b = _flat64(x), _flat64(y)
+    if a.shape != b.shape:
+        raise ValueError(f"w2 needs two clouds of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    cost = torch.cdist(a, b).pow(2).numpy()
+    if method in ("auto", "pot"):
+        try:
+            import ot  # lazy: POT
+        except ImportError:
+            if method == "pot":
+                raise
+            method = "scipy"
+        else:
+            n = a.shape[0]
+            import numpy as np
+
+            weights = np.full(n, 1.0 / n)
+            return math.sqrt(max(float(ot.emd2(weights, weights, cost, numItermax=10_000_000)), 0.0))
+    if method != "scipy":
+        raise ValueError(f"unknown w2 method {method!r}; valid: auto, pot, scipy")
+    from scipy.optimize import linear_sum_assignment  # lazy
+
+    rows, cols = linear_sum_assignment(cost)
+    return math.sqrt(max(float(cost[rows, cols].mean()), 0.0))
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS) -> float:
+    """Unbiased squared MMD between ``x`` ``[n, *D]`` and ``y`` ``[m, *D]`` with a multi-bandwidth RBF kernel."""
+    a, b = _flat64(x), _flat64(y)
+    n, m = a.shape[0], b.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError("mmd needs at least 2 points in each cloud")
+
+    def k(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        d2 = torch.cdist(p, q).pow(2)
+        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
+
+    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(sxx + syy - 2 * kxy.mean())
+
+
+def gaussian_w2(mean1: torch.Tensor, std1: float, mean2: torch.Tensor, std2: float) -> float:
+    """W2 between ``N(mean1, std1^2 I)`` and ``N(mean2, std2^2 I)``: ``sqrt(|m1 - m2|^2 + d (s1 - s2)^2)``."""
+    d = mean1.numel()
+    return math.sqrt(float((mean1 - mean2).pow(2).sum()) + d * (std1 - std2) ** 2)

@@ -1,0 +1,43 @@
+"""Exponential moving average of a model's weights (evaluation uses the EMA copy)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    """``shadow <- decay * shadow + (1 - decay) * param`` after every optimiser step.
+
+    The effective decay is warmed up as ``min(decay, (1 + n) / (10 + n))`` so early averages are
+    not dominated by the random initialisation. Buffers are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - d)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "decay": self.decay, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])

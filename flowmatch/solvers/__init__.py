@@ -1,0 +1,63 @@
+"""ODE solvers. They know only a callable ``v(x, t)``; see :func:`solve` for the one-call entry.
+
+``num_steps`` and ``nfe`` are different words: a fixed-step solver with ``stages`` evaluations
+per step costs ``nfe = num_steps * stages`` (Heun with 4 steps: 8 NFE).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from flowmatch.errors import ConfigError
+from flowmatch.solvers.adaptive import TORCHDIFFEQ_ADAPTIVE, TorchdiffeqSolver
+from flowmatch.solvers.base import CountedField, Solver
+from flowmatch.solvers.fixed import RK4, Euler, Heun, Midpoint
+from flowmatch.solvers.grids import GRIDS, time_grid
+from flowmatch.types import Trajectory
+from flowmatch.utils import lookup
+
+__all__ = [
+    "Solver", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "TorchdiffeqSolver",
+    "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "time_grid", "GRIDS", "solve",
+]
+
+FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4)}
+SOLVERS: dict = {**FIXED_SOLVERS, **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
+
+
+def is_adaptive(name: str) -> bool:
+    return name in TORCHDIFFEQ_ADAPTIVE
+
+
+def get_solver(name: str, *, atol: float = 1e-5, rtol: float = 1e-5) -> Solver:
+    """A solver by name (tolerances apply to adaptive ones; unknown names list the valid ones)."""
+    factory = lookup(SOLVERS, name, "solver")
+    return factory(atol=atol, rtol=rtol) if is_adaptive(name) else factory()
+
+
+def solve(v, x0: torch.Tensor, solver: str | Solver = "euler", *, nfe: Optional[int] = None,
+          num_steps: Optional[int] = None, grid: str = "uniform", rho: float = 2.0,
+          atol: float = 1e-5, rtol: float = 1e-5, return_trajectory: bool = False,
+          trajectory_points: int = 33) -> Trajectory:
+    """Integrate ``v`` from t = 0 to 1 starting at ``x0`` (``[B, *D]``).
+
+    Fixed-step solvers take ``num_steps`` or an ``nfe`` that is a multiple of their stages;
+    adaptive ones take ``atol``/``rtol`` and report the NFE they used (their trajectory, when asked
+    for, is reported on a uniform grid of ``trajectory_points``).
+    """
+    s = solver if isinstance(solver, Solver) else get_solver(solver, atol=atol, rtol=rtol)
+    if s.adaptive:
+        g = torch.linspace(0, 1, trajectory_points if return_trajectory else 2, device=x0.device, dtype=x0.dtype)
+        return s.integrate(v, x0, g, return_trajectory=return_trajectory)
+    if num_steps is None:
+        if nfe is None:
+            raise ConfigError(f"solver {s.name!r} needs nfe or num_steps")
+        num_steps = s.steps_for_nfe(int(nfe))
+        if num_steps is None:
+            raise ConfigError(f"solver {s.name!r} uses {s.stages} evaluations per step; nfe={nfe} is not a "
+                              f"positive multiple of {s.stages}")
+    g = time_grid(num_steps, grid, rho=rho, device=x0.device, dtype=x0.dtype)
+    return s.integrate(v, x0, g, return_trajectory=return_trajectory)

@@ -1,0 +1,74 @@
+"""Solver base class: a stateless ``step`` per method; the base integrates on a grid and counts NFE."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from flowmatch.types import Trajectory
+
+__all__ = ["Solver", "CountedField", "Field"]
+
+Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CountedField:
+    """Wraps ``v(x, t)``; ``nfe`` counts the calls (each call is one batched evaluation)."""
+
+    def __init__(self, v: Field):
+        self.v = v
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.v(x, t)
+
+
+class Solver:
+    """A fixed-step explicit ODE solver for ``dx/dt = v(x, t)``.
+
+    Subclasses set ``name``, ``order`` (global error ``O(h^order)``) and ``stages`` (velocity
+    evaluations per step, so ``nfe = num_steps * stages``) and implement ``step``.
+    """
+
+    name: str = ""
+    order: int = 0
+    stages: int = 0
+    adaptive: bool = False
+
+    def step(self, v: Field, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """One step from ``t`` to ``t_next`` (both ``[B]``); returns ``x`` at ``t_next``."""
+        raise NotImplementedError
+
+    def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor,
+                  return_trajectory: bool = False) -> Trajectory:
+        """Integrate from ``grid[0]`` to ``grid[-1]`` through every grid point.
+
+        ``x0`` is ``[B, *D]``, ``grid`` is ``[K + 1]`` (K steps). Gradients flow if the caller
+        enables them (the solver does not touch autograd).
+        """
+        grid = torch.as_tensor(grid, dtype=x0.dtype, device=x0.device)
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError(f"grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}")
+        counted = CountedField(v)
+        x = x0
+        xs = [x0] if return_trajectory else None
+        b = x0.shape[0]
+        for i in range(grid.numel() - 1):
+            x = self.step(counted, x, grid[i].expand(b), grid[i + 1].expand(b))
+            if xs is not None:
+                xs.append(x)
+        return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
+
+    def nfe_for_steps(self, num_steps: int) -> int:
+        return num_steps * self.stages
+
+    def steps_for_nfe(self, nfe: int) -> Optional[int]:
+        """The number of steps that costs exactly ``nfe`` evaluations, or ``None`` if none does."""
+        if nfe < self.stages or nfe % self.stages:
+            return None
+        return nfe // self.stages
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(order={self.order}, stages={self.stages})"

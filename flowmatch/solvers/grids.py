@@ -1,0 +1,44 @@
+"""Time grids on [0, 1] (``num_steps + 1`` points, increasing, first 0 and last 1).
+
+- ``uniform``: ``t_i = i / N``.
+- ``power``: ``t_i = (i / N) ** rho``: ``rho > 1`` puts small steps near t = 0 (the noise end),
+  ``rho < 1`` near t = 1 (the data end).
+- ``cosine``: ``t_i = (1 - cos(pi i / N)) / 2``: small steps at both ends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flowmatch.utils import lookup
+
+__all__ = ["GRIDS", "time_grid"]
+
+
+def _uniform(s: torch.Tensor, rho: float) -> torch.Tensor:
+    return s
+
+
+def _power(s: torch.Tensor, rho: float) -> torch.Tensor:
+    return s ** rho
+
+
+def _cosine(s: torch.Tensor, rho: float) -> torch.Tensor:
+    return 0.5 * (1 - torch.cos(math.pi * s))
+
+
+GRIDS = {"uniform": _uniform, "power": _power, "cosine": _cosine}
+
+
+def time_grid(num_steps: int, kind: str = "uniform", *, rho: float = 2.0, device=None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``[num_steps + 1]`` grid from 0 to 1 of the given ``kind`` (unknown kinds list the valid ones)."""
+    fn = lookup(GRIDS, kind, "time grid")
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    s = torch.linspace(0.0, 1.0, int(num_steps) + 1, dtype=torch.float64)
+    g = fn(s, rho)
+    g[0], g[-1] = 0.0, 1.0
+    return g.to(device=device, dtype=dtype)

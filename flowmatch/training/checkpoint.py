@@ -1,0 +1,112 @@
+"""Checkpoints: plain dicts written atomically, loaded with ``weights_only=True``.
+
+A checkpoint is ``{format, version, model, ema, optimizer, scheduler, step, config, rng}``; the model
+is rebuilt from ``config`` (never unpickled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from typing import Any
+
+import torch
+
+from flowmatch.config import ExperimentConfig, from_dict
+from flowmatch.errors import CheckpointError, ConfigError
+from flowmatch.models import build_model
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_save", "atomic_write_text", "save_checkpoint", "load_checkpoint",
+           "file_sha256", "load_model", "LoadedModel"]
+
+FORMAT = "flowmatch-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("format", "version", "model", "ema", "step", "config")
+
+
+def _atomic(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write text atomically (temporary file + rename)."""
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write a checkpoint dict (adds ``format`` and ``version``) atomically."""
+    atomic_save({"format": FORMAT, "version": FORMAT_VERSION, **state}, path)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate a checkpoint; every failure is a one-line :class:`CheckpointError`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or not a torch file ({msg})") from None
+    except Exception as e:  # the unpickler refusing a foreign object raises its own types
+        raise CheckpointError(f"checkpoint {path} could not be loaded safely: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a flowmatch checkpoint (no format={FORMAT!r} entry)")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing entries: {', '.join(missing)}")
+    if ckpt["version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {ckpt['version']}; "
+                              f"this flowmatch reads version {FORMAT_VERSION}")
+    return ckpt
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LoadedModel:
+    """A model rebuilt from a checkpoint: ``model`` (EMA weights by default), ``config``, ``step``, ``path``."""
+
+    def __init__(self, model: torch.nn.Module, config: ExperimentConfig, step: int, path: str):
+        self.model, self.config, self.step, self.path = model, config, step, path
+
+
+def load_model(path: str, *, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the velocity model from a checkpoint's config and load its (EMA) weights, in eval mode."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} holds an invalid config: {e}") from None
+    model = build_model(cfg.model, cfg.data.dim)
+    state = ckpt["ema"]["model"] if use_ema else ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model of its config "
+                              f"({str(e).splitlines()[0]})") from None
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, cfg, int(ckpt["step"]), path)

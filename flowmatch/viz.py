@@ -1,0 +1,106 @@
+"""Plots (matplotlib, imported lazily with the Agg backend; never imported by core modules)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["plot_samples", "plot_trajectories", "plot_w2_vs_nfe", "plot_loss_by_t"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def _lims(*clouds: torch.Tensor, q: float = 0.995):
+    allp = torch.cat([c.reshape(-1, 2).float().cpu() for c in clouds])
+    lo, hi = torch.quantile(allp, 1 - q, dim=0), torch.quantile(allp, q, dim=0)
+    pad = 0.1 * (hi - lo)
+    return (lo - pad).tolist(), (hi + pad).tolist()
+
+
+def plot_samples(panels: dict, path: str, *, title: Optional[str] = None, max_points: int = 4000) -> str:
+    """One scatter panel per ``{label: [n, 2] tensor}``, on shared axes."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    lo, hi = _lims(*panels.values())
+    for ax, (label, x) in zip(axes[0], panels.items()):
+        x = x[:max_points].float().cpu()
+        ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_trajectories(xs: torch.Tensor, path: str, *, n: int = 300, title: Optional[str] = None) -> str:
+    """Trajectories ``xs`` of shape ``[K+1, B, 2]``: start points, paths, end points."""
+    plt = _plt()
+    xs = xs[:, :n].float().cpu()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(xs[:, :, 0], xs[:, :, 1], color="olive", alpha=0.25, lw=0.6)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=3, color="black", label="t = 0", zorder=3)
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=3, color="tab:blue", label="t = 1", zorder=3)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_w2_vs_nfe(rows: Sequence[dict], path: str, *, metric: str = "w2") -> str:
+    """``metric`` against NFE (log x), one line per (model, solver); adaptive rows as markers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    styles = ["-", "--", ":", "-."]
+    for mi, model in enumerate(models):
+        for solver in dict.fromkeys(r["solver"] for r in rows if r["model"] == model):
+            rs = sorted((r for r in rows if r["model"] == model and r["solver"] == solver), key=lambda r: r["nfe"])
+            xs, ys = [r["nfe"] for r in rs], [r[metric] for r in rs]
+            if rs and rs[0].get("grid") == "adaptive":
+                ax.plot(xs, ys, marker="*", ls="none", ms=9, label=f"{model} {solver}")
+            else:
+                ax.plot(xs, ys, marker="o", ms=3, ls=styles[mi % len(styles)], label=f"{model} {solver}")
+    floors = [r["w2_floor"] for r in rows if r.get("w2_floor") is not None]
+    if metric == "w2" and floors:
+        ax.axhline(sum(floors) / len(floors), color="gray", lw=0.8, ls=":", label="noise floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(metric.upper() if metric == "w2" else metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def plot_loss_by_t(losses: Sequence[float], path: str, *, title: Optional[str] = None) -> str:
+    """Bar plot of the loss in each of the equal t-bins."""
+    plt = _plt()
+    k = len(losses)
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    ax.bar([(i + 0.5) / k for i in range(k)], losses, width=0.9 / k)
+    ax.set_xlabel("t")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,453 @@
+"""ODE solvers against exact solutions: one-step exactness, convergence order, NFE accounting, grids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowmatch.errors import ConfigError, UnknownNameError
+from flowmatch.solvers import (
+    FIXED_SOLVERS,
+    GRIDS,
+    RK4,
+    SOLVERS,
+    CountedField,
+    Euler,
+    Heun,
+    Midpoint,
+    TorchdiffeqSolver,
+    get_solver,
+    is_adaptive,
+    solve,
+    time_grid,
+)
+from flowmatch.types import Trajectory
+
+STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+STEPS_FOR_ORDER = {"euler": [8, 16, 32, 64], "midpoint": [8, 16, 32, 64], "heun": [8, 16, 32, 64],
+                   "rk4": [4, 8, 16, 32]}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def x0_batch(b=8, d=3, seed=0, dtype=torch.float64):
+    return torch.randn(b, d, generator=gen(seed), dtype=dtype)
+
+
+class Counter:
+    """Our own call counter around a field; also checks the [B]-shaped t contract."""
+
+    def __init__(self, f, batch):
+        self.f, self.batch, self.calls, self.ts = f, batch, 0, []
+
+    def __call__(self, x, t):
+        assert t.ndim == 1 and t.shape[0] == self.batch, f"t must be [B], got {tuple(t.shape)}"
+        assert torch.all(t == t[0]), "one time per call"
+        assert -1e-12 <= float(t[0]) <= 1 + 1e-12
+        assert x.shape[0] == self.batch
+        self.calls += 1
+        self.ts.append(float(t[0]))
+        return self.f(x, t)
+
+
+def neg(x, t):
+    return -x
+
+
+def fit_slope(hs, errs):
+    lh = torch.log(torch.tensor(hs, dtype=torch.float64))
+    le = torch.log(torch.tensor(errs, dtype=torch.float64))
+    lh_c = lh - lh.mean()
+    return float((lh_c * (le - le.mean())).sum() / (lh_c ** 2).sum())
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_and_attributes():
+    assert set(FIXED_SOLVERS) == set(STAGES)
+    for name, cls in FIXED_SOLVERS.items():
+        s = cls()
+        assert s.name == name and s.order == ORDERS[name] and s.stages == STAGES[name]
+        assert not s.adaptive and not is_adaptive(name)
+    assert "dopri5" in SOLVERS and is_adaptive("dopri5")
+    d = get_solver("dopri5", atol=1e-7, rtol=1e-6)
+    assert isinstance(d, TorchdiffeqSolver) and d.adaptive and d.order == 5
+    assert (d.atol, d.rtol) == (1e-7, 1e-6)
+
+
+def test_unknown_solver_lists_valid_names():
+    with pytest.raises(UnknownNameError) as e:
+        get_solver("leapfrog")
+    msg = str(e.value)
+    assert "leapfrog" in msg
+    for name in ["euler", "midpoint", "heun", "rk4", "dopri5"]:
+        assert name in msg
+    with pytest.raises(UnknownNameError):
+        solve(neg, x0_batch(), "leapfrog", num_steps=2)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_constant_field_one_euler_step_is_exact():
+    x0 = x0_batch(b=5, d=4)
+    c = torch.randn(4, generator=gen(1), dtype=torch.float64)
+    field = Counter(lambda x, t: c.expand_as(x), 5)
+    tr = solve(field, x0, "euler", num_steps=1)
+    assert torch.equal(tr.x1, x0 + c)  # h = 1 exactly: no rounding beyond the one addition
+    assert tr.nfe == 1 and field.calls == 1
+    assert field.ts == [0.0]
+
+
+def test_straight_field_x1_minus_x0_one_step():
+    # the rectified-flow ideal: v(x_t, t) = x1 - x0 carries x0 exactly to x1 in one Euler step
+    x0 = x0_batch(b=6, d=2, seed=2)
+    x1 = x0_batch(b=6, d=2, seed=3)
+    tr = solve(lambda x, t: x1 - x0, x0, "euler", nfe=1)
+    assert torch.allclose(tr.x1, x1, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+def test_constant_field_exact_for_every_solver(name):
+    x0 = x0_batch(b=4, d=2)
+    c = torch.tensor([1.5, -0.25], dtype=torch.float64)
+    for grid in ["uniform", "power", "cosine"]:
+        tr = solve(lambda x, t: c.expand_as(x), x0, name, num_steps=5, grid=grid)
+        assert torch.allclose(tr.x1, x0 + c, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["midpoint", "heun", "rk4"])
+def test_linear_in_time_field_exact_for_second_order_and_up(name):
+    # v = t: x1 = x0 + 1/2; midpoint, trapezoid and RK4 integrate polynomials of degree 1 exactly
+    x0 = x0_batch(b=4, d=2)
+    tr = solve(lambda x, t: t[:, None].expand_as(x), x0, name, num_steps=3)
+    assert torch.allclose(tr.x1, x0 + 0.5, atol=1e-14)
+
+
+def test_rk4_exact_on_cubic_in_time():
+    # v = 4 t^3: x1 = x0 + 1; Simpson's rule (RK4 on a t-only field) is exact for cubics
+    x0 = x0_batch(b=4, d=2)
+    tr = solve(lambda x, t: (4 * t ** 3)[:, None].expand_as(x), x0, "rk4", num_steps=2)
+    assert torch.allclose(tr.x1, x0 + 1.0, atol=1e-14)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+def test_euler_on_time_dependent_field_error_is_h_over_2(n):
+    # v = t: Euler sums h * t_i = h^2 * n(n-1)/2 = (1 - h)/2, so the error is exactly h/2
+    x0 = x0_batch(b=3, d=2)
+    tr = solve(lambda x, t: t[:, None].expand_as(x), x0, "euler", num_steps=n)
+    err = (tr.x1 - (x0 + 0.5)).abs().max().item()
+    assert err == pytest.approx(0.5 / n, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- convergence order
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+def test_global_error_falls_at_the_solver_order(name):
+    x0 = x0_batch(b=8, d=3, seed=4)
+    exact = x0 * math.exp(-1.0)
+    steps = STEPS_FOR_ORDER[name]
+    errs = []
+    for n in steps:
+        tr = solve(neg, x0, name, num_steps=n)
+        errs.append((tr.x1 - exact).abs().max().item())
+    assert all(e > 1e-13 for e in errs), errs  # above float64 round-off
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    slope = fit_slope([1 / n for n in steps], errs)
+    assert abs(slope - ORDERS[name]) < 0.2, (slope, errs)
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+def test_order_on_nonautonomous_field(name):
+    # dx/dt = cos(t) x  ->  x(1) = x0 exp(sin 1)
+    x0 = x0_batch(b=4, d=2, seed=5)
+    exact = x0 * math.exp(math.sin(1.0))
+    steps = STEPS_FOR_ORDER[name]
+    errs = [(solve(lambda x, t: torch.cos(t)[:, None] * x, x0, name, num_steps=n).x1 - exact).abs().max().item()
+            for n in steps]
+    slope = fit_slope([1 / n for n in steps], errs)
+    assert abs(slope - ORDERS[name]) < 0.25, (slope, errs)
+
+
+def test_euler_time_dependent_error_decreases_with_h():
+    x0 = x0_batch(b=3, d=2)
+    errs = [(solve(lambda x, t: t[:, None] * torch.ones_like(x), x0, "euler", num_steps=n).x1 - (x0 + 0.5))
+            .abs().max().item() for n in [2, 4, 8, 16]]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+@pytest.mark.parametrize("grid", ["power", "cosine"])
+def test_nonuniform_grids_converge(grid):
+    x0 = x0_batch(b=4, d=2, seed=6)
+    exact = x0 * math.exp(-1.0)
+    e_coarse = (solve(neg, x0, "rk4", num_steps=4, grid=grid).x1 - exact).abs().max().item()
+    e_fine = (solve(neg, x0, "rk4", num_steps=32, grid=grid).x1 - exact).abs().max().item()
+    assert e_fine < 1e-7 and e_fine < e_coarse / 100
+
+
+# --------------------------------------------------------------------------- NFE
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+@pytest.mark.parametrize("num_steps", [1, 3, 4])
+def test_nfe_is_steps_times_stages(name, num_steps):
+    x0 = x0_batch(b=5, d=2)
+    field = Counter(neg, 5)
+    tr = solve(field, x0, name, num_steps=num_steps)
+    assert field.calls == num_steps * STAGES[name]
+    assert tr.nfe == field.calls
+    assert get_solver(name).nfe_for_steps(num_steps) == field.calls
+
+
+def test_heun_4_steps_costs_8_nfe():
+    field = Counter(neg, 2)
+    tr = solve(field, x0_batch(b=2), "heun", num_steps=4)
+    assert tr.nfe == 8 and field.calls == 8
+    # the last evaluation is at t = 1 (full trapezoid on the last step, no final Euler step)
+    assert field.ts[-1] == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+@pytest.mark.parametrize("mult", [1, 2, 5])
+def test_nfe_argument_maps_to_steps(name, mult):
+    k = mult * STAGES[name]
+    field = Counter(neg, 3)
+    tr = solve(field, x0_batch(b=3), name, nfe=k)
+    assert field.calls == k and tr.nfe == k
+    assert tr.ts.numel() == k // STAGES[name] + 1
+
+
+@pytest.mark.parametrize("name,nfe", [("midpoint", 3), ("heun", 7), ("rk4", 6), ("rk4", 2), ("euler", 0),
+                                      ("heun", 0)])
+def test_nfe_not_a_multiple_of_stages_raises(name, nfe):
+    with pytest.raises(ConfigError) as e:
+        solve(neg, x0_batch(), name, nfe=nfe)
+    assert str(nfe) in str(e.value)
+
+
+def test_fixed_solver_needs_nfe_or_steps():
+    with pytest.raises(ConfigError):
+        solve(neg, x0_batch(), "euler")
+
+
+def test_num_steps_wins_over_nfe_and_accepts_instance():
+    field = Counter(neg, 8)
+    tr = solve(field, x0_batch(), RK4(), num_steps=2, nfe=100)
+    assert field.calls == 8 and tr.nfe == 8
+
+
+def test_counted_field():
+    cf = CountedField(lambda x, t: 2 * x)
+    x = torch.ones(2, 1)
+    assert torch.equal(cf(x, torch.zeros(2)), 2 * x)
+    cf(x, torch.zeros(2))
+    assert cf.nfe == 2
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+def test_trajectory_shape_and_content(name):
+    b, d, k = 5, 3, 6
+    x0 = x0_batch(b=b, d=d, seed=7)
+    tr = solve(neg, x0, name, num_steps=k, return_trajectory=True)
+    assert isinstance(tr, Trajectory)
+    assert tr.xs.shape == (k + 1, b, d)
+    assert torch.equal(tr.xs[0], x0) and torch.equal(tr.xs[-1], tr.x1)
+    assert torch.allclose(tr.ts, torch.linspace(0, 1, k + 1, dtype=torch.float64))
+    # on v = -x one step multiplies by the method's stability polynomial R(-h): point j is x0 R(-h)^j
+    h = 1 / k
+    r = {"euler": 1 - h, "midpoint": 1 - h + h ** 2 / 2, "heun": 1 - h + h ** 2 / 2,
+         "rk4": 1 - h + h ** 2 / 2 - h ** 3 / 6 + h ** 4 / 24}[name]
+    powers = torch.tensor([r ** j for j in range(k + 1)], dtype=torch.float64)
+    assert torch.allclose(tr.xs, x0[None] * powers[:, None, None], atol=1e-14)
+    # without a trajectory: xs is None, same endpoint
+    tr2 = solve(neg, x0, name, num_steps=k)
+    assert tr2.xs is None and torch.equal(tr2.x1, tr.x1)
+
+
+def test_integrate_on_explicit_grid_and_subinterval():
+    x0 = x0_batch(b=4, d=2)
+    grid = torch.linspace(0.25, 0.75, 41, dtype=torch.float64)
+    tr = RK4().integrate(neg, x0, grid)
+    assert torch.allclose(tr.x1, x0 * math.exp(-0.5), atol=1e-12)
+    assert tr.nfe == 160
+    with pytest.raises(ValueError):
+        RK4().integrate(neg, x0, torch.tensor([0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+def test_image_shaped_state(name):
+    x0 = torch.randn(3, 1, 4, 4, generator=gen(8), dtype=torch.float64)
+    tr = solve(neg, x0, name, num_steps=16, return_trajectory=True)
+    assert tr.x1.shape == (3, 1, 4, 4) and tr.xs.shape == (17, 3, 1, 4, 4)
+    # same per-sample result as the flattened [B, 16] problem
+    flat = solve(neg, x0.reshape(3, 16), name, num_steps=16)
+    assert torch.allclose(tr.x1.reshape(3, 16), flat.x1, atol=1e-15)
+    h = 1 / 16
+    r = {"euler": 1 - h, "midpoint": 1 - h + h ** 2 / 2, "heun": 1 - h + h ** 2 / 2,
+         "rk4": 1 - h + h ** 2 / 2 - h ** 3 / 6 + h ** 4 / 24}[name]
+    assert torch.allclose(tr.x1, x0 * r ** 16, atol=1e-14)
+
+
+def test_per_sample_time_steps_broadcast_over_image_dims():
+    # each row gets its own step size h_b (grid per sample via step()): x + h_b * v
+    x = torch.ones(3, 1, 2, 2, dtype=torch.float64)
+    t = torch.zeros(3, dtype=torch.float64)
+    tn = torch.tensor([0.1, 0.2, 0.5], dtype=torch.float64)
+    out = Euler().step(neg, x, t, tn)
+    assert torch.allclose(out, (1 - tn)[:, None, None, None].expand_as(x), atol=1e-15)
+
+
+def test_float32_state_keeps_dtype():
+    x0 = x0_batch(dtype=torch.float32)
+    tr = solve(neg, x0, "heun", num_steps=4)
+    assert tr.x1.dtype == torch.float32 and tr.ts.dtype == torch.float32
+
+
+def test_gradients_flow_through_solver():
+    x0 = x0_batch(b=2, d=2).requires_grad_(True)
+    a = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    tr = solve(lambda x, t: a * x, x0, "rk4", num_steps=8)
+    tr.x1.sum().backward()
+    # d/da sum(x0 e^a) at a = -1 is sum(x0) e^-1
+    # (RK4 with 8 steps: relative error ~ h^4 / 120 < 1e-5)
+    assert a.grad.item() == pytest.approx(x0.sum().item() * math.exp(-1.0), rel=1e-4)
+    assert torch.allclose(x0.grad, torch.full_like(x0, math.exp(-1.0)), rtol=1e-4)
+
+
+def test_step_methods_directly():
+    x = x0_batch(b=2, d=2)
+    t, tn = torch.zeros(2, dtype=torch.float64), torch.full((2,), 0.1, dtype=torch.float64)
+    h = 0.1
+    # one step on v = -x: each method reproduces its Taylor polynomial of e^{-h}
+    assert torch.allclose(Euler().step(neg, x, t, tn), x * (1 - h), atol=1e-15)
+    assert torch.allclose(Midpoint().step(neg, x, t, tn), x * (1 - h + h ** 2 / 2), atol=1e-15)
+    assert torch.allclose(Heun().step(neg, x, t, tn), x * (1 - h + h ** 2 / 2), atol=1e-15)
+    taylor4 = 1 - h + h ** 2 / 2 - h ** 3 / 6 + h ** 4 / 24
+    assert torch.allclose(RK4().step(neg, x, t, tn), x * taylor4, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- adaptive (torchdiffeq)
+
+
+def test_dopri5_accurate_and_counts_real_calls():
+    x0 = x0_batch(b=6, d=2, seed=9)
+    field = Counter(neg, 6)
+    tr = solve(field, x0, "dopri5", atol=1e-10, rtol=1e-10)
+    assert (tr.x1 - x0 * math.exp(-1.0)).abs().max() < 1e-8
+    assert tr.nfe == field.calls
+    assert tr.nfe > 6  # more than one dopri5 step's worth
+    assert tr.xs is None
+
+
+def test_dopri5_tolerance_trades_nfe_for_error():
+    x0 = x0_batch(b=4, d=2, seed=10)
+    f = lambda x, t: torch.cos(3 * t)[:, None] * x  # noqa: E731
+    exact = x0 * math.exp(math.sin(3.0) / 3)
+    loose = solve(f, x0, "dopri5", atol=1e-3, rtol=1e-3)
+    tight = solve(f, x0, "dopri5", atol=1e-10, rtol=1e-10)
+    assert tight.nfe > loose.nfe
+    assert (tight.x1 - exact).abs().max() < (loose.x1 - exact).abs().max()
+    assert (tight.x1 - exact).abs().max() < 1e-8
+
+
+def test_dopri5_trajectory_on_uniform_grid():
+    x0 = x0_batch(b=3, d=2, seed=11)
+    field = Counter(neg, 3)
+    tr = solve(field, x0, "dopri5", atol=1e-9, rtol=1e-9, return_trajectory=True, trajectory_points=9)
+    assert tr.xs.shape == (9, 3, 2)
+    assert torch.allclose(tr.ts, torch.linspace(0, 1, 9, dtype=torch.float64))
+    exact = x0[None] * torch.exp(-tr.ts)[:, None, None]
+    assert torch.allclose(tr.xs, exact, atol=1e-7)
+    assert tr.nfe == field.calls
+
+
+@pytest.mark.parametrize("method,tol", [("dopri5", 1e-3), ("dopri5", 1e-7), ("dopri8", 1e-3), ("dopri8", 1e-7),
+                                        ("bosh3", 1e-3), ("bosh3", 1e-6), ("adaptive_heun", 1e-3)])
+def test_adaptive_never_evaluates_past_t1(method, tol):
+    # torchdiffeq would step past t = 1 and interpolate back (t ~ 1.6 for dopri5 at 1e-3), feeding a
+    # model times outside the [0, 1] it was trained on; the last step must land on t = 1.
+    x0 = x0_batch(b=4, d=2, seed=13)
+    field = Counter(lambda x, t: torch.cos(3 * t)[:, None] * x, 4)
+    tr = solve(field, x0, method, atol=tol, rtol=tol)
+    assert max(field.ts) <= 1.0 + 1e-12 and min(field.ts) >= 0.0
+    exact = x0 * math.exp(math.sin(3.0) / 3)
+    assert (tr.x1 - exact).abs().max() < 1000 * tol
+
+
+def test_adaptive_backward_in_time():
+    # integrate() also runs 1 -> 0 (inversion / likelihood): x(0) = x(1) e^{+1} for v = -x
+    x1 = x0_batch(b=3, d=2, seed=14)
+    field = Counter(neg, 3)
+    tr = get_solver("dopri5", atol=1e-10, rtol=1e-10).integrate(field, x1, torch.tensor([1.0, 0.0],
+                                                                                        dtype=torch.float64))
+    assert torch.allclose(tr.x1, x1 * math.e, atol=1e-8)
+    assert tr.nfe == field.calls
+
+
+@pytest.mark.parametrize("method", ["bosh3", "adaptive_heun"])
+def test_other_adaptive_methods(method):
+    x0 = x0_batch(b=2, d=2, seed=12)
+    field = Counter(neg, 2)
+    tr = solve(field, x0, method, atol=1e-6, rtol=1e-6)
+    assert (tr.x1 - x0 * math.exp(-1.0)).abs().max() < 1e-4
+    assert tr.nfe == field.calls
+
+
+# --------------------------------------------------------------------------- time grids
+
+
+@pytest.mark.parametrize("kind", sorted(GRIDS))
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+def test_grid_endpoints_monotone_length(kind, n):
+    g = time_grid(n, kind, dtype=torch.float64)
+    assert g.shape == (n + 1,)
+    assert g[0].item() == 0.0 and g[-1].item() == 1.0
+    assert (g[1:] > g[:-1]).all()
+
+
+def test_grid_closed_forms():
+    n = 10
+    i = torch.arange(n + 1, dtype=torch.float64)
+    assert torch.allclose(time_grid(n, "uniform", dtype=torch.float64), i / n, atol=1e-15)
+    assert torch.allclose(time_grid(n, "power", rho=3.0, dtype=torch.float64), (i / n) ** 3, atol=1e-15)
+    assert torch.allclose(time_grid(n, "power", rho=0.5, dtype=torch.float64), (i / n) ** 0.5, atol=1e-15)
+    cos = 0.5 * (1 - torch.cos(math.pi * i / n))
+    assert torch.allclose(time_grid(n, "cosine", dtype=torch.float64), cos, atol=1e-15)
+
+
+def test_grid_step_placement():
+    # rho > 1: small steps near t = 0; cosine: small steps at both ends
+    p = time_grid(8, "power", rho=2.0, dtype=torch.float64).diff()
+    assert p[0] < p[-1]
+    c = time_grid(8, "cosine", dtype=torch.float64).diff()
+    assert c[0] < c[4] and c[-1] < c[4]
+
+
+def test_grid_dtype_and_errors():
+    assert time_grid(4).dtype == torch.float32
+    with pytest.raises(ValueError):
+        time_grid(0)
+    with pytest.raises(UnknownNameError) as e:
+        time_grid(4, "karras")
+    for k in GRIDS:
+        assert k in str(e.value)
+
+
+def test_solve_uses_requested_grid():
+    x0 = x0_batch(b=2, d=2)
+    field = Counter(neg, 2)
+    tr = solve(field, x0, "euler", num_steps=5, grid="power", rho=2.0)
+    assert torch.allclose(tr.ts, time_grid(5, "power", rho=2.0, dtype=torch.float64))
+    assert field.ts == pytest.approx(tr.ts[:-1].tolist())
