@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rtol", type=float, default=1e-5, help="adaptive solvers only")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=10_000, help="points solved at once")
+    s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", required=True, help="output file (.pt, or .npz)")
 
     b = sub.add_parser("bench", help="benchmark checkpoints across solvers and NFE")
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flowmatch import pipelines
+    import flowmatch.pipelines as pipelines
     from flowmatch.config import load_config
 
     if args.command == "train":
@@ -88,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "sample":
         rec = pipelines.sample_from_checkpoint(args.checkpoint, args.out, n=args.n, solver=args.solver, nfe=args.nfe,
-                                               atol=args.atol, rtol=args.rtol, seed=args.seed, device=args.device)
+                                               atol=args.atol, rtol=args.rtol, seed=args.seed, device=args.device,
+                                               batch_size=args.batch_size, progress=not args.no_progress)
         print(json.dumps({k: rec[k] for k in ("solver", "num_steps", "nfe", "n", "seconds")}) + f"  -> {args.out}")
         return 0
     if args.command == "bench":
