@@ -31,7 +31,7 @@ demo: $(STAMP) ## train the toy experiments on CPU (~5 min), benchmark them, wri
 	$(PY) -m flowmatch demo --out $(DEMO_OUT)
 
 test: $(STAMP) ## run the tests and the notebooks (smoke mode), offline
-	FLOWMATCH_SMOKE=1 WANDB_MODE=disabled MPLBACKEND=Agg $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
+	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
 
 bench: demo ## benchmark the demo's checkpoints per task into runs/bench/<task>/
 	@for task in noise_to_moons noise_to_8gaussians 8gaussians_to_moons; do \

@@ -80,7 +80,8 @@ class TimeConfig:
 
 @dataclass
 class ModelConfig:
-    """MLP velocity field; ``time_embedding`` is ``sinusoidal`` or ``fourier``."""
+    """MLP velocity field; ``time_embedding`` is ``sinusoidal`` (of ``time_scale * t``) or ``fourier``
+    (random features of std ``fourier_scale``)."""
 
     name: str = "mlp"
     hidden: int = 256
@@ -88,6 +89,7 @@ class ModelConfig:
     activation: str = "silu"
     time_embedding: str = "sinusoidal"
     time_dim: int = 64
+    time_scale: float = 1000.0
     fourier_scale: float = 16.0
 
 

@@ -19,7 +19,7 @@ from flowmatch.data.toy import ToyDistribution
 from flowmatch.errors import ConfigError
 from flowmatch.utils import lookup
 
-__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "sinkhorn_plan", "exact_assignment",
+__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "PairedCoupling", "sinkhorn_plan", "exact_assignment",
            "COUPLINGS", "get_coupling"]
 
 
@@ -28,6 +28,13 @@ class Coupling:
 
     def sample(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """State beyond the generator that a resumed run needs (none for stateless couplings)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class IndependentCoupling(Coupling):
@@ -119,6 +126,54 @@ class MinibatchOTCoupling(IndependentCoupling):
     def sample(self, batch_size, *, generator=None):
         x0, x1 = self.draw(batch_size, generator)
         return self.pair(x0, x1, generator)
+
+
+class PairedCoupling(Coupling):
+    """Stored joint draws ``(x0[i], x1[i])`` (reflow pairs): row i of a batch is one pair.
+
+    Batches walk through a random permutation of the pairs, drawn anew from ``generator`` each
+    epoch; the permutation and position are part of :meth:`state_dict`, so a resumed run sees the
+    same batches as an unbroken one.
+    """
+
+    name = "paired"
+
+    def __init__(self, x0: torch.Tensor, x1: torch.Tensor, device: torch.device | str = "cpu"):
+        if x0.shape != x1.shape or x0.shape[0] == 0:
+            raise ValueError(f"paired coupling needs equal, non-empty x0 and x1, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+        self.device = torch.device(device)
+        self.x0, self.x1 = x0.to(self.device), x1.to(self.device)
+        self.perm: Optional[torch.Tensor] = None
+        self.pos = 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def _indices(self, batch_size: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        parts, need = [], batch_size
+        while need > 0:
+            if self.perm is None or self.pos >= len(self):
+                dev = generator.device if generator is not None else self.device
+                self.perm = torch.randperm(len(self), generator=generator, device=dev).to(self.device)
+                self.pos = 0
+                self.epoch += 1
+            take = self.perm[self.pos:self.pos + need]
+            parts.append(take)
+            self.pos += take.numel()
+            need -= take.numel()
+        return torch.cat(parts)
+
+    def sample(self, batch_size, *, generator=None):
+        idx = self._indices(batch_size, generator)
+        return self.x0[idx], self.x1[idx]
+
+    def state_dict(self) -> dict:
+        return {"perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm = None if state.get("perm") is None else state["perm"].to(self.device)
+        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
 
 
 COUPLINGS = {"independent": IndependentCoupling, "ot": MinibatchOTCoupling}

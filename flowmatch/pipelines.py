@@ -158,6 +158,8 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
     lm = load_model(ckpt, use_ema=use_ema, device=dev)
     cfg = lm.config
     s = get_solver(solver, atol=atol, rtol=rtol)
+    if s.adaptive and nfe is not None:
+        raise FlowmatchError(f"solver {solver!r} is adaptive: it takes --atol/--rtol, not --nfe")
     if not s.adaptive and nfe is None:
         raise FlowmatchError(f"solver {solver!r} is fixed-step: give --nfe (a multiple of {s.stages})")
     source = get_dataset(cfg.data.source, cfg.data.dim)

@@ -38,7 +38,7 @@ def tiny_cfg() -> ExperimentConfig:
     return make_tiny_cfg()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_cfg():
     """Factory: ``make_cfg("train.steps=40", ...)`` -> the tiny config with those overrides."""
     return make_tiny_cfg

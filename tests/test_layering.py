@@ -13,7 +13,7 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parents[1] / "flowmatch"
 
 LAYERS = {
-    "config": 0, "types": 0, "utils": 0, "errors": 0,
+    "config": 0, "types": 0, "utils": 0, "errors": 0, "io": 0,
     "data": 1, "paths": 1, "timesteps": 1, "solvers": 1,
     "couplings": 2,
     "models": 3,

@@ -34,7 +34,7 @@ def w2(x: torch.Tensor, y: torch.Tensor, *, method: str = "auto") -> float:
     a, b = _flat64(x), _flat64(y)
     if a.shape != b.shape:
         raise ValueError(f"w2 needs two clouds of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    cost = torch.cdist(a, b).pow(2).numpy()
+    cost = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
     if method in ("auto", "pot"):
         try:
             import ot  # lazy: POT

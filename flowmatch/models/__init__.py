@@ -20,4 +20,4 @@ def build_model(model_cfg, dim: int) -> nn.Module:
     cls = lookup(MODELS, model_cfg.name, "model")
     return cls(dim=dim, hidden=model_cfg.hidden, depth=model_cfg.depth, activation=model_cfg.activation,
                time_embedding=model_cfg.time_embedding, time_dim=model_cfg.time_dim,
-               fourier_scale=model_cfg.fourier_scale)
+               fourier_scale=model_cfg.fourier_scale, time_scale=model_cfg.time_scale)

@@ -20,14 +20,15 @@ class MLPVelocity(nn.Module):
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, activation: str = "silu",
-                 time_embedding: str = "sinusoidal", time_dim: int = 64, fourier_scale: float = 16.0):
+                 time_embedding: str = "sinusoidal", time_dim: int = 64, fourier_scale: float = 16.0,
+                 time_scale: float = 1000.0):
         super().__init__()
         act = lookup(ACTIVATIONS, activation, "activation")
         if time_embedding == "fourier":
             self.time_embed: nn.Module = FourierEmbedding(time_dim, scale=fourier_scale)
         else:
             lookup({"sinusoidal": 0, "fourier": 0}, time_embedding, "time embedding")
-            self.time_embed = SinusoidalEmbedding(time_dim)
+            self.time_embed = SinusoidalEmbedding(time_dim, scale=time_scale)
         if depth < 1 or hidden < 1:
             raise ValueError(f"model depth and hidden must be >= 1, got depth={depth}, hidden={hidden}")
         layers: list[nn.Module] = []

@@ -6,9 +6,7 @@ is rebuilt from ``config`` (never unpickled).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import zipfile
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 
 from flowmatch.config import ExperimentConfig, from_dict
 from flowmatch.errors import CheckpointError, ConfigError
+from flowmatch.io import atomic_save, atomic_write_text, file_sha256
 from flowmatch.models import build_model
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "atomic_save", "atomic_write_text", "save_checkpoint", "load_checkpoint",
@@ -24,32 +23,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "atomic_save", "atomic_write_text", "save
 FORMAT = "flowmatch-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "version", "model", "ema", "step", "config")
-
-
-def _atomic(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write text atomically (temporary file + rename)."""
-    _atomic(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -77,14 +50,6 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"checkpoint {path} has format version {ckpt['version']}; "
                               f"this flowmatch reads version {FORMAT_VERSION}")
     return ckpt
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LoadedModel:

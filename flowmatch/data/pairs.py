@@ -1,0 +1,98 @@
+"""Reading stored reflow pairs (written by :func:`flowmatch.reflow.generate_pairs`).
+
+A pair store is a directory with ``manifest.json`` and shards ``shard_00000.pt``, ... each holding
+``x0`` (source draws) and ``x1`` (the teacher's ODE endpoints), ``[count, *D]``. The manifest records
+the teacher checkpoint's hash and config, the solver, the NFE per sample as measured, the seed, the
+dtype, the data shape, and each shard's count and SHA-256. :class:`PairStore` refuses a store that
+does not match what the caller expects, naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from flowmatch.errors import FlowmatchError
+from flowmatch.io import file_sha256
+
+__all__ = ["PAIRS_FORMAT", "PAIRS_VERSION", "PairStoreError", "PairStore", "read_manifest", "shard_name"]
+
+PAIRS_FORMAT = "flowmatch-pairs"
+PAIRS_VERSION = 1
+
+
+class PairStoreError(FlowmatchError):
+    """A pair store is missing, incomplete, corrupt or does not match the run."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.pt"
+
+
+def read_manifest(path: str) -> dict:
+    """Load and check ``path/manifest.json`` (format and version)."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise PairStoreError(f"no pair store at {path}")
+    if not os.path.exists(mpath):
+        raise PairStoreError(f"pair store {path} has no manifest.json (generation unfinished? rerun it to resume)")
+    try:
+        with open(mpath) as f:
+            m = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PairStoreError(f"{mpath} is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != PAIRS_FORMAT:
+        raise PairStoreError(f"{mpath} is not a flowmatch pair manifest")
+    if m.get("version") != PAIRS_VERSION:
+        raise PairStoreError(f"{mpath} has version {m.get('version')}; this flowmatch reads version {PAIRS_VERSION}")
+    return m
+
+
+class PairStore:
+    """All pairs of a store, checked against the manifest and the caller's expectations.
+
+    ``expect_shape``: the per-sample data shape the run needs; ``expect_teacher_sha256``: the teacher
+    checkpoint the run was told to distil. Shards are memory-mapped when loaded (``mmap=True``) and
+    verified against their SHA-256 unless ``verify=False``.
+    """
+
+    def __init__(self, path: str, *, expect_shape: Optional[Sequence[int]] = None,
+                 expect_teacher_sha256: Optional[str] = None, verify: bool = True):
+        self.path = path
+        self.manifest = m = read_manifest(path)
+        shape = list(m["shape"])
+        if expect_shape is not None and list(expect_shape) != shape:
+            raise PairStoreError(f"pair store {path} holds data of shape {shape}; this run needs {list(expect_shape)}")
+        if expect_teacher_sha256 is not None and m["teacher"]["sha256"] != expect_teacher_sha256:
+            raise PairStoreError(f"pair store {path} was made by teacher {m['teacher']['sha256'][:12]}..., "
+                                 f"not by the expected teacher {expect_teacher_sha256[:12]}...")
+        x0s, x1s = [], []
+        for sh in m["shards"]:
+            f = os.path.join(path, sh["file"])
+            if not os.path.exists(f):
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} is missing")
+            if verify and file_sha256(f) != sh["sha256"]:
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} is corrupt or truncated "
+                                     f"(checksum mismatch)")
+            try:
+                d = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any load failure is a corrupt shard
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} cannot be read ({e})") from None
+            if list(d["x0"].shape) != [sh["count"], *shape] or d["x1"].shape != d["x0"].shape:
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} holds {list(d['x0'].shape)}, "
+                                     f"the manifest says {[sh['count'], *shape]}")
+            x0s.append(d["x0"])
+            x1s.append(d["x1"])
+        self.x0 = torch.cat(x0s) if x0s else torch.empty(0, *shape)
+        self.x1 = torch.cat(x1s) if x1s else torch.empty(0, *shape)
+        if len(self.x0) != m["count"]:
+            raise PairStoreError(f"pair store {path} holds {len(self.x0)} pairs; the manifest says {m['count']}")
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def __repr__(self) -> str:
+        return f"PairStore({self.path!r}, n={len(self)}, teacher={self.manifest['teacher']['sha256'][:12]})"

@@ -1,0 +1,141 @@
+"""Solver x NFE benchmark rows and their files, on analytic fields (no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from flowmatch.bench import BENCH_COLUMNS, benchmark, rows_to_csv, rows_to_markdown, write_bench
+from flowmatch.data import get_dataset
+from flowmatch.errors import UnknownNameError
+
+STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+SHIFT = torch.tensor([2.0, -1.0])
+
+
+def const_field(x, t):
+    """A straight field: every trajectory is x0 + t * SHIFT."""
+    return SHIFT.to(x.dtype).expand_as(x)
+
+
+def rotation(x, t):
+    return torch.stack([-x[:, 1], x[:, 0]], dim=1)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    src = get_dataset("gaussian", 2)
+    return benchmark({"const": const_field, "rot": rotation}, src, src,
+                     solvers=("euler", "midpoint", "heun", "rk4", "dopri5"), nfes=(1, 2, 4), n=200,
+                     straightness_n=100, progress=False)
+
+
+def test_row_keys(rows):
+    for r in rows:
+        for key in ("model", "solver", "num_steps", "nfe", "w2", "mmd", "straightness", "seconds", "n"):
+            assert key in r, key
+        assert set(BENCH_COLUMNS) <= set(r)
+        assert r["n"] == 200 and r["seconds"] >= 0
+
+
+def test_fixed_solver_settings_and_nfe(rows):
+    expected = {(s, k) for s, st in STAGES.items() for k in (1, 2, 4) if k % st == 0}
+    for model in ("const", "rot"):
+        got = {(r["solver"], r["nfe"]) for r in rows if r["model"] == model and r["solver"] != "dopri5"}
+        assert got == expected
+    assert not any(r["solver"] == "rk4" and r["nfe"] in (1, 2) for r in rows)  # 4 stages do not divide 1 or 2
+    assert not any(r["solver"] in ("heun", "midpoint") and r["nfe"] == 1 for r in rows)
+    for r in rows:
+        if r["solver"] in STAGES:
+            assert r["nfe"] == r["num_steps"] * STAGES[r["solver"]]
+            assert r["grid"] == "uniform"
+
+
+def test_dopri5_row(rows):
+    dop = [r for r in rows if r["solver"] == "dopri5"]
+    assert [r["model"] for r in dop] == ["const", "rot"]
+    for r in dop:
+        assert r["nfe"] > 0 and r["num_steps"] is None and r["grid"] == "adaptive"
+
+
+def test_straight_field_euler_one_step_matches_dopri5(rows):
+    const = {(r["solver"], r["nfe"]): r for r in rows if r["model"] == "const"}
+    euler1 = const[("euler", 1)]
+    dop = next(r for r in rows if r["model"] == "const" and r["solver"] == "dopri5")
+    assert euler1["w2"] == pytest.approx(dop["w2"], abs=1e-4)
+    # every solver is exact on a constant field, so every row sees the same cloud
+    for r in const.values():
+        assert r["w2"] == pytest.approx(euler1["w2"], abs=1e-4)
+        assert abs(r["straightness"]) < 1e-8
+    # x1 = x0 + SHIFT with x0 ~ N(0, I) against N(0, I): W2 = |SHIFT| up to sampling error, which the
+    # two-sample floor on the same n bounds (see test_metrics).
+    assert abs(euler1["w2"] - float(SHIFT.norm())) <= 2 * euler1["w2_floor"]
+
+
+def test_curved_field_needs_more_steps(rows):
+    rot = {(r["solver"], r["nfe"]): r for r in rows if r["model"] == "rot"}
+    assert rot[("euler", 1)]["straightness"] > 0.01
+    # the rotation by 1 rad is solved far better by RK4 than by one Euler step
+    dop = next(r for r in rows if r["model"] == "rot" and r["solver"] == "dopri5")
+    assert abs(rot[("rk4", 4)]["w2"] - dop["w2"]) < abs(rot[("euler", 1)]["w2"] - dop["w2"])
+
+
+def test_same_floor_on_every_row(rows):
+    assert len({r["w2_floor"] for r in rows}) == 1
+    assert rows[0]["w2_floor"] > 0
+
+
+def test_unknown_solver_fails_before_work():
+    src = get_dataset("gaussian", 2)
+    calls = []
+
+    def v(x, t):
+        calls.append(1)
+        return x
+
+    with pytest.raises(UnknownNameError) as e:
+        benchmark({"m": v}, src, src, solvers=("euler", "warp"), nfes=(1,), n=8, progress=False)
+    assert "euler" in str(e.value) and "dopri5" in str(e.value)
+    assert calls == []
+
+
+def test_write_bench_files_round_trip(rows, tmp_path):
+    out = str(tmp_path / "bench")
+    paths = write_bench(rows, out)
+    assert set(paths) == {"json", "csv", "md", "plot"}
+    for key, name in (("json", "bench.json"), ("csv", "bench.csv"), ("md", "bench.md"), ("plot", "bench_w2_vs_nfe.png")):
+        assert paths[key] == os.path.join(out, name) and os.path.getsize(paths[key]) > 0
+    with open(paths["json"]) as f:
+        assert json.load(f) == rows
+    with open(paths["csv"]) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == BENCH_COLUMNS
+        csv_rows = list(reader)
+    assert len(csv_rows) == len(rows)
+    assert [int(r["nfe"]) for r in csv_rows] == [r["nfe"] for r in rows]
+    with open(paths["md"]) as f:
+        md = f.read().strip().splitlines()
+    assert md[0] == "| " + " | ".join(BENCH_COLUMNS) + " |"
+    assert len(md) == len(rows) + 2
+    with open(paths["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_write_bench_without_plot(rows, tmp_path):
+    paths = write_bench(rows[:2], str(tmp_path), plot=False, name="b2")
+    assert "plot" not in paths
+    assert sorted(os.listdir(tmp_path)) == ["b2.csv", "b2.json", "b2.md"]
+
+
+def test_table_helpers():
+    rows = [{"a": 1, "b": 0.123456, "c": None}, {"a": 2, "b": float("nan"), "c": "x"}]
+    md = rows_to_markdown(rows).splitlines()
+    assert md == ["| a | b | c |", "|---|---|---|", "| 1 | 0.1235 | - |", "| 2 | nan | x |"]
+    assert rows_to_markdown([]) == "" and rows_to_csv([]) == ""
+    lines = rows_to_csv(rows, ["b", "a"]).splitlines()
+    assert lines[0] == "b,a" and lines[1].endswith(",1")
