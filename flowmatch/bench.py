@@ -58,7 +58,7 @@ def benchmark(models: dict, source: ToyDistribution, target: ToyDistribution, *,
     from tqdm.auto import tqdm  # lazy
 
     rows: list[dict] = []
-    bar = tqdm(total=len(models) * len(settings), desc="bench", disable=not progress, leave=False)
+    bar = tqdm(total=len(models) * len(settings), desc="bench", disable=None if progress else True, leave=False)
     for model_name, v in models.items():
         st = straightness(v, x0[:straightness_n])
         for s, nfe in settings:

@@ -100,6 +100,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ckpt_every: int = 1000

@@ -129,7 +129,7 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
 
     mine = [i for i in range(num_shards) if i % world_size == rank]
     lm.model.eval()
-    for i in tqdm(mine, desc=f"pairs (rank {rank})" if world_size > 1 else "pairs", disable=not progress, leave=False):
+    for i in tqdm(mine, desc=f"pairs (rank {rank})" if world_size > 1 else "pairs", disable=None if progress else True, leave=False):
         count = min(shard_size, n - i * shard_size)
         path = os.path.join(out_dir, shard_name(i))
         if _valid_shard(path, count, shape):

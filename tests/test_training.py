@@ -236,3 +236,15 @@ def test_train_from_config_writes_summary_and_reuses_finished_run(tiny_cfg, tmp_
     again = train_from_config(tiny_cfg, run, resume="auto", progress=False)
     assert again.skipped and again.eval == s.eval
     assert _file_bytes(last_checkpoint(run)) == before
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_ratio():
+    from flowmatch.training.loop import _lr_lambda
+
+    f = _lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up (s + 1) / warmup
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: cos(pi / 2) = 0
+    assert f(110) == pytest.approx(0.1)
+    g = _lr_lambda(warmup=0, total=100, schedule="constant")
+    assert {g(s) for s in (0, 50, 99)} == {1.0}

@@ -48,6 +48,7 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     lookup(LOSSES, cfg.train.loss, "loss")
     get_solver(cfg.eval.solver)
     lookup({m: m for m in TRACKING_MODES}, cfg.tracking.mode, "tracking mode")
+    lookup({m: m for m in ("constant", "cosine")}, cfg.train.lr_schedule, "lr schedule")
     t = cfg.train
     for key, value, low in (("train.steps", t.steps, 1), ("train.batch_size", t.batch_size, 1),
                             ("train.ckpt_every", t.ckpt_every, 1), ("train.log_every", t.log_every, 1),

@@ -92,8 +92,21 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
     return None
 
 
-def _lr_lambda(warmup: int) -> Callable[[int], float]:
-    return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str = "constant", min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to ``min_ratio`` at ``total``."""
+
+    def f(s: int) -> float:
+        if warmup > 0 and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "cosine":
+            p = min(1.0, (s - warmup) / max(1, total - warmup))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        return 1.0
+
+    return f
 
 
 def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
@@ -117,7 +130,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
 
     ema = EMA(model, tc.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps, tc.steps, tc.lr_schedule,
+                                                          tc.lr_min_ratio))
     gen = make_generator(tc.seed, comp.device)
     start = 0
     if ckpt is not None:
@@ -155,7 +169,7 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     model.train()
     ok = False
     try:
-        with tqdm(total=tc.steps, initial=start, disable=not progress, desc=f"train {cfg.name}",
+        with tqdm(total=tc.steps, initial=start, disable=None if progress else True, desc=f"train {cfg.name}",
                   dynamic_ncols=True, leave=False) as bar:
             for step in range(start + 1, tc.steps + 1):
                 x0, x1 = comp.coupling.sample(tc.batch_size, generator=gen)
