@@ -1,4 +1,4 @@
-"""``flowmatch train|sample|bench|demo``: parse -> config -> pipelines -> exit code.
+"""``flowmatch train|sample|bench|reflow|demo``: parse -> config -> pipelines -> exit code.
 
 Every user error prints one line ``flowmatch: error: ...`` on stderr and exits with status 2.
 """
@@ -23,7 +23,7 @@ def _csv_list(value: str, cast=str) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowmatch", description="Rectified flow / conditional flow matching.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,reflow,demo}")
 
     t = sub.add_parser("train", help="train a flow from a YAML config")
     t.add_argument("config", help="experiment YAML (see experiments/)")
@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tracking", default="offline", choices=["offline", "online", "disabled"])
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("reflow", help="reflow: generate teacher pairs, or run the k-rectified-flow chain")
+    rsub = r.add_subparsers(dest="reflow_command", required=True, metavar="{generate,run}")
+    g = rsub.add_parser("generate", help="integrate a teacher from source draws and store the pairs (resumable)")
+    g.add_argument("--teacher", required=True, help="teacher checkpoint")
+    g.add_argument("--n", type=int, required=True, help="number of pairs")
+    g.add_argument("--solver", default="dopri5")
+    g.add_argument("--nfe", type=int, help="fixed-step solvers: evaluations per sample")
+    g.add_argument("--atol", type=float, default=1e-5)
+    g.add_argument("--rtol", type=float, default=1e-5)
+    g.add_argument("--out", required=True, help="pair store directory")
+    g.add_argument("--shard-size", type=int, default=10_000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--no-progress", action="store_true")
+    rr = rsub.add_parser("run", help="1-RF -> pairs -> 2-RF -> ... -> K-RF [-> distil], benchmarked per stage")
+    rr.add_argument("config", help="experiment YAML with a reflow: section (see experiments/toy/reflow_*.yaml)")
+    rr.add_argument("--rounds", type=int, help="K (default reflow.rounds)")
+    rr.add_argument("--distill", action="store_true", default=None, help="distil the last round to one step")
+    rr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rr.add_argument("--out", help="chain directory (default runs/reflow/<name>)")
+    rr.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="train and benchmark the toy experiments, write report.md")
     d.add_argument("--out", default="runs/demo")
@@ -104,6 +126,33 @@ def _run(args: argparse.Namespace) -> int:
         print(rows_to_markdown(rows, ("model", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
                                       "seconds")), end="")
         print(f"wrote {args.out}/bench.json, bench.csv, bench.md, bench_w2_vs_nfe.png")
+        return 0
+    if args.command == "reflow" and args.reflow_command == "generate":
+        import torch
+
+        from flowmatch.reflow import dist_info, generate_pairs, init_distributed_from_env
+
+        started = init_distributed_from_env()
+        try:
+            m = generate_pairs(args.teacher, args.out, args.n, solver=args.solver, nfe=args.nfe, atol=args.atol,
+                               rtol=args.rtol, shard_size=args.shard_size, seed=args.seed, device=args.device,
+                               progress=not args.no_progress)
+        finally:
+            if started:
+                torch.distributed.destroy_process_group()
+        if dist_info()[0] == 0:
+            print(f"{m['count']} pairs in {len(m['shards'])} shards at {args.out} "
+                  f"({m['solver']['name']}, {m['nfe_per_sample']:.1f} NFE per sample)")
+        return 0
+    if args.command == "reflow" and args.reflow_command == "run":
+        from flowmatch.bench import rows_to_markdown
+
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or os.path.join("runs", "reflow", cfg.name)
+        rows = pipelines.reflow_from_config(cfg, out, rounds=args.rounds, distill=args.distill,
+                                            progress=not args.no_progress)
+        print(rows_to_markdown(rows, ("stage", "solver", "nfe", "w2", "w2_floor", "mmd", "straightness")), end="")
+        print(f"wrote {out}/stages.json, stages.csv, stages.md and plots/")
         return 0
     if args.command == "demo":
         report = pipelines.run_demo(args.out, args.configs or None, overrides=args.overrides, n=args.n,

@@ -28,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "TrackingConfig",
+    "ReflowConfig",
     "ExperimentConfig",
     "from_dict",
     "to_dict",
@@ -58,24 +59,33 @@ class PathConfig:
 
 @dataclass
 class CouplingConfig:
-    """``independent`` or ``ot`` (minibatch OT). For ``ot``: ``method`` is ``exact`` (assignment
-    on the batch cost) or ``sinkhorn`` (entropic, in torch on the batch's device; ``reg`` is relative
-    to the mean batch cost)."""
+    """``independent``, ``ot`` (minibatch OT) or ``paired`` (stored reflow pairs).
+
+    For ``ot``: ``method`` is ``exact`` (assignment on the batch cost) or ``sinkhorn`` (entropic, in
+    torch on the batch's device; ``reg`` is relative to the mean batch cost). For ``paired``:
+    ``pairs`` is the pair store's directory and ``mix`` the weight lambda of the loss on teacher pairs
+    ("soft labels"); ``1 - mix`` weighs the ordinary flow-matching loss on independent real-data pairs
+    ("hard labels"). ``mix = 1`` is pure reflow, ``mix = 0`` plain flow matching.
+    """
 
     name: str = "independent"
     method: str = "exact"
     reg: float = 0.05
     num_iters: int = 100
+    pairs: Optional[str] = None
+    mix: float = 1.0
 
 
 @dataclass
 class TimeConfig:
-    """Training-time sampler: ``uniform``, ``logit_normal`` (``loc``, ``scale``) or ``u_shaped`` (``a``)."""
+    """Training-time sampler: ``uniform``, ``logit_normal`` (``loc``, ``scale``), ``u_shaped`` (``a``)
+    or ``constant`` (always ``value``; ``value: 0`` trains the one-step map, i.e. distillation)."""
 
     name: str = "uniform"
     loc: float = 0.0
     scale: float = 1.0
     a: float = 4.0
+    value: float = 0.0
 
 
 @dataclass
@@ -109,6 +119,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     loss: str = "l2"
+    # Initial weights: "auto" (the teacher of a paired coupling, else random), "random", or a
+    # checkpoint path (its EMA weights).
+    init: str = "auto"
 
 
 @dataclass
@@ -134,6 +147,34 @@ class TrackingConfig:
 
 
 @dataclass
+class ReflowConfig:
+    """The reflow chain (``flowmatch reflow run``): 1-RF is the experiment itself (or ``teacher``),
+    then each round generates ``num_pairs`` pairs with its teacher and trains the next k-RF on them."""
+
+    rounds: int = 2
+    teacher: Optional[str] = None  # an existing 1-RF checkpoint instead of training one
+    num_pairs: int = 50_000
+    solver: str = "dopri5"
+    nfe: Optional[int] = None  # fixed-step solvers only
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    shard_size: int = 10_000
+    seed: int = 0
+    steps: int = 3000
+    lr: float = 1e-3
+    time: TimeConfig = field(default_factory=lambda: TimeConfig(name="u_shaped"))
+    loss: str = "l2"
+    mix: float = 1.0
+    distill: bool = False
+    distill_steps: int = 2000
+    distill_lr: float = 1e-4
+    distill_loss: str = "l2"
+    bench_n: int = 5000
+    bench_solvers: list[str] = field(default_factory=lambda: ["euler", "dopri5"])
+    bench_nfes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +185,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -179,6 +221,11 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, "
                           f"got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {type(value).__name__} {value!r}")
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

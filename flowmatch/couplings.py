@@ -181,8 +181,11 @@ COUPLINGS = {"independent": IndependentCoupling, "ot": MinibatchOTCoupling}
 
 def get_coupling(name: str, source: ToyDistribution, target: ToyDistribution, *, device="cpu",
                  method: str = "exact", reg: float = 0.05, num_iters: int = 100) -> Coupling:
-    """Build a coupling by name (an unknown name lists the valid ones)."""
-    cls = lookup(COUPLINGS, name, "coupling")
+    """Build a sampled coupling by name (an unknown name lists the valid ones; ``paired`` couplings
+    are built from a pair store, see :class:`PairedCoupling`)."""
+    cls = lookup({**COUPLINGS, "paired": PairedCoupling}, name, "coupling")
+    if cls is PairedCoupling:
+        raise ConfigError("a paired coupling is built from stored pairs: PairedCoupling(x0, x1)")
     if cls is MinibatchOTCoupling:
         return cls(source, target, device, method=method, reg=reg, num_iters=num_iters)
     return cls(source, target, device)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from flowmatch.bench import benchmark, rows_to_markdown, write_bench
-from flowmatch.config import ExperimentConfig, load_config, to_dict
+from flowmatch.config import ExperimentConfig, config_diff, load_config, to_dict
 from flowmatch.data import get_dataset
 from flowmatch.errors import FlowmatchError
 from flowmatch.metrics import mmd, straightness, w2
@@ -28,6 +28,7 @@ from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_c
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["TrainSummary", "describe_config", "evaluate_model", "train_from_config", "sample_from_checkpoint",
+           "reflow_stage_configs", "reflow_from_config",
            "bench_from_checkpoints", "run_demo", "DEMO_SOLVERS", "DEMO_NFES"]
 
 DEMO_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
@@ -118,7 +119,8 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
     if resume == "auto":
         if os.path.exists(summary_path) and os.path.exists(last_checkpoint(out)):
             ck = load_checkpoint(last_checkpoint(out))
-            if ck["config"] == to_dict(cfg) and ck["step"] == cfg.train.steps:
+            same = not [k for k in config_diff(ck["config"], to_dict(cfg)) if not k.startswith(("reflow.", "tracking."))]
+            if same and ck["step"] == cfg.train.steps:
                 with open(summary_path) as f:
                     data = json.load(f)
                 data["skipped"] = True
@@ -257,12 +259,13 @@ def _headline(rows: list[dict], summaries: dict[str, TrainSummary]) -> str:
 def run_demo(out: str = "runs/demo", configs: Optional[Sequence[str]] = None, *, overrides: Sequence[str] = (),
              n: int = 2000, progress: bool = True, solvers: Sequence[str] = DEMO_SOLVERS,
              nfes: Sequence[int] = DEMO_NFES) -> str:
-    """Train every toy config (``experiments/toy/*.yaml`` by default), benchmark each task's models on
+    """Train every toy config (``experiments/toy/*.yaml`` but the ``reflow_*`` chains, by default), benchmark each task's models on
     ``solvers`` x ``nfes`` and write ``OUT/report.md`` with tables and plots. Finished runs are reused,
     unfinished ones resumed. Returns the report's path."""
     if configs is None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        configs = sorted(glob.glob(os.path.join(here, "experiments", "toy", "*.yaml")))
+        configs = sorted(p for p in glob.glob(os.path.join(here, "experiments", "toy", "*.yaml"))
+                         if not os.path.basename(p).startswith("reflow_"))
     if not configs:
         raise FlowmatchError("run_demo found no experiment configs")
     t_start = time.perf_counter()
@@ -314,3 +317,95 @@ def run_demo(out: str = "runs/demo", configs: Optional[Sequence[str]] = None, *,
     atomic_write_text(os.path.join(out, "summaries.json"),
                       json.dumps({k: v.to_dict() for k, v in summaries.items()}, indent=1))
     return report
+
+
+def _stage_config(cfg: ExperimentConfig, name: str, **sections) -> ExperimentConfig:
+    """``cfg`` with ``name`` and the given sections' keys replaced (``coupling={...}`` etc.)."""
+    from flowmatch.config import from_dict
+
+    d = to_dict(cfg)
+    d["name"] = name
+    for section, values in sections.items():
+        d[section] = {**d[section], **values}
+    return from_dict(d)
+
+
+def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: bool) -> list[tuple[str, ExperimentConfig, str]]:
+    """The chain's training stages after 1-RF: ``(label, config, pairs_dir)`` for 2-RF..K-RF and the
+    optional distillation. Stage k trains on the pairs of stage k - 1, initialised from it."""
+    rc = cfg.reflow
+    stages = []
+    for k in range(2, rounds + 1):
+        pairs = os.path.join(out, f"pairs-{k - 1}RF")
+        stages.append((f"{k}-RF", _stage_config(
+            cfg, f"{cfg.name}-{k}RF", coupling={"name": "paired", "pairs": pairs, "mix": rc.mix},
+            time=to_dict(rc.time), train={"steps": rc.steps, "lr": rc.lr, "loss": rc.loss, "init": "auto"}), pairs))
+    if distill:
+        pairs = os.path.join(out, f"pairs-{rounds}RF")
+        stages.append((f"{rounds}-RF+distill", _stage_config(
+            cfg, f"{cfg.name}-{rounds}RF-distill", coupling={"name": "paired", "pairs": pairs, "mix": 1.0},
+            time={"name": "constant", "value": 0.0},
+            train={"steps": rc.distill_steps, "lr": rc.distill_lr, "loss": rc.distill_loss, "init": "auto"},
+            eval={"solver": "euler", "nfe": 1}), pairs))
+    return stages
+
+
+def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int] = None,
+                       distill: Optional[bool] = None, progress: bool = True) -> list[dict]:
+    """The reflow chain: 1-RF (trained from ``cfg``, or ``cfg.reflow.teacher``), then for each round
+    pairs from the current teacher and the next k-RF trained on them, then (``distill``) one-step
+    distillation of the last round's pairs. Every stage is benchmarked with the same bench.
+
+    Writes ``OUT/stages.json`` (rows with ``task, stage, solver, nfe, w2, w2_floor, mmd,
+    straightness``, ...), ``stages.csv``, ``stages.md`` and plots under ``OUT/plots``. Stages
+    already on disk are reused, so a killed chain resumes at the stage it reached.
+    """
+    from flowmatch.reflow import generate_pairs
+    from flowmatch.viz import plot_straightness_by_stage, plot_trajectory_grid, plot_w2_vs_nfe
+
+    rc = cfg.reflow
+    rounds = rc.rounds if rounds is None else rounds
+    distill = rc.distill if distill is None else distill
+    if rounds < 1:
+        raise FlowmatchError(f"reflow needs rounds >= 1, got {rounds}")
+    if rc.teacher:
+        teacher = load_model(rc.teacher)
+        if (teacher.config.data.source, teacher.config.data.target) != (cfg.data.source, cfg.data.target):
+            raise FlowmatchError(f"reflow.teacher {rc.teacher} maps {teacher.config.data.source} -> "
+                                 f"{teacher.config.data.target}, not {cfg.data.source} -> {cfg.data.target}")
+        stages = [("1-RF", rc.teacher)]
+    else:
+        s1 = train_from_config(_stage_config(cfg, f"{cfg.name}-1RF"), os.path.join(out, "1-RF"), resume="auto",
+                               progress=progress)
+        stages = [("1-RF", s1.checkpoint)]
+    for i, (label, stage_cfg, pairs) in enumerate(reflow_stage_configs(cfg, out, rounds, distill)):
+        generate_pairs(stages[-1][1], pairs, rc.num_pairs, solver=rc.solver, nfe=rc.nfe, atol=rc.atol, rtol=rc.rtol,
+                       shard_size=rc.shard_size, seed=rc.seed + i, progress=progress)
+        s = train_from_config(stage_cfg, os.path.join(out, label), resume="auto", progress=progress)
+        stages.append((label, s.checkpoint))
+    rows = bench_from_checkpoints([c for _, c in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
+                                  n=rc.bench_n, names=[lbl for lbl, _ in stages], tracking="disabled",
+                                  progress=progress, plot=False)
+    for r in rows:
+        r["stage"] = r.pop("model")
+        r["task"] = cfg.name
+    cols = ("task", "stage", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
+            "straightness_rel", "seconds", "n")
+    rows = [{c: r[c] for c in cols} | {k: v for k, v in r.items() if k not in cols} for r in rows]
+    write_bench(rows, out, plot=False, name="stages")
+    pd = os.path.join(out, "plots")
+    plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, "w2_vs_nfe.png"))
+    plot_straightness_by_stage(rows, os.path.join(pd, "straightness.png"), title=cfg.name)
+    x0 = get_dataset(cfg.data.source, cfg.data.dim).sample(300, generator=make_generator(cfg.eval.seed))
+    trajs = {}
+    with torch.no_grad():
+        for label, ckpt in stages:
+            trajs[label] = solve(load_model(ckpt).model, x0, "rk4", num_steps=32, return_trajectory=True).xs
+    plot_trajectory_grid(trajs, os.path.join(pd, "trajectories.png"), title=f"{cfg.name}: RK4 trajectories per stage")
+    if cfg.tracking.mode != "disabled":
+        with Tracker(out, mode=cfg.tracking.mode, project=cfg.tracking.project, name=f"reflow {cfg.name}",
+                     job_type="reflow") as tr:
+            tr.log_table("reflow/stages", rows)
+            for p in ("w2_vs_nfe", "straightness", "trajectories"):
+                tr.log_image(f"reflow/{p}", os.path.join(pd, f"{p}.png"))
+    return rows

@@ -3,9 +3,13 @@
 
 Pairs are versioned data artifacts: :func:`generate_pairs` writes shards atomically and then a
 ``manifest.json`` (see :mod:`flowmatch.data.pairs`). Every shard has its own seed, derived from the
-store's seed and the shard index, and is solved as one batch, so the stored pairs are the same
-whatever the number of workers; a killed run resumes and writes only the missing shards. Under
-``torchrun --nproc_per_node N`` each rank takes the shards ``i`` with ``i % N == rank``.
+store's seed and the shard index, and each shard is solved as one batch. The shard is the unit of
+integration on purpose: an adaptive solver's step sizes are shared by a batch, and even fixed-step
+float arithmetic can change in the last bit with the batch's shape, so splitting shards into other
+batches would make the pairs depend on the batch size. Choose ``shard_size`` to fit the device's
+memory; the stored pairs are then the same whatever the number of workers. A killed run resumes and
+writes only the missing shards. Under ``torchrun --nproc_per_node N`` each rank takes the shards
+``i`` with ``i % N == rank`` (gloo on the CPU, NCCL with CUDA).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 from flowmatch.utils import make_generator, resolve_device
 
-__all__ = ["shard_seed", "generate_pairs", "dist_info"]
+__all__ = ["shard_seed", "generate_pairs", "dist_info", "init_distributed_from_env"]
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -39,6 +43,19 @@ def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed_from_env() -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), start the process group (NCCL with CUDA, else gloo).
+
+    Returns True if this call started it (the caller then ends it with
+    ``torch.distributed.destroy_process_group()``)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not torch.distributed.is_available():
+        return False
+    if torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _barrier(world_size: int) -> None:
@@ -112,17 +129,16 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
     except OSError as e:
         raise FlowmatchError(f"cannot write pairs to {out_dir}: {e.strerror}") from None
     plan_path = os.path.join(out_dir, "plan.json")
-    if rank == 0:
-        if os.path.exists(plan_path):
-            with open(plan_path) as f:
-                old = json.load(f)
-            if _plan_key(old) != _plan_key(plan):
-                diff = sorted(k for k in set(old) | set(plan) if k not in ("teacher_path",) and
-                              _plan_key(old).get(k) != _plan_key(plan).get(k))
-                raise PairStoreError(f"{out_dir} holds pairs of another generation (differs in {', '.join(diff)}); "
-                                     f"use a new output directory")
-        else:
-            atomic_write_text(plan_path, json.dumps(plan, indent=1))
+    if os.path.exists(plan_path):  # every rank checks, so all of them fail alike (no rank left at a barrier)
+        with open(plan_path) as f:
+            old = json.load(f)
+        if _plan_key(old) != _plan_key(plan):
+            diff = sorted(k for k in set(_plan_key(old)) | set(_plan_key(plan))
+                          if _plan_key(old).get(k) != _plan_key(plan).get(k))
+            raise PairStoreError(f"{out_dir} holds pairs of another generation (differs in {', '.join(diff)}); "
+                                 f"use a new output directory")
+    elif rank == 0:
+        atomic_write_text(plan_path, json.dumps(plan, indent=1))
     _barrier(world_size)
 
     from tqdm.auto import tqdm  # lazy

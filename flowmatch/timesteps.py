@@ -5,6 +5,7 @@
 - ``u_shaped``: density ``a cosh(a (t - 1/2)) / (2 sinh(a / 2))``, heavier near both ends, sampled
   by its inverse CDF ``t = 1/2 + asinh((2u - 1) sinh(a / 2)) / a`` (the U-shaped distribution of
   Lee et al. 2024 for training rectified flows).
+- ``constant``: always ``value`` (``0`` for one-step distillation).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from flowmatch.errors import ConfigError
 from flowmatch.utils import lookup
 
-__all__ = ["TimeSampler", "UniformTime", "LogitNormalTime", "UShapedTime", "TIME_SAMPLERS", "get_time_sampler"]
+__all__ = ["TimeSampler", "UniformTime", "LogitNormalTime", "UShapedTime", "ConstantTime", "TIME_SAMPLERS", "get_time_sampler"]
 
 
 class TimeSampler:
@@ -85,14 +86,38 @@ class UShapedTime(TimeSampler):
         return a * torch.cosh(a * (t - 0.5)) / (2 * math.sinh(a / 2))
 
 
-TIME_SAMPLERS: dict[str, type[TimeSampler]] = {c.name: c for c in (UniformTime, LogitNormalTime, UShapedTime)}
+class ConstantTime(TimeSampler):
+    """Always ``value`` (no randomness drawn). ``value = 0`` with a linear path trains the one-step
+    map ``x1 = x0 + v(x0, 0)``: distillation of a pair store (Liu et al. 2022, sec. 2.3)."""
+
+    name = "constant"
+
+    def __init__(self, value: float = 0.0):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"time.value must be in [0, 1], got {value}")
+        self.value = float(value)
+
+    def sample(self, n, *, generator=None, device=None, dtype=torch.float32):
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        return torch.full((n,), self.value, device=device, dtype=dtype)
+
+    def pdf(self, t):
+        raise NotImplementedError("a constant time has no density")
 
 
-def get_time_sampler(name: str, *, loc: float = 0.0, scale: float = 1.0, a: float = 4.0) -> TimeSampler:
+TIME_SAMPLERS: dict[str, type[TimeSampler]] = {
+    c.name: c for c in (UniformTime, LogitNormalTime, UShapedTime, ConstantTime)}
+
+
+def get_time_sampler(name: str, *, loc: float = 0.0, scale: float = 1.0, a: float = 4.0,
+                     value: float = 0.0) -> TimeSampler:
     """Build a time sampler by name (an unknown name lists the valid ones)."""
     cls = lookup(TIME_SAMPLERS, name, "time sampler")
     if cls is LogitNormalTime:
         return cls(loc=loc, scale=scale)
     if cls is UShapedTime:
         return cls(a=a)
+    if cls is ConstantTime:
+        return cls(value=value)
     return cls()

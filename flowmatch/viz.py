@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["plot_samples", "plot_trajectories", "plot_w2_vs_nfe", "plot_loss_by_t"]
+__all__ = ["plot_samples", "plot_trajectories", "plot_w2_vs_nfe", "plot_loss_by_t", "plot_trajectory_grid",
+           "plot_straightness_by_stage"]
 
 
 def _plt():
@@ -101,6 +102,45 @@ def plot_loss_by_t(losses: Sequence[float], path: str, *, title: Optional[str] =
     ax.bar([(i + 0.5) / k for i in range(k)], losses, width=0.9 / k)
     ax.set_xlabel("t")
     ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_trajectory_grid(trajs: dict, path: str, *, title: Optional[str] = None) -> str:
+    """One trajectory panel per ``{label: [K+1, B, 2]}`` (same start points), on shared axes."""
+    plt = _plt()
+    k = len(trajs)
+    fig, axes = plt.subplots(1, k, figsize=(3.3 * k, 3.4), squeeze=False)
+    lo, hi = _lims(*[xs[[0, -1]] for xs in trajs.values()])
+    for ax, (label, xs) in zip(axes[0], trajs.items()):
+        xs = xs.float().cpu()
+        ax.plot(xs[:, :, 0], xs[:, :, 1], color="olive", alpha=0.25, lw=0.6)
+        ax.scatter(xs[0, :, 0], xs[0, :, 1], s=2, color="black", zorder=3)
+        ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=2, color="tab:blue", zorder=3)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_straightness_by_stage(rows: Sequence[dict], path: str, *, title: Optional[str] = None) -> str:
+    """Straightness S of each stage (log scale), from stage-table rows (one value per stage)."""
+    plt = _plt()
+    per_stage = {}
+    for r in rows:
+        per_stage.setdefault(r["stage"], r["straightness"])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(per_stage), 3.2))
+    ax.bar(list(per_stage), [max(v, 1e-12) for v in per_stage.values()], color="tab:olive")
+    ax.set_yscale("log")
+    ax.set_ylabel("straightness S")
+    for i, v in enumerate(per_stage.values()):
+        ax.text(i, max(v, 1e-12), f"{v:.2g}", ha="center", va="bottom", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from flowmatch.config import ExperimentConfig
-from flowmatch.couplings import Coupling, get_coupling
+from flowmatch.config import config_diff, to_dict
+from flowmatch.couplings import Coupling, IndependentCoupling, PairedCoupling, get_coupling
 from flowmatch.data import ToyDistribution, get_dataset
-from flowmatch.errors import ConfigError
+from flowmatch.data.pairs import PairStore, PairStoreError
+from flowmatch.errors import CheckpointError, ConfigError
+from flowmatch.io import file_sha256
 from flowmatch.models import build_model
 from flowmatch.paths import AffinePath, get_path
 from flowmatch.solvers import get_solver
 from flowmatch.timesteps import TimeSampler, get_time_sampler
+from flowmatch.training.checkpoint import load_checkpoint
 from flowmatch.training.losses import LOSSES
 from flowmatch.training.tracking import TRACKING_MODES
 from flowmatch.utils import lookup, resolve_device
@@ -31,20 +36,64 @@ class Components:
     coupling: Coupling
     time_sampler: TimeSampler
     model: nn.Module
+    real_coupling: Optional[Coupling] = None  # independent real-data pairs mixed in with weight 1 - mix
+    pair_manifest: Optional[dict] = None  # the manifest of a paired coupling's store
+    init_from: Optional[str] = None  # the checkpoint whose EMA weights initialised the model
 
 
-def build_components(cfg: ExperimentConfig, device: str | torch.device | None = None) -> Components:
+def _paired(cfg: ExperimentConfig, source, target, dev) -> tuple[Coupling, Optional[Coupling], dict]:
+    cc = cfg.coupling
+    if not cc.pairs:
+        raise ConfigError("coupling.name=paired needs coupling.pairs, the directory of a pair store "
+                          "(made by `flowmatch reflow generate`)")
+    if not 0.0 <= cc.mix <= 1.0:
+        raise ConfigError(f"coupling.mix must be in [0, 1], got {cc.mix}")
+    store = PairStore(cc.pairs, expect_shape=[cfg.data.dim])
+    m = store.manifest
+    if (m["source"], m["target"]) != (cfg.data.source, cfg.data.target):
+        raise PairStoreError(f"pair store {cc.pairs} maps {m['source']} -> {m['target']}; this run is "
+                             f"{cfg.data.source} -> {cfg.data.target}")
+    real = IndependentCoupling(source, target, dev) if cc.mix < 1.0 else None
+    return PairedCoupling(store.x0, store.x1, dev), real, m
+
+
+def _init_weights(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[dict]) -> Optional[str]:
+    """Load the initial weights ``cfg.train.init`` asks for; returns the checkpoint used (or None)."""
+    init = cfg.train.init
+    if init == "random" or (init == "auto" and manifest is None):
+        return None
+    path = manifest["teacher_path"] if init == "auto" else init
+    ckpt = load_checkpoint(path)
+    if init == "auto" and file_sha256(path) != manifest["teacher"]["sha256"]:
+        raise PairStoreError(f"the teacher checkpoint {path} changed since its pairs were made (hash mismatch); "
+                             f"set train.init=random or a checkpoint path")
+    diff = config_diff(ckpt["config"]["model"], to_dict(cfg.model))
+    if diff:
+        raise CheckpointError(f"cannot initialise from {path}: its model differs at model.{', model.'.join(diff)}")
+    model.load_state_dict(ckpt["ema"]["model"])
+    return path
+
+
+def build_components(cfg: ExperimentConfig, device: str | torch.device | None = None, *,
+                     init_weights: bool = True) -> Components:
     """Validate every name in ``cfg`` against its registry and build the training objects.
 
-    The model is initialised from ``torch.manual_seed(cfg.train.seed)`` so a config fixes it.
+    The model is initialised from ``torch.manual_seed(cfg.train.seed)`` so a config fixes it, then,
+    if ``init_weights``, from the checkpoint ``cfg.train.init`` names (for a paired coupling the
+    default is its teacher, checked against the pair manifest's hash).
     """
     dev = resolve_device(cfg.train.device if device is None else device)
     source = get_dataset(cfg.data.source, cfg.data.dim)
     target = get_dataset(cfg.data.target, cfg.data.dim)
     path = get_path(cfg.path.name, sigma=cfg.path.sigma)
-    coupling = get_coupling(cfg.coupling.name, source, target, device=dev, method=cfg.coupling.method,
-                            reg=cfg.coupling.reg, num_iters=cfg.coupling.num_iters)
-    time_sampler = get_time_sampler(cfg.time.name, loc=cfg.time.loc, scale=cfg.time.scale, a=cfg.time.a)
+    real, manifest = None, None
+    if cfg.coupling.name == "paired":
+        coupling, real, manifest = _paired(cfg, source, target, dev)
+    else:
+        coupling = get_coupling(cfg.coupling.name, source, target, device=dev, method=cfg.coupling.method,
+                                reg=cfg.coupling.reg, num_iters=cfg.coupling.num_iters)
+    time_sampler = get_time_sampler(cfg.time.name, loc=cfg.time.loc, scale=cfg.time.scale, a=cfg.time.a,
+                                    value=cfg.time.value)
     lookup(LOSSES, cfg.train.loss, "loss")
     get_solver(cfg.eval.solver)
     lookup({m: m for m in TRACKING_MODES}, cfg.tracking.mode, "tracking mode")
@@ -58,5 +107,6 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.data.dim).to(dev)
-    return Components(dev, source, target, path, coupling, time_sampler, model)
+    model = build_model(cfg.model, cfg.data.dim)
+    init_from = _init_weights(model, cfg, manifest) if init_weights else None
+    return Components(dev, source, target, path, coupling, time_sampler, model.to(dev), real, manifest, init_from)

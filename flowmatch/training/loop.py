@@ -35,7 +35,8 @@ __all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "NUM_T_
 
 NUM_T_BINS = 10
 # Keys that may differ between a run and its resumption (everything else must match).
-RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "eval.", "tracking.")
+RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "eval.", "tracking.",
+                  "reflow.")
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
 
 
@@ -109,6 +110,26 @@ def _lr_lambda(warmup: int, total: int, schedule: str = "constant", min_ratio: f
     return f
 
 
+def _batch_loss(model, comp: Components, tc, mix: float, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's loss: ``mix * L(pairs) + (1 - mix) * L(real data)`` for a paired coupling with
+    real data mixed in (each on its own batch of ``batch_size``), else ``L(coupling)``. With
+    ``mix = 0`` no pair is drawn, so the run is plain flow matching draw for draw."""
+    parts = []
+    if comp.real_coupling is None or mix > 0:
+        x0, x1 = comp.coupling.sample(tc.batch_size, generator=gen)
+        t = comp.time_sampler.sample(tc.batch_size, generator=gen, device=comp.device)
+        parts.append((1.0 if comp.real_coupling is None else mix,
+                      cfm_loss(model, comp.path, x0, x1, t, generator=gen, loss=tc.loss), t))
+    if comp.real_coupling is not None:
+        x0, x1 = comp.real_coupling.sample(tc.batch_size, generator=gen)
+        t = comp.time_sampler.sample(tc.batch_size, generator=gen, device=comp.device)
+        parts.append((1.0 - mix, cfm_loss(model, comp.path, x0, x1, t, generator=gen, loss=tc.loss), t))
+    if len(parts) == 1:
+        return parts[0][1].loss, parts[0][1].per_sample, parts[0][2]
+    loss = sum(w * out.loss for w, out, _ in parts)
+    return loss, torch.cat([out.per_sample for _, out, _ in parts]), torch.cat([t for _, _, t in parts])
+
+
 def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, tracker: Optional[Tracker] = None,
           on_step: Optional[Callable[[int, float], None]] = None, finish_tracker: bool = True) -> TrainResult:
@@ -121,8 +142,9 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
                                                        "ckpt_every": cfg.train.ckpt_every,
                                                        "log_every": cfg.train.log_every,
                                                        "device": cfg.train.device},
-                         "eval": to_dict(cfg.eval), "tracking": to_dict(cfg.tracking)})
-    comp = build_components(cfg)
+                         "eval": to_dict(cfg.eval), "tracking": to_dict(cfg.tracking),
+                         "reflow": to_dict(cfg.reflow)})
+    comp = build_components(cfg, init_weights=ckpt is None)
     tc = cfg.train
     model = comp.model
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -139,6 +161,7 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        comp.coupling.load_state_dict(ckpt.get("coupling", {}))
         gen.set_state(ckpt["rng"]["generator"].to(gen.get_state().device))
         torch.set_rng_state(ckpt["rng"]["torch"])
         start = int(ckpt["step"])
@@ -154,7 +177,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     def save(step: int) -> None:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": step, "config": to_dict(cfg),
+            "scheduler": sched.state_dict(), "coupling": comp.coupling.state_dict(), "step": step,
+            "config": to_dict(cfg), "init_from": comp.init_from,
             "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()}})
 
     from tqdm.auto import tqdm  # lazy: only the loop needs it
@@ -172,14 +196,12 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         with tqdm(total=tc.steps, initial=start, disable=None if progress else True, desc=f"train {cfg.name}",
                   dynamic_ncols=True, leave=False) as bar:
             for step in range(start + 1, tc.steps + 1):
-                x0, x1 = comp.coupling.sample(tc.batch_size, generator=gen)
-                t = comp.time_sampler.sample(tc.batch_size, generator=gen, device=comp.device)
-                out = cfm_loss(model, comp.path, x0, x1, t, generator=gen, loss=tc.loss)
-                loss_value = out.loss.item()
+                loss, per_sample, t = _batch_loss(model, comp, tc, cfg.coupling.mix, gen)
+                loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(step, loss_value, last_good)
                 opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                loss.backward()
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 lr = sched.get_last_lr()[0]
@@ -187,8 +209,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
                 sched.step()
                 ema.update(model)
                 losses.append(loss_value)
-                interval_losses.append(out.loss.detach())
-                s, c = t_bin_sums(out.per_sample, t, NUM_T_BINS)
+                interval_losses.append(loss.detach())
+                s, c = t_bin_sums(per_sample, t, NUM_T_BINS)
                 bin_sum += s.cpu()
                 bin_cnt += c.cpu()
                 steps_since += 1
