@@ -11,10 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-flowmatch
 DEMO_OUT ?= runs/demo
 BENCH_OUT ?= runs/bench
+REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench clean distclean
+.PHONY: help install demo test bench reflow clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,3 +45,8 @@ clean: ## remove run outputs (runs/, wandb/)
 
 distclean: clean ## also remove the virtual environment
 	rm -rf $(VENV) *.egg-info
+
+reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~15 min)
+	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
+	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
+	  --out $(REFLOW_OUT) --no-progress

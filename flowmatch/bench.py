@@ -117,8 +117,10 @@ def rows_to_csv(rows: Iterable[dict], columns: Optional[Sequence[str]] = None) -
     return buf.getvalue()
 
 
-def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str = "bench") -> dict:
-    """Write ``{name}.json``, ``{name}.csv``, ``{name}.md`` and (``plot``) ``{name}_w2_vs_nfe.png``.
+def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str = "bench",
+                columns: Optional[Sequence[str]] = None) -> dict:
+    """Write ``{name}.json`` (every key), ``{name}.csv`` and ``{name}.md`` (``columns``, default
+    :data:`BENCH_COLUMNS`) and (``plot``) ``{name}_w2_vs_nfe.png``.
 
     Returns the paths written.
     """
@@ -128,8 +130,8 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "csv": os.path.join(out_dir, f"{name}.csv"),
              "md": os.path.join(out_dir, f"{name}.md")}
     atomic_write_text(paths["json"], json.dumps(rows, indent=1))
-    atomic_write_text(paths["csv"], rows_to_csv(rows, BENCH_COLUMNS))
-    atomic_write_text(paths["md"], rows_to_markdown(rows, BENCH_COLUMNS))
+    atomic_write_text(paths["csv"], rows_to_csv(rows, columns or BENCH_COLUMNS))
+    atomic_write_text(paths["md"], rows_to_markdown(rows, columns or BENCH_COLUMNS))
     if plot:
         from flowmatch.viz import plot_w2_vs_nfe
 

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = r.add_subparsers(dest="reflow_command", required=True, metavar="{generate,run}")
     g = rsub.add_parser("generate", help="integrate a teacher from source draws and store the pairs (resumable)")
     g.add_argument("--teacher", required=True, help="teacher checkpoint")
-    g.add_argument("--n", type=int, required=True, help="number of pairs")
+    g.add_argument("--n", "--num-pairs", dest="n", type=int, required=True,
+                   help="number of pairs (under torchrun, put -- before the flowmatch arguments)")
     g.add_argument("--solver", default="dopri5")
     g.add_argument("--nfe", type=int, help="fixed-step solvers: evaluations per sample")
     g.add_argument("--atol", type=float, default=1e-5)
@@ -77,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
     rr = rsub.add_parser("run", help="1-RF -> pairs -> 2-RF -> ... -> K-RF [-> distil], benchmarked per stage")
-    rr.add_argument("config", help="experiment YAML with a reflow: section (see experiments/toy/reflow_*.yaml)")
+    rr.add_argument("configs", nargs="+", metavar="CONFIG",
+                    help="experiment YAML(s) with a reflow: section (see experiments/toy/reflow_*.yaml)")
     rr.add_argument("--rounds", type=int, help="K (default reflow.rounds)")
     rr.add_argument("--distill", action="store_true", default=None, help="distil the last round to one step")
     rr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    rr.add_argument("--out", help="chain directory (default runs/reflow/<name>)")
+    rr.add_argument("--out", default=os.path.join("runs", "reflow"),
+                    help="parent directory: each chain goes to OUT/<name>; the tables of all go to OUT/stages.*")
     rr.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="train and benchmark the toy experiments, write report.md")
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import flowmatch.pipelines as pipelines
     from flowmatch.config import load_config
+    from flowmatch.errors import FlowmatchError
 
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)
@@ -147,12 +151,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "reflow" and args.reflow_command == "run":
         from flowmatch.bench import rows_to_markdown
 
-        cfg = load_config(args.config, args.overrides)
-        out = args.out or os.path.join("runs", "reflow", cfg.name)
-        rows = pipelines.reflow_from_config(cfg, out, rounds=args.rounds, distill=args.distill,
-                                            progress=not args.no_progress)
-        print(rows_to_markdown(rows, ("stage", "solver", "nfe", "w2", "w2_floor", "mmd", "straightness")), end="")
-        print(f"wrote {out}/stages.json, stages.csv, stages.md and plots/")
+        cfgs = [load_config(c, args.overrides) for c in args.configs]
+        names = [c.name for c in cfgs]
+        if len(set(names)) != len(names):
+            raise FlowmatchError(f"reflow run: two configs share a name ({', '.join(names)})")
+        all_rows = []
+        for cfg in cfgs:
+            rows = pipelines.reflow_from_config(cfg, os.path.join(args.out, cfg.name), rounds=args.rounds,
+                                                distill=args.distill, progress=not args.no_progress)
+            print(f"## {cfg.name}\n\n" + rows_to_markdown(rows, ("stage", "solver", "nfe", "w2", "w2_floor", "mmd",
+                                                                   "straightness")))
+            all_rows += rows
+        summary = pipelines.write_reflow_summary(all_rows, args.out)
+        print(summary)
+        print(f"wrote {args.out}/<name>/stages.* and plots/, and {args.out}/stages.json, stages.md")
         return 0
     if args.command == "demo":
         report = pipelines.run_demo(args.out, args.configs or None, overrides=args.overrides, n=args.n,
@@ -164,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+
     from flowmatch.errors import FlowmatchError
 
     try:

@@ -64,8 +64,9 @@ class CouplingConfig:
     For ``ot``: ``method`` is ``exact`` (assignment on the batch cost) or ``sinkhorn`` (entropic, in
     torch on the batch's device; ``reg`` is relative to the mean batch cost). For ``paired``:
     ``pairs`` is the pair store's directory and ``mix`` the weight lambda of the loss on teacher pairs
-    ("soft labels"); ``1 - mix`` weighs the ordinary flow-matching loss on independent real-data pairs
-    ("hard labels"). ``mix = 1`` is pure reflow, ``mix = 0`` plain flow matching.
+    ("soft labels"); ``1 - mix`` weighs the ordinary flow-matching loss on real data ("hard labels"),
+    drawn with the coupling ``real`` (``independent`` or ``ot``, with ``method``/``reg``/``num_iters``).
+    ``mix = 1`` is pure reflow, ``mix = 0`` plain flow matching.
     """
 
     name: str = "independent"
@@ -74,6 +75,7 @@ class CouplingConfig:
     num_iters: int = 100
     pairs: Optional[str] = None
     mix: float = 1.0
+    real: str = "independent"
 
 
 @dataclass
@@ -164,7 +166,8 @@ class ReflowConfig:
     lr: float = 1e-3
     time: TimeConfig = field(default_factory=lambda: TimeConfig(name="u_shaped"))
     loss: str = "l2"
-    mix: float = 1.0
+    mix: float = 1.0  # weight of the teacher-pair loss; 1 - mix on real data
+    real: Optional[str] = None  # coupling of the real-data term (default: the experiment's own)
     distill: bool = False
     distill_steps: int = 2000
     distill_lr: float = 1e-4

@@ -28,11 +28,13 @@ from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_c
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["TrainSummary", "describe_config", "evaluate_model", "train_from_config", "sample_from_checkpoint",
-           "reflow_stage_configs", "reflow_from_config",
+           "reflow_stage_configs", "reflow_from_config", "reflow_targets", "write_reflow_summary",
            "bench_from_checkpoints", "run_demo", "DEMO_SOLVERS", "DEMO_NFES"]
 
 DEMO_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 DEMO_NFES = (1, 2, 4, 8, 16)
+STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
+                 "straightness_rel", "seconds", "n")
 
 
 @dataclass
@@ -332,13 +334,15 @@ def _stage_config(cfg: ExperimentConfig, name: str, **sections) -> ExperimentCon
 
 def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: bool) -> list[tuple[str, ExperimentConfig, str]]:
     """The chain's training stages after 1-RF: ``(label, config, pairs_dir)`` for 2-RF..K-RF and the
-    optional distillation. Stage k trains on the pairs of stage k - 1, initialised from it."""
+    optional distillation. Stage k trains on the pairs of stage k - 1, initialised from it; with
+    ``reflow.mix < 1`` its real-data term uses ``reflow.real`` (default: the experiment's own coupling)."""
     rc = cfg.reflow
     stages = []
     for k in range(2, rounds + 1):
         pairs = os.path.join(out, f"pairs-{k - 1}RF")
         stages.append((f"{k}-RF", _stage_config(
-            cfg, f"{cfg.name}-{k}RF", coupling={"name": "paired", "pairs": pairs, "mix": rc.mix},
+            cfg, f"{cfg.name}-{k}RF", coupling={"name": "paired", "pairs": pairs, "mix": rc.mix,
+                                                 "real": rc.real or cfg.coupling.name},
             time=to_dict(rc.time), train={"steps": rc.steps, "lr": rc.lr, "loss": rc.loss, "init": "auto"}), pairs))
     if distill:
         pairs = os.path.join(out, f"pairs-{rounds}RF")
@@ -389,10 +393,8 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     for r in rows:
         r["stage"] = r.pop("model")
         r["task"] = cfg.name
-    cols = ("task", "stage", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
-            "straightness_rel", "seconds", "n")
-    rows = [{c: r[c] for c in cols} | {k: v for k, v in r.items() if k not in cols} for r in rows]
-    write_bench(rows, out, plot=False, name="stages")
+    rows = [{c: r[c] for c in STAGE_COLUMNS} | {k: v for k, v in r.items() if k not in STAGE_COLUMNS} for r in rows]
+    write_bench(rows, out, plot=False, name="stages", columns=STAGE_COLUMNS)
     pd = os.path.join(out, "plots")
     plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, "w2_vs_nfe.png"))
     plot_straightness_by_stage(rows, os.path.join(pd, "straightness.png"), title=cfg.name)
@@ -409,3 +411,41 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
             for p in ("w2_vs_nfe", "straightness", "trajectories"):
                 tr.log_image(f"reflow/{p}", os.path.join(pd, f"{p}.png"))
     return rows
+
+
+def reflow_targets(rows: list[dict]) -> list[dict]:
+    """Per task, the numbers reflow is judged by: straightness of 2-RF over 1-RF, one-step W2 of
+    2-RF and of the distilled stage against the noise floor and against 1-RF's dopri5 W2, and
+    2-RF's dopri5 W2 against 1-RF's (reflow should keep the marginals)."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        rs = [r for r in rows if r["task"] == task]
+        get = lambda stage, solver, nfe=None: next((r for r in rs if r["stage"] == stage and r["solver"] == solver  # noqa: E731
+                                                    and (nfe is None or r["nfe"] == nfe)), None)
+        one, two = get("1-RF", "euler", 1), get("2-RF", "euler", 1)
+        ada1, ada2 = get("1-RF", "dopri5"), get("2-RF", "dopri5")
+        dist = next((r for r in rs if r["stage"].endswith("+distill") and r["solver"] == "euler" and r["nfe"] == 1), None)
+        if one is None:
+            continue
+        floor = one["w2_floor"]
+        row = {"task": task, "w2_floor": floor, "S(1-RF)": one["straightness"],
+               "S(2-RF)": two["straightness"] if two else None,
+               "S ratio 2-RF/1-RF": two["straightness"] / one["straightness"] if two else None,
+               "1-RF dopri5 W2": ada1["w2"] if ada1 else None, "2-RF dopri5 W2": ada2["w2"] if ada2 else None,
+               "1-RF Euler-1 W2": one["w2"], "2-RF Euler-1 W2": two["w2"] if two else None,
+               "distilled stage": dist["stage"] if dist else None, "distilled Euler-1 W2": dist["w2"] if dist else None}
+        best = min(w for w in (row["2-RF Euler-1 W2"], row["distilled Euler-1 W2"]) if w is not None) if (two or dist) else None
+        row["best one-step W2 / floor"] = best / floor if best is not None else None
+        out.append(row)
+    return out
+
+
+def write_reflow_summary(rows: list[dict], out: str) -> str:
+    """Write every chain's stage rows to ``OUT/stages.json``/``.csv``/``.md`` and the target table to
+    ``OUT/targets.json``/``.md``; returns the target table as markdown."""
+    write_bench(rows, out, plot=False, name="stages", columns=STAGE_COLUMNS)
+    targets = reflow_targets(rows)
+    md = rows_to_markdown(targets)
+    atomic_write_text(os.path.join(out, "targets.json"), json.dumps(targets, indent=1))
+    atomic_write_text(os.path.join(out, "targets.md"), md)
+    return md

@@ -83,10 +83,11 @@ def _plan_key(plan: dict) -> dict:
 def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5", nfe: Optional[int] = None,
                    atol: float = 1e-5, rtol: float = 1e-5, shard_size: int = 10_000, seed: int = 0,
                    device: str | torch.device = "auto", progress: bool = True,
-                   rank: Optional[int] = None, world_size: Optional[int] = None) -> dict:
+                   rank: Optional[int] = None, world_size: Optional[int] = None) -> Optional[dict]:
     """Integrate the teacher's EMA model from ``n`` source draws; store the pairs in ``out_dir``.
 
-    Returns the manifest (on every rank, after all shards are written). Fixed-step solvers take
+    Returns the manifest (on every rank, after all shards are written; ``None`` on a rank > 0 run
+    without a process group, where rank 0, run last, writes it). Fixed-step solvers take
     ``nfe`` (a multiple of their stages), adaptive ones ``atol``/``rtol``; the manifest records the
     NFE each shard really used.
     """
@@ -171,6 +172,8 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
                     "nfe_per_sample": sum(sh["nfe"] * sh["count"] for sh in shards) / n}
         atomic_write_text(mpath, json.dumps(manifest, indent=1))
     _barrier(world_size)
+    if rank != 0 and not os.path.exists(mpath):
+        return None  # ranks run without a process group (one after another): rank 0 writes the manifest last
     return read_manifest(out_dir)
 
 

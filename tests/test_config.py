@@ -25,7 +25,7 @@ from flowmatch.config import (
 from flowmatch.errors import ConfigError, FlowmatchError, NonFiniteLossError, UnknownNameError
 from flowmatch.utils import as_time, lookup, make_generator, resolve_device, seed_everything
 
-TOP_KEYS = ["name", "data", "path", "coupling", "time", "model", "train", "eval", "tracking"]
+TOP_KEYS = ["name", "data", "path", "coupling", "time", "model", "train", "eval", "tracking", "reflow"]
 TRAIN_KEYS = ["steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay",
               "ckpt_every", "log_every", "seed", "device", "loss"]
 
@@ -171,7 +171,7 @@ def test_override_unknown_section_lists_valid_sections():
         apply_overrides(ExperimentConfig(), ["trian.lr=1e-3"])
     msg = str(e.value)
     assert "trian" in msg
-    for k in ["data", "path", "coupling", "time", "model", "train", "eval", "tracking"]:
+    for k in ["data", "path", "coupling", "time", "model", "train", "eval", "tracking", "reflow"]:
         assert k in msg
 
 

@@ -50,7 +50,7 @@ def std_normal_cdf(z: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_names():
-    assert set(TIME_SAMPLERS) == {"uniform", "logit_normal", "u_shaped"}
+    assert set(TIME_SAMPLERS) == {"uniform", "logit_normal", "u_shaped", "constant"}
     assert isinstance(get_time_sampler("uniform"), UniformTime)
     ln = get_time_sampler("logit_normal", loc=0.3, scale=0.7)
     assert isinstance(ln, LogitNormalTime) and ln.loc == 0.3 and ln.scale == 0.7
@@ -58,7 +58,10 @@ def test_registry_names():
     assert isinstance(us, UShapedTime) and us.a == 2.5
 
 
-@pytest.mark.parametrize("name", sorted(TIME_SAMPLERS))
+RANDOM_SAMPLERS = sorted(n for n in TIME_SAMPLERS if n != "constant")
+
+
+@pytest.mark.parametrize("name", RANDOM_SAMPLERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_range_shape_dtype(name, dtype):
     t = get_time_sampler(name).sample(1000, generator=gen(1), dtype=dtype)
@@ -67,7 +70,7 @@ def test_range_shape_dtype(name, dtype):
     assert t.std() > 0.05
 
 
-@pytest.mark.parametrize("name", sorted(TIME_SAMPLERS))
+@pytest.mark.parametrize("name", RANDOM_SAMPLERS)
 def test_deterministic_with_seed(name):
     s = get_time_sampler(name)
     a = s.sample(100, generator=gen(3))
@@ -159,3 +162,14 @@ def test_parameter_validation_and_unknown_name():
     msg = str(e.value)
     for name in TIME_SAMPLERS:
         assert name in msg
+
+
+@pytest.mark.parametrize("value", [0.0, 0.3, 1.0])
+def test_constant_time_draws_no_randomness(value):
+    g = gen(0)
+    before = g.get_state()
+    t = get_time_sampler("constant", value=value).sample(7, generator=g, dtype=torch.float64)
+    assert torch.equal(t, torch.full((7,), value, dtype=torch.float64))
+    assert torch.equal(g.get_state(), before)
+    with pytest.raises(ConfigError):
+        get_time_sampler("constant", value=1.5)

@@ -10,7 +10,7 @@ from torch import nn
 
 from flowmatch.config import ExperimentConfig
 from flowmatch.config import config_diff, to_dict
-from flowmatch.couplings import Coupling, IndependentCoupling, PairedCoupling, get_coupling
+from flowmatch.couplings import Coupling, PairedCoupling, get_coupling
 from flowmatch.data import ToyDistribution, get_dataset
 from flowmatch.data.pairs import PairStore, PairStoreError
 from flowmatch.errors import CheckpointError, ConfigError
@@ -53,7 +53,11 @@ def _paired(cfg: ExperimentConfig, source, target, dev) -> tuple[Coupling, Optio
     if (m["source"], m["target"]) != (cfg.data.source, cfg.data.target):
         raise PairStoreError(f"pair store {cc.pairs} maps {m['source']} -> {m['target']}; this run is "
                              f"{cfg.data.source} -> {cfg.data.target}")
-    real = IndependentCoupling(source, target, dev) if cc.mix < 1.0 else None
+    real = None
+    if cc.mix < 1.0:
+        if cc.real == "paired":
+            raise ConfigError("coupling.real is the real-data coupling: independent or ot, not paired")
+        real = get_coupling(cc.real, source, target, device=dev, method=cc.method, reg=cc.reg, num_iters=cc.num_iters)
     return PairedCoupling(store.x0, store.x1, dev), real, m
 
 
