@@ -15,10 +15,10 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench reflow clean distclean
+.PHONY: help install demo test bench reflow reflow-sweeps clean distclean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,13 +40,27 @@ bench: demo ## benchmark the demo's checkpoints per task into runs/bench/<task>/
 	    $(DEMO_OUT)/runs/$${task}_ot/checkpoints/last.pt --out $(BENCH_OUT)/$$task --no-progress || exit 1; \
 	done
 
+reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~15 min)
+	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
+	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
+	  --out $(REFLOW_OUT) --no-progress
+
+MOONS_TEACHER := $(REFLOW_OUT)/noise_to_moons/1-RF/checkpoints/last.pt
+$(MOONS_TEACHER):
+	$(MAKE) reflow
+
+reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, teacher accuracy and the mix lambda -> runs/sweeps/ (~12 min)
+	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_noise_to_moons.yaml --key reflow.num_pairs \
+	  --values 10000,50000,200000 --set reflow.teacher=$(MOONS_TEACHER) --set reflow.bench_solvers=[euler] \
+	  --set reflow.bench_nfes=[1] --out runs/sweeps/num_pairs --no-progress
+	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_noise_to_moons.yaml --key reflow.nfe --values 2,8,32 \
+	  --set reflow.solver=euler --set reflow.teacher=$(MOONS_TEACHER) --set reflow.bench_solvers=[euler] \
+	  --set reflow.bench_nfes=[1] --out runs/sweeps/teacher_euler_nfe --no-progress
+	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_mix_noise_to_moons.yaml --key reflow.mix --values 1.0,0.7,0.5,0.3 \
+	  --set reflow.bench_nfes=[1] --out runs/sweeps/mix --no-progress
+
 clean: ## remove run outputs (runs/, wandb/)
 	rm -rf runs wandb
 
 distclean: clean ## also remove the virtual environment
 	rm -rf $(VENV) *.egg-info
-
-reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~15 min)
-	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
-	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
-	  --out $(REFLOW_OUT) --no-progress

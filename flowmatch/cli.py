@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser("reflow", help="reflow: generate teacher pairs, or run the k-rectified-flow chain")
-    rsub = r.add_subparsers(dest="reflow_command", required=True, metavar="{generate,run}")
+    rsub = r.add_subparsers(dest="reflow_command", required=True, metavar="{generate,run,sweep}")
     g = rsub.add_parser("generate", help="integrate a teacher from source draws and store the pairs (resumable)")
     g.add_argument("--teacher", required=True, help="teacher checkpoint")
     g.add_argument("--n", "--num-pairs", dest="n", type=int, required=True,
@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--out", default=os.path.join("runs", "reflow"),
                     help="parent directory: each chain goes to OUT/<name>; the tables of all go to OUT/stages.*")
     rr.add_argument("--no-progress", action="store_true")
+
+    sw = rsub.add_parser("sweep", help="one reflow round per value of a config key, from one shared teacher")
+    sw.add_argument("config")
+    sw.add_argument("--key", required=True, help="e.g. reflow.num_pairs, reflow.atol, reflow.mix")
+    sw.add_argument("--values", required=True, type=_csv_list, help="comma-separated values")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="train and benchmark the toy experiments, write report.md")
     d.add_argument("--out", default="runs/demo")
@@ -165,6 +173,14 @@ def _run(args: argparse.Namespace) -> int:
         summary = pipelines.write_reflow_summary(all_rows, args.out)
         print(summary)
         print(f"wrote {args.out}/<name>/stages.* and plots/, and {args.out}/stages.json, stages.md")
+        return 0
+    if args.command == "reflow" and args.reflow_command == "sweep":
+        from flowmatch.bench import rows_to_markdown
+
+        cfg = load_config(args.config, args.overrides)
+        rows = pipelines.reflow_sweep(cfg, args.out, args.key, args.values, progress=not args.no_progress)
+        print(rows_to_markdown(rows), end="")
+        print(f"wrote {args.out}/sweep.json, sweep.md")
         return 0
     if args.command == "demo":
         report = pipelines.run_demo(args.out, args.configs or None, overrides=args.overrides, n=args.n,

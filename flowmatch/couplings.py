@@ -138,11 +138,14 @@ class PairedCoupling(Coupling):
 
     name = "paired"
 
-    def __init__(self, x0: torch.Tensor, x1: torch.Tensor, device: torch.device | str = "cpu"):
+    def __init__(self, x0, x1, device: torch.device | str = "cpu"):
         if x0.shape != x1.shape or x0.shape[0] == 0:
             raise ValueError(f"paired coupling needs equal, non-empty x0 and x1, got {tuple(x0.shape)} and {tuple(x1.shape)}")
         self.device = torch.device(device)
-        self.x0, self.x1 = x0.to(self.device), x1.to(self.device)
+        # Tensors move to the device once; row-indexable stores (memory-mapped shards) are gathered
+        # on the CPU batch by batch.
+        self.on_device = isinstance(x0, torch.Tensor)
+        self.x0, self.x1 = (x0.to(self.device), x1.to(self.device)) if self.on_device else (x0, x1)
         self.perm: Optional[torch.Tensor] = None
         self.pos = 0
         self.epoch = 0
@@ -166,7 +169,10 @@ class PairedCoupling(Coupling):
 
     def sample(self, batch_size, *, generator=None):
         idx = self._indices(batch_size, generator)
-        return self.x0[idx], self.x1[idx]
+        if self.on_device:
+            return self.x0[idx], self.x1[idx]
+        idx = idx.cpu()
+        return self.x0[idx].to(self.device), self.x1[idx].to(self.device)
 
     def state_dict(self) -> dict:
         return {"perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos, "epoch": self.epoch}

@@ -29,6 +29,7 @@ from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["TrainSummary", "describe_config", "evaluate_model", "train_from_config", "sample_from_checkpoint",
            "reflow_stage_configs", "reflow_from_config", "reflow_targets", "write_reflow_summary",
+           "reflow_sweep",
            "bench_from_checkpoints", "run_demo", "DEMO_SOLVERS", "DEMO_NFES"]
 
 DEMO_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
@@ -449,3 +450,32 @@ def write_reflow_summary(rows: list[dict], out: str) -> str:
     atomic_write_text(os.path.join(out, "targets.json"), json.dumps(targets, indent=1))
     atomic_write_text(os.path.join(out, "targets.md"), md)
     return md
+
+
+def reflow_sweep(cfg: ExperimentConfig, out: str, key: str, values: Sequence, *, progress: bool = True) -> list[dict]:
+    """One reflow round (1-RF -> pairs -> 2-RF) per value of the config ``key`` (e.g.
+    ``reflow.num_pairs``, ``reflow.atol``, ``reflow.mix``), all from the same 1-RF teacher (trained
+    once under ``OUT/teacher`` unless ``reflow.teacher`` names one). Writes ``OUT/sweep.json`` and
+    ``OUT/sweep.md``: per value, the 2-RF's one-step and dopri5 W2, its straightness, the NFE per pair
+    the teacher spent, the teacher's dopri5 W2 and the noise floor."""
+    from flowmatch.config import apply_overrides
+
+    if cfg.reflow.teacher:
+        teacher = cfg.reflow.teacher
+    else:
+        teacher = train_from_config(_stage_config(cfg, f"{cfg.name}-1RF"), os.path.join(out, "teacher"),
+                                    resume="auto", progress=progress).checkpoint
+    results = []
+    for value in values:
+        tag = f"{key.split('.')[-1]}={value}"
+        vcfg = apply_overrides(cfg, [f"{key}={value}", f"reflow.teacher={teacher}"])
+        rows = reflow_from_config(vcfg, os.path.join(out, tag), rounds=2, distill=False, progress=progress)
+        t = reflow_targets(rows)[0]
+        manifest = json.load(open(os.path.join(out, tag, "pairs-1RF", "manifest.json")))
+        results.append({"key": key, "value": value, "2-RF Euler-1 W2": t["2-RF Euler-1 W2"],
+                        "2-RF dopri5 W2": t["2-RF dopri5 W2"], "S(2-RF)": t["S(2-RF)"],
+                        "teacher NFE per pair": manifest["nfe_per_sample"], "1-RF dopri5 W2": t["1-RF dopri5 W2"],
+                        "w2_floor": t["w2_floor"], "n": rows[0]["n"]})
+    atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(out, "sweep.md"), rows_to_markdown(results))
+    return results

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from flowmatch.config import to_dict
 from flowmatch.data import get_dataset
 from flowmatch.data.pairs import PAIRS_FORMAT, PAIRS_VERSION, PairStoreError, read_manifest, shard_name
 from flowmatch.errors import ConfigError, FlowmatchError
@@ -118,7 +119,7 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
         "solver": {"name": s.name, "adaptive": s.adaptive, "atol": atol if s.adaptive else None,
                    "rtol": rtol if s.adaptive else None, "nfe": None if s.adaptive else nfe,
                    "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "grid": "adaptive" if s.adaptive else "uniform"},
-        "teacher": {"sha256": teacher_sha, "step": lm.step, "config": json.loads(json.dumps(_cfg_dict(cfg)))},
+        "teacher": {"sha256": teacher_sha, "step": lm.step, "config": to_dict(cfg)},
         "teacher_path": os.path.abspath(teacher),
     }
     try:
@@ -176,8 +177,3 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
         return None  # ranks run without a process group (one after another): rank 0 writes the manifest last
     return read_manifest(out_dir)
 
-
-def _cfg_dict(cfg) -> dict:
-    from flowmatch.config import to_dict
-
-    return to_dict(cfg)

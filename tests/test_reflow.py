@@ -394,3 +394,37 @@ def test_cli_reflow_run_writes_stage_and_target_tables(tmp_path, make_cfg, capsy
     assert {r["stage"] for r in stages} == {"1-RF", "2-RF"}
     assert (tmp_path / "out" / "chain" / "stages.md").read_text().startswith("| task | stage |")
     assert main(["reflow", "run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_large_stores_stay_memory_mapped_and_train_the_same(teacher, tmp_path):
+    from flowmatch.data.pairs import ShardedTensor
+
+    _gen(teacher, tmp_path / "p", n=45, shard_size=10)
+    small = PairStore(str(tmp_path / "p"))
+    big = PairStore(str(tmp_path / "p"), in_memory_bytes=0)
+    assert isinstance(big.x0, ShardedTensor) and len(big.x0) == 45 and big.x0.shape == small.x0.shape
+    idx = torch.tensor([44, 0, 9, 10, 23, 23, 30])
+    assert torch.equal(big.x0[idx], small.x0[idx]) and torch.equal(big.x1[idx], small.x1[idx])
+    assert torch.equal(big.x1.materialize(), small.x1)
+    a, b = PairedCoupling(small.x0, small.x1), PairedCoupling(big.x0, big.x1)
+    ga, gb = make_generator(5), make_generator(5)
+    for _ in range(4):
+        xa, xb = a.sample(16, generator=ga), b.sample(16, generator=gb)
+        assert torch.equal(xa[0], xb[0]) and torch.equal(xa[1], xb[1])
+
+
+def test_sweep_shares_one_teacher_and_tabulates_each_value(tmp_path, make_cfg):
+    from flowmatch.pipelines import reflow_sweep
+
+    cfg = make_cfg(*CHAIN, "train.steps=50", "reflow.steps=30", "reflow.shard_size=500", "reflow.bench_n=100",
+                   "reflow.bench_nfes=[1]")
+    rows = reflow_sweep(cfg, str(tmp_path / "sw"), "reflow.num_pairs", [200, 400], progress=False)
+    assert [r["value"] for r in rows] == [200, 400]
+    teacher = str(tmp_path / "sw" / "teacher" / "checkpoints" / "last.pt")
+    for r in rows:
+        tag = tmp_path / "sw" / f"num_pairs={r['value']}"
+        m = json.loads((tag / "pairs-1RF" / "manifest.json").read_text())
+        assert m["count"] == r["value"] and m["teacher"]["sha256"] == file_sha256(teacher)
+        assert r["teacher NFE per pair"] == 32 and r["2-RF Euler-1 W2"] > 0
+    assert len({r["1-RF dopri5 W2"] for r in rows}) == 1  # the same teacher, benchmarked the same way
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text()) == rows

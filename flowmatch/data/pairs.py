@@ -18,7 +18,11 @@ import torch
 from flowmatch.errors import FlowmatchError
 from flowmatch.io import file_sha256
 
-__all__ = ["PAIRS_FORMAT", "PAIRS_VERSION", "PairStoreError", "PairStore", "read_manifest", "shard_name"]
+__all__ = ["PAIRS_FORMAT", "PAIRS_VERSION", "PairStoreError", "PairStore", "ShardedTensor", "read_manifest",
+           "shard_name", "IN_MEMORY_BYTES"]
+
+# Stores up to this size are concatenated in memory; larger ones stay memory-mapped shard by shard.
+IN_MEMORY_BYTES = 1 << 30
 
 PAIRS_FORMAT = "flowmatch-pairs"
 PAIRS_VERSION = 1
@@ -51,16 +55,48 @@ def read_manifest(path: str) -> dict:
     return m
 
 
+class ShardedTensor:
+    """Rows of several (memory-mapped) tensors addressed as one: ``t[idx]`` gathers rows by global
+    index without loading the other shards' pages."""
+
+    def __init__(self, parts: Sequence[torch.Tensor]):
+        if not parts:
+            raise ValueError("ShardedTensor needs at least one part")
+        self.parts = list(parts)
+        lengths = torch.tensor([len(p) for p in self.parts])
+        self.starts = torch.cumsum(lengths, 0) - lengths
+        self.shape = torch.Size([int(lengths.sum()), *self.parts[0].shape[1:]])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        local = idx - self.starts[shard]
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        for s in shard.unique().tolist():
+            m = shard == s
+            out[m] = self.parts[s][local[m]]
+        return out
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
 class PairStore:
     """All pairs of a store, checked against the manifest and the caller's expectations.
 
     ``expect_shape``: the per-sample data shape the run needs; ``expect_teacher_sha256``: the teacher
     checkpoint the run was told to distil. Shards are memory-mapped when loaded (``mmap=True``) and
-    verified against their SHA-256 unless ``verify=False``.
+    verified against their SHA-256 unless ``verify=False``. ``x0`` and ``x1`` are plain tensors for
+    stores up to ``in_memory_bytes``, else :class:`ShardedTensor` views of the memory-mapped shards.
     """
 
     def __init__(self, path: str, *, expect_shape: Optional[Sequence[int]] = None,
-                 expect_teacher_sha256: Optional[str] = None, verify: bool = True):
+                 expect_teacher_sha256: Optional[str] = None, verify: bool = True,
+                 in_memory_bytes: int = IN_MEMORY_BYTES):
         self.path = path
         self.manifest = m = read_manifest(path)
         shape = list(m["shape"])
@@ -86,8 +122,13 @@ class PairStore:
                                      f"the manifest says {[sh['count'], *shape]}")
             x0s.append(d["x0"])
             x1s.append(d["x1"])
-        self.x0 = torch.cat(x0s) if x0s else torch.empty(0, *shape)
-        self.x1 = torch.cat(x1s) if x1s else torch.empty(0, *shape)
+        if not x0s:
+            raise PairStoreError(f"pair store {path} holds no shards")
+        nbytes = 2 * sum(x.numel() * x.element_size() for x in x0s)
+        if nbytes <= in_memory_bytes:
+            self.x0, self.x1 = torch.cat(x0s), torch.cat(x1s)
+        else:
+            self.x0, self.x1 = ShardedTensor(x0s), ShardedTensor(x1s)
         if len(self.x0) != m["count"]:
             raise PairStoreError(f"pair store {path} holds {len(self.x0)} pairs; the manifest says {m['count']}")
 
