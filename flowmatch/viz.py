@@ -34,14 +34,13 @@ def _lims(*clouds: torch.Tensor, q: float = 0.995):
     return (lo - pad).tolist(), (hi + pad).tolist()
 
 
-def plot_samples(panels: dict, path: str, *, title: Optional[str] = None, max_points: int = 4000) -> str:
-    """One scatter panel per ``{label: [n, 2] tensor}``, on shared axes."""
+def _panels(panels: dict, draw, lims, path: str, title: Optional[str], size: float = 3.3) -> str:
+    """One panel per ``{label: data}`` on shared axes ``lims``; ``draw(ax, data)`` fills a panel."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-    lo, hi = _lims(*panels.values())
-    for ax, (label, x) in zip(axes[0], panels.items()):
-        x = x[:max_points].float().cpu()
-        ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    lo, hi = lims
+    for ax, (label, data) in zip(axes[0], panels.items()):
+        draw(ax, data)
         ax.set_title(label, fontsize=9)
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(lo[1], hi[1])
@@ -53,14 +52,30 @@ def plot_samples(panels: dict, path: str, *, title: Optional[str] = None, max_po
     return _save(fig, path)
 
 
+def _draw_trajectories(ax, xs: torch.Tensor, s: float = 3, legend: bool = False) -> None:
+    xs = xs.float().cpu()
+    ax.plot(xs[:, :, 0], xs[:, :, 1], color="olive", alpha=0.25, lw=0.6)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=s, color="black", label="t = 0", zorder=3)
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=s, color="tab:blue", label="t = 1", zorder=3)
+    if legend:
+        ax.legend(loc="upper right", fontsize=7)
+
+
+def plot_samples(panels: dict, path: str, *, title: Optional[str] = None, max_points: int = 4000) -> str:
+    """One scatter panel per ``{label: [n, 2] tensor}``, on shared axes."""
+
+    def draw(ax, x):
+        x = x[:max_points].float().cpu()
+        ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5)
+
+    return _panels(panels, draw, _lims(*panels.values()), path, title, size=3.2)
+
+
 def plot_trajectories(xs: torch.Tensor, path: str, *, n: int = 300, title: Optional[str] = None) -> str:
     """Trajectories ``xs`` of shape ``[K+1, B, 2]``: start points, paths, end points."""
     plt = _plt()
-    xs = xs[:, :n].float().cpu()
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(xs[:, :, 0], xs[:, :, 1], color="olive", alpha=0.25, lw=0.6)
-    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=3, color="black", label="t = 0", zorder=3)
-    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=3, color="tab:blue", label="t = 1", zorder=3)
+    _draw_trajectories(ax, xs[:, :n], legend=True)
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=7)
     if title:
@@ -109,24 +124,8 @@ def plot_loss_by_t(losses: Sequence[float], path: str, *, title: Optional[str] =
 
 def plot_trajectory_grid(trajs: dict, path: str, *, title: Optional[str] = None) -> str:
     """One trajectory panel per ``{label: [K+1, B, 2]}`` (same start points), on shared axes."""
-    plt = _plt()
-    k = len(trajs)
-    fig, axes = plt.subplots(1, k, figsize=(3.3 * k, 3.4), squeeze=False)
-    lo, hi = _lims(*[xs[[0, -1]] for xs in trajs.values()])
-    for ax, (label, xs) in zip(axes[0], trajs.items()):
-        xs = xs.float().cpu()
-        ax.plot(xs[:, :, 0], xs[:, :, 1], color="olive", alpha=0.25, lw=0.6)
-        ax.scatter(xs[0, :, 0], xs[0, :, 1], s=2, color="black", zorder=3)
-        ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=2, color="tab:blue", zorder=3)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(lo[1], hi[1])
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    lims = _lims(*[xs[[0, -1]] for xs in trajs.values()])
+    return _panels(trajs, lambda ax, xs: _draw_trajectories(ax, xs, s=2), lims, path, title)
 
 
 def plot_straightness_by_stage(rows: Sequence[dict], path: str, *, title: Optional[str] = None) -> str:
