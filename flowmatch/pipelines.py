@@ -20,6 +20,7 @@ import torch
 from flowmatch.bench import benchmark, rows_to_markdown, write_bench
 from flowmatch.config import ExperimentConfig, config_diff, load_config, to_dict
 from flowmatch.data import get_dataset
+from flowmatch.data.pairs import read_manifest
 from flowmatch.errors import FlowmatchError
 from flowmatch.metrics import mmd, straightness, w2
 from flowmatch.solvers import get_solver, solve
@@ -471,7 +472,7 @@ def reflow_sweep(cfg: ExperimentConfig, out: str, key: str, values: Sequence, *,
         vcfg = apply_overrides(cfg, [f"{key}={value}", f"reflow.teacher={teacher}"])
         rows = reflow_from_config(vcfg, os.path.join(out, tag), rounds=2, distill=False, progress=progress)
         t = reflow_targets(rows)[0]
-        manifest = json.load(open(os.path.join(out, tag, "pairs-1RF", "manifest.json")))
+        manifest = read_manifest(os.path.join(out, tag, "pairs-1RF"))
         results.append({"key": key, "value": value, "2-RF Euler-1 W2": t["2-RF Euler-1 W2"],
                         "2-RF dopri5 W2": t["2-RF dopri5 W2"], "S(2-RF)": t["S(2-RF)"],
                         "teacher NFE per pair": manifest["nfe_per_sample"], "1-RF dopri5 W2": t["1-RF dopri5 W2"],

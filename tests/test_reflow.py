@@ -320,6 +320,7 @@ def test_paired_training_resumes_exactly(teacher, tmp_path, make_cfg):
     resumed = train(cfg, str(tmp_path / "b"), resume=True, progress=False)
     assert resumed.start_step == 10
     assert resumed.losses == full.losses[10:]
+    assert torch.load(resumed.checkpoint, weights_only=True)["init_from"] == os.path.abspath(teacher)
 
 
 # --- the chain ------------------------------------------------------------------------------------

@@ -173,12 +173,13 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
                           name=cfg.tracking.name or cfg.name, config=to_dict(cfg))
     ckpt_path = last_checkpoint(run_dir)
     last_good = ckpt_path if ckpt is not None else None
+    init_from = ckpt.get("init_from") if ckpt is not None else comp.init_from
 
     def save(step: int) -> None:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "coupling": comp.coupling.state_dict(), "step": step,
-            "config": to_dict(cfg), "init_from": comp.init_from,
+            "config": to_dict(cfg), "init_from": init_from,
             "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()}})
 
     from tqdm.auto import tqdm  # lazy: only the loop needs it
