@@ -40,7 +40,7 @@ bench: demo ## benchmark the demo's checkpoints per task into runs/bench/<task>/
 	    $(DEMO_OUT)/runs/$${task}_ot/checkpoints/last.pt --out $(BENCH_OUT)/$$task --no-progress || exit 1; \
 	done
 
-reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~15 min)
+reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~18 min)
 	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
 	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
 	  --out $(REFLOW_OUT) --no-progress
