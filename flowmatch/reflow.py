@@ -64,14 +64,16 @@ def _barrier(world_size: int) -> None:
         torch.distributed.barrier()
 
 
-def _valid_shard(path: str, count: int, shape: list) -> bool:
+def _read_shard(path: str, count: int, shape: list) -> Optional[dict]:
+    """The shard at ``path`` if it exists, loads and holds ``count`` pairs of ``shape``; else None."""
     if not os.path.exists(path):
-        return False
+        return None
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        return list(d["x0"].shape) == [count, *shape] and d["x1"].shape == d["x0"].shape
     except Exception:  # noqa: BLE001 - an unreadable shard is regenerated
-        return False
+        return None
+    ok = list(d["x0"].shape) == [count, *shape] and d["x1"].shape == d["x0"].shape
+    return d if ok else None
 
 
 def _plan_key(plan: dict) -> dict:
@@ -134,9 +136,9 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
     if os.path.exists(plan_path):  # every rank checks, so all of them fail alike (no rank left at a barrier)
         with open(plan_path) as f:
             old = json.load(f)
-        if _plan_key(old) != _plan_key(plan):
-            diff = sorted(k for k in set(_plan_key(old)) | set(_plan_key(plan))
-                          if _plan_key(old).get(k) != _plan_key(plan).get(k))
+        have, want = _plan_key(old), _plan_key(plan)
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
             raise PairStoreError(f"{out_dir} holds pairs of another generation (differs in {', '.join(diff)}); "
                                  f"use a new output directory")
     elif rank == 0:
@@ -150,7 +152,7 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
     for i in tqdm(mine, desc=f"pairs (rank {rank})" if world_size > 1 else "pairs", disable=None if progress else True, leave=False):
         count = min(shard_size, n - i * shard_size)
         path = os.path.join(out_dir, shard_name(i))
-        if _valid_shard(path, count, shape):
+        if _read_shard(path, count, shape) is not None:
             continue
         sd = shard_seed(seed, i)
         x0 = source.sample(count, generator=make_generator(sd)).to(dev)
@@ -164,9 +166,9 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
         for i in range(num_shards):
             path = os.path.join(out_dir, shard_name(i))
             count = min(shard_size, n - i * shard_size)
-            if not _valid_shard(path, count, shape):
+            d = _read_shard(path, count, shape)
+            if d is None:
                 raise PairStoreError(f"shard {shard_name(i)} in {out_dir} is missing after generation")
-            d = torch.load(path, map_location="cpu", weights_only=True)
             shards.append({"file": shard_name(i), "count": count, "seed": int(d["seed"]), "nfe": int(d["nfe"]),
                            "sha256": file_sha256(path)})
         manifest = {**plan, "shards": shards,

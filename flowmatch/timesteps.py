@@ -21,14 +21,20 @@ from flowmatch.utils import lookup
 __all__ = ["TimeSampler", "UniformTime", "LogitNormalTime", "UShapedTime", "ConstantTime", "TIME_SAMPLERS", "get_time_sampler"]
 
 
+def _device(generator: Optional[torch.Generator], device) -> torch.device | str:
+    """The requested device, else the generator's, else the CPU."""
+    if device is not None:
+        return device
+    return generator.device if generator is not None else "cpu"
+
+
 class TimeSampler:
     name = ""
 
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None,
                device: Optional[torch.device | str] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Draw ``[n]`` times in [0, 1]."""
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
+        device = _device(generator, device)
         u = torch.rand(n, generator=generator, device=device, dtype=dtype)
         return self._transform(u, generator)
 
@@ -58,8 +64,7 @@ class LogitNormalTime(TimeSampler):
         self.loc, self.scale = float(loc), float(scale)
 
     def sample(self, n, *, generator=None, device=None, dtype=torch.float32):
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
+        device = _device(generator, device)
         z = torch.randn(n, generator=generator, device=device, dtype=dtype)
         return torch.sigmoid(self.loc + self.scale * z)
 
@@ -98,8 +103,7 @@ class ConstantTime(TimeSampler):
         self.value = float(value)
 
     def sample(self, n, *, generator=None, device=None, dtype=torch.float32):
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
+        device = _device(generator, device)
         return torch.full((n,), self.value, device=device, dtype=dtype)
 
     def pdf(self, t):
