@@ -14,17 +14,20 @@ import torch
 from flowmatch.errors import ConfigError
 from flowmatch.solvers.adaptive import TORCHDIFFEQ_ADAPTIVE, TorchdiffeqSolver
 from flowmatch.solvers.base import CountedField, Solver
+from flowmatch.solvers.captured import CAPTURE_MODES, CapturedSolve
 from flowmatch.solvers.fixed import RK4, Euler, Heun, Midpoint
-from flowmatch.solvers.grids import GRIDS, time_grid
+from flowmatch.solvers.grids import GRIDS, parse_grid, time_grid
+from flowmatch.solvers.multistep import AdamsBashforth2, Renoise
 from flowmatch.types import Trajectory
 from flowmatch.utils import lookup
 
 __all__ = [
-    "Solver", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "TorchdiffeqSolver",
-    "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "time_grid", "GRIDS", "solve",
+    "Solver", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "AdamsBashforth2", "Renoise",
+    "TorchdiffeqSolver", "CapturedSolve", "CAPTURE_MODES",
+    "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "time_grid", "parse_grid", "GRIDS", "solve",
 ]
 
-FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4)}
+FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4, AdamsBashforth2, Renoise)}
 SOLVERS: dict = {**FIXED_SOLVERS, **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
 
 
@@ -46,9 +49,11 @@ def solve(v, x0: torch.Tensor, solver: str | Solver = "euler", *, nfe: Optional[
 
     Fixed-step solvers take ``num_steps`` or an ``nfe`` that is a multiple of their stages;
     adaptive ones take ``atol``/``rtol`` and report the NFE they used (their trajectory, when asked
-    for, is reported on a uniform grid of ``trajectory_points``).
+    for, is reported on a uniform grid of ``trajectory_points``). ``grid`` names a time grid
+    (:data:`GRIDS`), optionally with its exponent: ``power:0.5`` is ``grid="power", rho=0.5``.
     """
     s = solver if isinstance(solver, Solver) else get_solver(solver, atol=atol, rtol=rtol)
+    grid, rho = parse_grid(grid, rho)
     if s.adaptive:
         g = torch.linspace(0, 1, trajectory_points if return_trajectory else 2, device=x0.device, dtype=x0.dtype)
         return s.integrate(v, x0, g, return_trajectory=return_trajectory)

@@ -14,7 +14,7 @@ import torch
 
 from flowmatch.utils import lookup
 
-__all__ = ["GRIDS", "time_grid"]
+__all__ = ["GRIDS", "time_grid", "parse_grid"]
 
 
 def _uniform(s: torch.Tensor, rho: float) -> torch.Tensor:
@@ -32,10 +32,26 @@ def _cosine(s: torch.Tensor, rho: float) -> torch.Tensor:
 GRIDS = {"uniform": _uniform, "power": _power, "cosine": _cosine}
 
 
+def parse_grid(spec: str, rho: float = 2.0) -> tuple[str, float]:
+    """``"power:0.5"`` -> ``("power", 0.5)``; a bare name keeps ``rho``. Unknown names list the valid ones."""
+    name, sep, value = str(spec).partition(":")
+    lookup(GRIDS, name, "time grid")
+    if not sep:
+        return name, rho
+    try:
+        r = float(value)
+    except ValueError:
+        raise ValueError(f"time grid {spec!r}: the exponent after ':' must be a number") from None
+    if not r > 0:
+        raise ValueError(f"time grid {spec!r}: the exponent must be positive")
+    return name, r
+
+
 def time_grid(num_steps: int, kind: str = "uniform", *, rho: float = 2.0, device=None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A ``[num_steps + 1]`` grid from 0 to 1 of the given ``kind`` (unknown kinds list the valid ones)."""
-    fn = lookup(GRIDS, kind, "time grid")
+    kind, rho = parse_grid(kind, rho)
+    fn = GRIDS[kind]
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     s = torch.linspace(0.0, 1.0, int(num_steps) + 1, dtype=torch.float64)

@@ -1,0 +1,87 @@
+"""Few-step samplers that are not classic Runge-Kutta methods: one velocity evaluation per step,
+with state carried across steps (so they override :meth:`Solver.integrate`).
+
+- ``ab2``: the two-step Adams-Bashforth method on a variable grid. After a first Euler step, each
+  step extrapolates the velocity linearly from the last two evaluations,
+  ``x_{n+1} = x_n + h_n [(1 + r/2) v_n - (r/2) v_{n-1}]`` with ``r = h_n / h_{n-1}``, so it
+  corrects for the change of velocity along the path (its curvature) at no extra NFE.
+  Second order, ``nfe = num_steps``.
+- ``renoise``: endpoint prediction re-noised with the *original* noise. On the rectified path
+  ``x_t = t x1 + (1 - t) x0`` the model's endpoint prediction at ``(x, t)`` is
+  ``x1_hat = x + (1 - t) v(x, t)``; the step goes to ``x_{t'} = t' x1_hat + (1 - t') x0`` with the
+  ``x0`` the solve started from, in the way multistep consistency sampling re-noises an endpoint
+  (Song et al. 2023, alg. 1), but deterministic. One step equals one Euler step. It is exact on a
+  straight flow (where ``x0_hat = x0``) and *biased* on a curved one: as the steps shrink it tends to
+  ``x = x0 + t v(x, t)``, not to the ODE solution, so its ``order`` is 0 (not a consistent ODE
+  method). It is in the benchmark because that bias is what reflow removes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowmatch.solvers.base import CountedField, Field, Solver
+from flowmatch.types import Trajectory
+
+__all__ = ["AdamsBashforth2", "Renoise"]
+
+
+def _b(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return h.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _check_grid(grid, x0: torch.Tensor) -> torch.Tensor:
+    grid = torch.as_tensor(grid, dtype=x0.dtype, device=x0.device)
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}")
+    return grid
+
+
+class _OneEvalPerStep(Solver):
+    stages = 1
+
+    def step(self, v: Field, x, t, t_next):
+        raise NotImplementedError(f"{self.name} carries state across steps; use integrate()")
+
+
+class AdamsBashforth2(_OneEvalPerStep):
+    name, order = "ab2", 2
+
+    def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor, return_trajectory: bool = False) -> Trajectory:
+        grid = _check_grid(grid, x0)
+        counted = CountedField(v)
+        b = x0.shape[0]
+        x, v_prev, h_prev = x0, None, None
+        xs = [x0] if return_trajectory else None
+        for i in range(grid.numel() - 1):
+            t, t_next = grid[i].expand(b), grid[i + 1].expand(b)
+            h = t_next - t
+            vi = counted(x, t)
+            if v_prev is None:
+                x = x + _b(h, x) * vi
+            else:
+                r = _b(h / h_prev, x)
+                x = x + _b(h, x) * ((1 + 0.5 * r) * vi - 0.5 * r * v_prev)
+            v_prev, h_prev = vi, h
+            if xs is not None:
+                xs.append(x)
+        return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
+
+
+class Renoise(_OneEvalPerStep):
+    name, order = "renoise", 0
+
+    def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor, return_trajectory: bool = False) -> Trajectory:
+        grid = _check_grid(grid, x0)
+        counted = CountedField(v)
+        b = x0.shape[0]
+        x = x0
+        xs = [x0] if return_trajectory else None
+        for i in range(grid.numel() - 1):
+            t, t_next = grid[i].expand(b), grid[i + 1].expand(b)
+            x1_hat = x + _b(1 - t, x) * counted(x, t)
+            tn = _b(t_next, x)
+            x = tn * x1_hat + (1 - tn) * x0
+            if xs is not None:
+                xs.append(x)
+        return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
