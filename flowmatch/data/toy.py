@@ -74,6 +74,15 @@ class Gaussian(ToyDistribution):
     def _sample(self, n, g, device, dtype):
         return _randn(n, self.dim, g, device, dtype)
 
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log N(x; 0, I) = -||x||^2 / 2 - (D / 2) log(2 pi)`` per point: ``x`` is ``[B, *D]`` with
+        ``dim`` elements per point (summed over all non-batch dims); returns ``[B]``."""
+        if x.ndim < 2 or x[0].numel() != self.dim:
+            raise ValueError(f"gaussian of dim {self.dim} needs x of shape [B, *D] with {self.dim} elements "
+                             f"per point, got {tuple(x.shape)}")
+        sq = x.reshape(x.shape[0], -1).pow(2).sum(dim=1)
+        return -0.5 * sq - 0.5 * self.dim * math.log(2 * math.pi)
+
 
 class EightGaussians(ToyDistribution):
     name = "8gaussians"
