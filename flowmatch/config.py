@@ -124,6 +124,19 @@ class TrainConfig:
     # Initial weights: "auto" (the teacher of a paired coupling, else random), "random", or a
     # checkpoint path (its EMA weights).
     init: str = "auto"
+    # The fast step (flowmatch.training.fast): no host synchronisation inside a step, multi-tensor
+    # AdamW / clipping / EMA. "auto" (on with CUDA, off on the CPU), "on" or "off".
+    fast: Union[str, bool] = "auto"
+    # torch.compile of the fast step's loss (forward + backward): "auto" (with the fast step on CUDA),
+    # "off", "on" (mode "default") or a torch.compile mode ("reduce-overhead", "max-autotune", ...).
+    compile: Union[str, bool] = "auto"
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare on / off as a boolean; keep the documented spelling.
+        for key in ("fast", "compile"):
+            value = getattr(self, key)
+            if isinstance(value, bool):
+                setattr(self, key, "on" if value else "off")
 
 
 @dataclass

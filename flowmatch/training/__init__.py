@@ -3,6 +3,8 @@
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import (FORMAT_VERSION, LoadedModel, atomic_save, atomic_write_text, file_sha256,
                                            load_checkpoint, load_model, save_checkpoint)
+from flowmatch.training.fast import (COMPILE_MODES, FAST_MODES, SpeedPlan, StepOutput, Trainer, TrainStep, build_trainer,
+                                     resolve_speed)
 from flowmatch.training.losses import LOSSES, cfm_loss, t_bin_sums
 from flowmatch.training.loop import NUM_T_BINS, TrainResult, last_checkpoint, prepare_run_dir, train
 from flowmatch.training.tracking import TRACKING_MODES, Tracker, read_metrics, trim_metrics
@@ -11,5 +13,6 @@ __all__ = [
     "Components", "build_components", "FORMAT_VERSION", "LoadedModel", "atomic_save", "atomic_write_text",
     "file_sha256", "load_checkpoint", "load_model", "save_checkpoint", "LOSSES", "cfm_loss", "t_bin_sums",
     "NUM_T_BINS", "TrainResult", "last_checkpoint", "prepare_run_dir", "train", "TRACKING_MODES", "Tracker",
-    "read_metrics", "trim_metrics",
+    "read_metrics", "trim_metrics", "COMPILE_MODES", "FAST_MODES", "SpeedPlan", "StepOutput", "Trainer", "TrainStep",
+    "build_trainer", "resolve_speed",
 ]

@@ -9,11 +9,16 @@ Run directory layout::
 
 Resuming restores the model, EMA, optimiser, scheduler and the data generator's state, so on the
 CPU a resumed run's loss sequence equals the unbroken run's exactly.
+
+Each optimiser step is a :class:`~flowmatch.training.fast.TrainStep`, plain or fast (``train.fast``,
+``train.compile``; see :mod:`flowmatch.training.fast`). The fast step keeps the losses, the
+gradient norm and the loss-per-t-bin sums on the device; the loop reads them at log and checkpoint
+steps, so a non-finite loss stops the run there at the latest (reporting the step where it occurred)
+and never reaches a checkpoint. A run may be resumed with the other mode.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -24,19 +29,17 @@ import torch
 
 from flowmatch.config import ExperimentConfig, config_diff, from_dict, save_config, to_dict
 from flowmatch.errors import NonFiniteLossError, RunDirError
-from flowmatch.models import EMA
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
-from flowmatch.training.losses import cfm_loss, t_bin_sums
+from flowmatch.training.fast import NUM_T_BINS, Trainer, _lr_lambda, resolve_speed  # noqa: F401 (_lr_lambda: re-export)
+from flowmatch.training.losses import cfm_loss
 from flowmatch.training.tracking import Tracker, trim_metrics
-from flowmatch.utils import make_generator
 
 __all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "NUM_T_BINS", "RESUMABLE_KEYS"]
 
-NUM_T_BINS = 10
 # Keys that may differ between a run and its resumption (everything else must match).
-RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "eval.", "tracking.",
-                  "reflow.")
+RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "train.fast",
+                  "train.compile", "eval.", "tracking.", "reflow.")
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
 
 
@@ -96,75 +99,36 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str = "constant", min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to ``min_ratio`` at ``total``."""
-
-    def f(s: int) -> float:
-        if warmup > 0 and s < warmup:
-            return (s + 1) / warmup
-        if schedule == "cosine":
-            p = min(1.0, (s - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        return 1.0
-
-    return f
-
-
-def _batch_loss(model, comp: Components, tc, mix: float, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The step's loss: ``mix * L(pairs) + (1 - mix) * L(real data)`` for a paired coupling with
-    real data mixed in (each on its own batch of ``batch_size``), else ``L(coupling)``. With
-    ``mix = 0`` no pair is drawn, so the run is plain flow matching draw for draw."""
-    parts = []
-    if comp.real_coupling is None or mix > 0:
-        x0, x1 = comp.coupling.sample(tc.batch_size, generator=gen)
-        t = comp.time_sampler.sample(tc.batch_size, generator=gen, device=comp.device)
-        parts.append((1.0 if comp.real_coupling is None else mix,
-                      cfm_loss(model, comp.path, x0, x1, t, generator=gen, loss=tc.loss), t))
-    if comp.real_coupling is not None:
-        x0, x1 = comp.real_coupling.sample(tc.batch_size, generator=gen)
-        t = comp.time_sampler.sample(tc.batch_size, generator=gen, device=comp.device)
-        parts.append((1.0 - mix, cfm_loss(model, comp.path, x0, x1, t, generator=gen, loss=tc.loss), t))
-    if len(parts) == 1:
-        return parts[0][1].loss, parts[0][1].per_sample, parts[0][2]
-    loss = sum(w * out.loss for w, out, _ in parts)
-    return loss, torch.cat([out.per_sample for _, out, _ in parts]), torch.cat([t for _, _, t in parts])
-
-
 def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, tracker: Optional[Tracker] = None,
           on_step: Optional[Callable[[int, float], None]] = None, finish_tracker: bool = True) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; see the module docstring. ``on_step(step, loss)`` is called
-    after every optimiser step (``step`` counts from 1). With ``finish_tracker=False`` the tracker
-    stays open in the result (for evaluation logs); it is always closed if training fails."""
+    after every optimiser step (``step`` counts from 1) with the loss as a float: with the fast step
+    that reads the loss from the device every step, so pass a callback only when that is wanted.
+    With ``finish_tracker=False`` the tracker stays open in the result (for evaluation logs); it is
+    always closed if training fails."""
+    resolve_speed(cfg.train.fast, cfg.train.compile)  # refuse bad values before touching run_dir
     ckpt = prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
     if ckpt is not None:  # the run's own config, with the resumable keys taken from the caller
         cfg = from_dict({**ckpt["config"], "train": {**ckpt["config"]["train"], "steps": cfg.train.steps,
                                                        "ckpt_every": cfg.train.ckpt_every,
                                                        "log_every": cfg.train.log_every,
-                                                       "device": cfg.train.device},
+                                                       "device": cfg.train.device, "fast": cfg.train.fast,
+                                                       "compile": cfg.train.compile},
                          "eval": to_dict(cfg.eval), "tracking": to_dict(cfg.tracking),
                          "reflow": to_dict(cfg.reflow)})
     comp = build_components(cfg, init_weights=ckpt is None)
     tc = cfg.train
-    model = comp.model
+    plan = resolve_speed(tc.fast, tc.compile, comp.device)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
-    ema = EMA(model, tc.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps, tc.steps, tc.lr_schedule,
-                                                          tc.lr_min_ratio))
-    gen = make_generator(tc.seed, comp.device)
+    # cfm_loss is looked up here, at call time, so tests can patch this module's name
+    trainer = Trainer(cfg, comp, fast=plan.fast, compile=plan.compile, loss_fn=cfm_loss)
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        comp.coupling.load_state_dict(ckpt.get("coupling", {}))
-        gen.set_state(ckpt["rng"]["generator"].to(gen.get_state().device))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start = int(ckpt["step"])
+        trainer.load_state_dict(ckpt)
+        start = trainer.global_step
     trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
 
     own_tracker = tracker is None
@@ -175,64 +139,54 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     last_good = ckpt_path if ckpt is not None else None
     init_from = ckpt.get("init_from") if ckpt is not None else comp.init_from
 
-    def save(step: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "coupling": comp.coupling.state_dict(), "step": step,
-            "config": to_dict(cfg), "init_from": init_from,
-            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()}})
+    def save() -> None:
+        save_checkpoint(ckpt_path, {**trainer.state_dict(), "config": to_dict(cfg), "init_from": init_from})
+
+    def checked(fn):
+        """``fn()``, naming the last good checkpoint in a NonFiniteLossError."""
+        try:
+            return fn()
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(e.step, e.value, last_good) from None
 
     from tqdm.auto import tqdm  # lazy: only the loop needs it
 
     losses: list[float] = []
-    bin_sum = torch.zeros(NUM_T_BINS, dtype=torch.float64)
-    bin_cnt = torch.zeros(NUM_T_BINS, dtype=torch.float64)
     interval_losses: list[torch.Tensor] = []
     t_last, steps_since = time.perf_counter(), 0
     t_begin = time.perf_counter()
     sps = 0.0
-    model.train()
     ok = False
     try:
         with tqdm(total=tc.steps, initial=start, disable=None if progress else True, desc=f"train {cfg.name}",
                   dynamic_ncols=True, leave=False) as bar:
             for step in range(start + 1, tc.steps + 1):
-                loss, per_sample, t = _batch_loss(model, comp, tc, cfg.coupling.mix, gen)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(step, loss_value, last_good)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                lr = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                ema.update(model)
-                losses.append(loss_value)
-                interval_losses.append(loss.detach())
-                s, c = t_bin_sums(per_sample, t, NUM_T_BINS)
-                bin_sum += s.cpu()
-                bin_cnt += c.cpu()
+                out = checked(trainer.step)
+                interval_losses.append(out.loss)
                 steps_since += 1
+                log_now = step % tc.log_every == 0 or step == tc.steps
+                ckpt_now = step % tc.ckpt_every == 0 or step == tc.steps
+                # the fast step's losses are read (and checked) only here: before logging, before a
+                # checkpoint, and every step when on_step wants them
+                if not plan.fast or on_step is not None or log_now or ckpt_now:
+                    losses.extend(checked(trainer.read_losses))
                 if on_step is not None:
-                    on_step(step, loss_value)
-                if step % tc.log_every == 0 or step == tc.steps:
+                    on_step(step, losses[-1])
+                if log_now:
                     now = time.perf_counter()
                     sps = steps_since / max(now - t_last, 1e-9)
-                    row = {"train/loss": torch.stack(interval_losses).mean().item(), "train/lr": lr,
-                           "train/grad_norm": float(grad_norm), "train/steps_per_sec": sps}
+                    row = {"train/loss": torch.stack(interval_losses).mean().item(), "train/lr": out.lr,
+                           "train/grad_norm": float(out.grad_norm), "train/steps_per_sec": sps}
+                    bin_sum, bin_cnt = trainer.take_bins()
                     for i in range(NUM_T_BINS):
                         if bin_cnt[i] > 0:
                             row[f"train/loss_t{i}"] = (bin_sum[i] / bin_cnt[i]).item()
                     tracker.log(row, step)
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}")
                     interval_losses.clear()
-                    bin_sum.zero_()
-                    bin_cnt.zero_()
                     t_last, steps_since = now, 0
-                if step % tc.ckpt_every == 0 or step == tc.steps:
-                    save(step)
+                if ckpt_now:
+                    save()
                     last_good = ckpt_path
                 bar.update(1)
         ok = True
@@ -240,9 +194,9 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         if own_tracker and (finish_tracker or not ok):
             tracker.finish()
     if start == tc.steps and not os.path.exists(ckpt_path):  # pragma: no cover - defensive
-        save(start)
+        save()
     elapsed = time.perf_counter() - t_begin
     n = tc.steps - start
     return TrainResult(run_dir=run_dir, checkpoint=ckpt_path, step=tc.steps, start_step=start, losses=losses,
-                       steps_per_sec=(n / elapsed) if n else 0.0, model=ema.model, components=comp, config=cfg,
-                       tracker=None if (finish_tracker or not own_tracker) else tracker)
+                       steps_per_sec=(n / elapsed) if n else 0.0, model=trainer.ema.model, components=comp,
+                       config=cfg, tracker=None if (finish_tracker or not own_tracker) else tracker)
