@@ -11,11 +11,18 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-flowmatch
 DEMO_OUT ?= runs/demo
 BENCH_OUT ?= runs/bench
+GPU_BENCH_OUT ?= runs/gpu_bench
+# the full bench: every solver at NFE 1..32 and adaptive; headline rows on the uniform grid at
+# BENCH_N points, the non-uniform grids at BENCH_GRID_N
+BENCH_N ?= 1000
+BENCH_GRID_N ?= 500
+BENCH_GRIDS ?= uniform,cosine,power:0.5
+BENCH_ARGS ?=
 REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench reflow reflow-sweeps clean distclean
+.PHONY: help install demo test bench gpu-bench reflow reflow-sweeps clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,11 +41,22 @@ demo: $(STAMP) ## train the toy experiments on CPU (~5 min), benchmark them, wri
 test: $(STAMP) ## run the tests and the notebooks (smoke mode), offline
 	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
 
-bench: demo ## benchmark the demo's checkpoints per task into runs/bench/<task>/
-	@for task in noise_to_moons noise_to_8gaussians 8gaussians_to_moons; do \
-	  $(PY) -m flowmatch bench $(DEMO_OUT)/runs/$${task}_icfm/checkpoints/last.pt \
-	    $(DEMO_OUT)/runs/$${task}_ot/checkpoints/last.pt --out $(BENCH_OUT)/$$task --no-progress || exit 1; \
-	done
+TASKS := noise_to_moons noise_to_8gaussians 8gaussians_to_moons
+REFLOW_STAGES := 1-RF 2-RF 3-RF 3-RF+distill
+
+bench: $(STAMP) ## the few-step bench on the demo's and the reflow chains' checkpoints -> runs/bench/<task>/ (runs make demo / make reflow first if their checkpoints are missing)
+	@for task in $(TASKS); do test -f $(DEMO_OUT)/runs/$${task}_ot/checkpoints/last.pt || $(MAKE) demo || exit 1; \
+	  test -f "$(REFLOW_OUT)/$$task/3-RF+distill/checkpoints/last.pt" || $(MAKE) reflow || exit 1; done
+	@start=$$(date +%s); for task in $(TASKS); do \
+	  $(PY) -m flowmatch bench $(DEMO_OUT)/runs/$${task}_icfm/checkpoints/last.pt $(DEMO_OUT)/runs/$${task}_ot/checkpoints/last.pt \
+	    $(foreach s,$(REFLOW_STAGES),"$(REFLOW_OUT)/$$task/$(s)/checkpoints/last.pt") \
+	    --n $(BENCH_N) --grids $(BENCH_GRIDS) --grid-n $(BENCH_GRID_N) --likelihood-n 1000 \
+	    --out $(BENCH_OUT)/$$task --no-progress $(BENCH_ARGS) || exit 1; \
+	done; echo "make bench: $$(( $$(date +%s) - start )) s for the three tasks"
+
+# On a machine without this venv (e.g. a GPU image with torch preinstalled): make gpu-bench PY=python3
+gpu-bench: $(if $(filter $(PY),$(VENV)/bin/python),$(STAMP)) ## speed of training, sampling and pair generation against baselines -> runs/gpu_bench/gpu_bench.json (full size on a GPU, small on the CPU)
+	WANDB_MODE=disabled $(PY) -m flowmatch speed --out $(GPU_BENCH_OUT)
 
 reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~18 min)
 	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \

@@ -1,10 +1,18 @@
-"""Solver x NFE x model benchmark -> rows ready for CSV, JSON, markdown and ``wandb.Table``.
+"""Solver x grid x NFE x model benchmark -> rows ready for CSV, JSON, markdown and ``wandb.Table``.
 
-Every row is one (model, solver, NFE) setting, sampled from the same source draws (fixed seed) and
-scored against the same fresh target draws: W2 (exact, on ``n`` points), MMD, the wall time of the
-solve and samples/s. ``w2_floor`` is the W2 between two independent target draws of the same size
-(the noise floor no sampler can beat on n points). Straightness is a property of the model, so it
-is computed once per model (RK4, 64 steps) and repeated on its rows.
+Every row is one (model, solver, time grid, NFE) setting, sampled from the same source draws (fixed
+seed) and scored against the same fresh target draws: W2 (exact, on ``n`` points), MMD, the wall
+time of the solve and samples/s. ``w2_floor`` is the W2 between two independent target draws of the
+row's ``n`` (the noise floor no sampler can beat on n points). Rows on the first grid (the headline
+rows, uniform by default) use ``n`` points; rows on the other grids may use a smaller ``grid_n``;
+every row states its ``n``. ``pareto`` marks the rows no other row of the same model and ``n``
+beats on both NFE and W2.
+
+Per model (computed once, repeated on its rows where scalar): straightness (RK4, 64 steps) and the
+curvature profile along t (chord deviation and acceleration per grid time, see
+:func:`flowmatch.metrics.straightness`), and optionally the log-likelihood of held-out target
+draws by the instantaneous change of variables (:func:`flowmatch.metrics.likelihood.log_likelihood`;
+needs a source with a density).
 """
 
 from __future__ import annotations
@@ -14,77 +22,187 @@ import io
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from flowmatch.data import ToyDistribution
-from flowmatch.metrics import mmd, straightness, w2
-from flowmatch.solvers import get_solver, solve
+from flowmatch.metrics import straightness, w2
+from flowmatch.metrics.distances import MMDReference
+from flowmatch.solvers import get_solver, parse_grid, solve
 from flowmatch.utils import make_generator
 
-__all__ = ["BENCH_COLUMNS", "benchmark", "write_bench", "rows_to_markdown", "rows_to_csv"]
+__all__ = ["BENCH_COLUMNS", "MODEL_COLUMNS", "BENCH_SOLVERS", "BENCH_NFES", "BenchResult", "benchmark",
+           "bench_suite", "pareto_front", "pareto_table", "write_bench", "write_suite", "rows_to_markdown",
+           "rows_to_csv"]
 
 BENCH_COLUMNS = ("model", "solver", "grid", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
                  "straightness_rel", "seconds", "samples_per_sec", "n", "device")
+MODEL_COLUMNS = ("model", "straightness", "straightness_rel", "peak_curvature_t", "logp", "bits_per_dim",
+                 "logp_nfe", "logp_n", "logp_divergence")
+BENCH_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5", "ab2", "renoise")
+BENCH_NFES = (1, 2, 3, 4, 6, 8, 16, 32)
+
+
+@dataclass
+class BenchResult:
+    rows: list  # one dict per (model, solver, grid, NFE): BENCH_COLUMNS + pareto
+    models: list = field(default_factory=list)  # one dict per model: MODEL_COLUMNS
+    curvature: list = field(default_factory=list)  # one dict per (model, t): chord deviation, acceleration
+
+
+def _settings(solvers, nfes, grids, atol, rtol):
+    out = []
+    for gi, g in enumerate(grids):
+        for name in solvers:
+            s = get_solver(name, atol=atol, rtol=rtol)
+            if s.adaptive:
+                if gi == 0:  # adaptive solvers choose their own grid: once
+                    out.append((s, None, "adaptive", True))
+            else:
+                out += [(s, k, g, gi == 0) for k in nfes if s.steps_for_nfe(k) is not None]
+    return out
+
+
+def pareto_front(rows: Sequence[dict], metric: str = "w2", rtol: float = 1e-6) -> list[dict]:
+    """The rows no other row beats: lower ``metric`` at no more NFE, or the same ``metric`` (to
+    ``rtol``, so the float32 rounding of the samples does not split ties) at fewer NFE. Compare rows of one model and
+    one ``n`` only."""
+    ok = [r for r in rows if r.get(metric) == r.get(metric)]  # drop nan
+
+    def beats(o, r) -> bool:
+        tol = rtol * max(abs(o[metric]), abs(r[metric]))
+        lower, same = o[metric] < r[metric] - tol, abs(o[metric] - r[metric]) <= tol
+        return (o["nfe"] <= r["nfe"] and lower) or (o["nfe"] < r["nfe"] and same)
+
+    front = [r for r in ok if not any(beats(o, r) for o in ok if o is not r)]
+    return sorted(front, key=lambda r: r["nfe"])
 
 
 @torch.no_grad()
-def benchmark(models: dict, source: ToyDistribution, target: ToyDistribution, *,
-              solvers: Sequence[str] = ("euler", "midpoint", "heun", "rk4", "dopri5"),
-              nfes: Sequence[int] = (1, 2, 4, 8, 16), n: int = 2000, seed: int = 0, grid: str = "uniform",
-              atol: float = 1e-5, rtol: float = 1e-5, straightness_n: int = 1000, device: str | torch.device = "cpu",
-              progress: bool = True) -> list[dict]:
-    """Benchmark every ``models[name]`` (a callable ``v(x, t)``) on every solver and NFE.
+def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, *,
+                solvers: Sequence[str] = BENCH_SOLVERS, nfes: Sequence[int] = BENCH_NFES,
+                grids: Sequence[str] = ("uniform",), n: int = 2000, grid_n: Optional[int] = None, seed: int = 0,
+                atol: float = 1e-5, rtol: float = 1e-5, straightness_n: int = 1000, likelihood_n: int = 0,
+                likelihood_solver: str = "dopri5", device: str | torch.device = "cpu",
+                progress: bool = True) -> BenchResult:
+    """Benchmark every ``models[name]`` (a callable ``v(x, t)``) on every solver, grid and NFE.
 
-    Fixed-step solvers are run at each NFE in ``nfes`` that is a multiple of their stages (others
-    are skipped); adaptive solvers once, at ``atol``/``rtol``, reporting the NFE they used.
+    Fixed-step solvers run at each NFE in ``nfes`` that is a multiple of their stages (others are
+    skipped), on each grid of ``grids`` (names of :data:`flowmatch.solvers.GRIDS`, ``power:RHO``
+    for an exponent); adaptive solvers once, at ``atol``/``rtol``, reporting the NFE they used.
+    Rows on ``grids[0]`` and adaptive rows use ``n`` points, the other grids ``grid_n`` (default
+    ``n``). ``likelihood_n > 0`` adds the log-likelihood of that many held-out target draws per
+    model (skipped, with ``logp`` None, when the source has no ``log_prob``).
     """
     device = torch.device(device)
+    grids = [g for g in grids]
+    if not grids:
+        raise ValueError("bench needs at least one time grid")
+    for g in grids:
+        parse_grid(g)  # unknown grids fail before any work
     for name in solvers:
         get_solver(name)  # unknown names fail before any work
-    x0 = source.sample(n, generator=make_generator(seed), device="cpu").to(device)
-    ref = target.sample(n, generator=make_generator(seed + 1), device="cpu")
-    ref2 = target.sample(n, generator=make_generator(seed + 2), device="cpu")
-    w2_floor = w2(ref, ref2)
-    settings = []
-    for solver in solvers:
-        s = get_solver(solver, atol=atol, rtol=rtol)
-        if s.adaptive:
-            settings.append((s, None))
-        else:
-            settings += [(s, k) for k in nfes if s.steps_for_nfe(k) is not None]
+    grid_n = n if grid_n is None else int(grid_n)
+    sizes = sorted({n, grid_n})
+    big = max(sizes)
+    x0_all = source.sample(big, generator=make_generator(seed), device="cpu")
+    ref_all = target.sample(big, generator=make_generator(seed + 1), device="cpu")
+    ref2_all = target.sample(big, generator=make_generator(seed + 2), device="cpu")
+    refs = {m: (ref_all[:m], MMDReference(ref_all[:m]), w2(ref_all[:m], ref2_all[:m])) for m in sizes}
+    settings = _settings(solvers, nfes, grids, atol, rtol)
 
     from tqdm.auto import tqdm  # lazy
 
-    rows: list[dict] = []
+    result = BenchResult(rows=[])
     bar = tqdm(total=len(models) * len(settings), desc="bench", disable=None if progress else True, leave=False)
     for model_name, v in models.items():
-        st = straightness(v, x0[:straightness_n])
-        for s, nfe in settings:
+        x0s = x0_all.to(device)
+        st = straightness(v, x0s[:straightness_n])
+        peak = max(range(len(st.accel_per_t)), key=lambda i: st.accel_per_t[i])
+        info = {"model": model_name, "straightness": st.straightness, "straightness_rel": st.straightness_rel,
+                "peak_curvature_t": st.accel_ts[peak], "logp": None, "bits_per_dim": None, "logp_nfe": None,
+                "logp_n": None, "logp_divergence": None}
+        if likelihood_n > 0 and hasattr(source, "log_prob"):
+            from flowmatch.metrics.likelihood import log_likelihood  # lazy: only when asked for
+
+            held_out = target.sample(likelihood_n, generator=make_generator(seed + 3), device="cpu").to(device)
+            lk = log_likelihood(v, held_out, source.log_prob, solver=likelihood_solver, atol=atol, rtol=rtol)
+            info.update(logp=lk.mean, bits_per_dim=lk.bits_per_dim, logp_nfe=lk.nfe, logp_n=likelihood_n,
+                        logp_divergence=lk.divergence)
+        result.models.append(info)
+        result.curvature += [{"model": model_name, "t": t, "chord_deviation": c, "acceleration": None}
+                             for t, c in zip(st.ts, st.per_t)]
+        result.curvature += [{"model": model_name, "t": t, "chord_deviation": None, "acceleration": a}
+                             for t, a in zip(st.accel_ts, st.accel_per_t)]
+        model_rows = []
+        for s, nfe, grid, headline in settings:
+            m = n if headline else grid_n
+            x0 = x0s[:m]
+            ref, mmd_ref, floor = refs[m]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if s.adaptive:
-                traj = solve(v, x0, s)
-            else:
-                traj = solve(v, x0, s, nfe=nfe, grid=grid)
+            traj = solve(v, x0, s) if s.adaptive else solve(v, x0, s, nfe=nfe, grid=grid)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             x1 = traj.x1.float().cpu()
             finite = bool(torch.isfinite(x1).all())
-            rows.append({
-                "model": model_name, "solver": s.name, "grid": "adaptive" if s.adaptive else grid,
+            model_rows.append({
+                "model": model_name, "solver": s.name, "grid": grid,
                 "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "nfe": traj.nfe,
-                "w2": w2(x1, ref) if finite else float("nan"), "w2_floor": w2_floor,
-                "mmd": mmd(x1, ref) if finite else float("nan"),
-                "straightness": st.straightness, "straightness_rel": st.straightness_rel,
-                "seconds": seconds, "samples_per_sec": n / max(seconds, 1e-12), "n": n, "device": str(device),
+                "w2": w2(x1, ref) if finite else float("nan"), "w2_floor": floor,
+                "mmd": mmd_ref(x1) if finite else float("nan"),
+                "straightness": st.straightness, "straightness_rel": st.straightness_rel, "logp": info["logp"],
+                "seconds": seconds, "samples_per_sec": m / max(seconds, 1e-12), "n": m, "device": str(device),
             })
             bar.update(1)
+        for m in sizes:
+            front = pareto_front([r for r in model_rows if r["n"] == m])
+            for r in model_rows:
+                if r["n"] == m:
+                    r["pareto"] = any(r is f for f in front)
+        result.rows += model_rows
     bar.close()
-    return rows
+    return result
+
+
+def benchmark(models: dict, source: ToyDistribution, target: ToyDistribution, *,
+              solvers: Sequence[str] = ("euler", "midpoint", "heun", "rk4", "dopri5"),
+              nfes: Sequence[int] = (1, 2, 4, 8, 16), n: int = 2000, seed: int = 0, grid: str = "uniform",
+              atol: float = 1e-5, rtol: float = 1e-5, straightness_n: int = 1000, device: str | torch.device = "cpu",
+              progress: bool = True) -> list[dict]:
+    """The rows of :func:`bench_suite` on one time ``grid`` (all at ``n`` points), without likelihood."""
+    return bench_suite(models, source, target, solvers=solvers, nfes=nfes, grids=(grid,), n=n, seed=seed,
+                       atol=atol, rtol=rtol, straightness_n=straightness_n, device=device, progress=progress).rows
+
+
+def pareto_table(rows: Sequence[dict], budgets: Sequence[int] = BENCH_NFES, *, metric: str = "w2") -> str:
+    """Markdown: per model, the best ``metric`` reachable within each NFE budget, with the solver
+    and grid that reach it (on the rows of the model's largest ``n``), and the adaptive row."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    head = ["model", "n", "floor"] + [f"NFE <= {b}" for b in budgets] + ["adaptive (NFE)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for model in models:
+        rs = [r for r in rows if r["model"] == model]
+        m = max(r["n"] for r in rs)
+        rs = [r for r in rs if r["n"] == m and r.get(metric) == r.get(metric)]
+        fixed = [r for r in rs if r["grid"] != "adaptive"]
+        cells = [model, str(m), _fmt(rs[0]["w2_floor"]) if rs else "-"]
+        for b in budgets:
+            cand = [r for r in fixed if r["nfe"] <= b]
+            if cand:
+                lo = min(r[metric] for r in cand)  # ties (to 1e-6) go to the cheaper row
+                best = min((r for r in cand if r[metric] <= lo + 1e-6 * abs(lo)), key=lambda r: (r["nfe"], r[metric]))
+                cells.append(f"{best[metric]:.3f} {best['solver']}/{best['grid']}@{best['nfe']}")
+            else:
+                cells.append("-")
+        ad = [r for r in rs if r["grid"] == "adaptive"]
+        cells.append(f"{ad[0][metric]:.3f} {ad[0]['solver']} ({ad[0]['nfe']})" if ad else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _fmt(v) -> str:
@@ -137,4 +255,27 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
 
         paths["plot"] = os.path.join(out_dir, f"{name}_w2_vs_nfe.png")
         plot_w2_vs_nfe(rows, paths["plot"])
+    return paths
+
+
+def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: str = "bench") -> dict:
+    """Write :func:`write_bench`'s files for ``result.rows`` (with a ``pareto`` column), plus
+    ``models.json``/``.md`` (per-model straightness, curvature peak, log-likelihood),
+    ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``."""
+    from flowmatch.training.checkpoint import atomic_write_text
+
+    cols = tuple(BENCH_COLUMNS) + ("pareto",)
+    paths = write_bench(result.rows, out_dir, plot=False, name=name, columns=cols)
+    paths["models"] = os.path.join(out_dir, "models.json")
+    atomic_write_text(paths["models"], json.dumps(result.models, indent=1))
+    atomic_write_text(os.path.join(out_dir, "models.md"), rows_to_markdown(result.models, MODEL_COLUMNS))
+    paths["curvature"] = os.path.join(out_dir, "curvature.json")
+    atomic_write_text(paths["curvature"], json.dumps(result.curvature, indent=1))
+    paths["pareto_md"] = os.path.join(out_dir, "pareto.md")
+    atomic_write_text(paths["pareto_md"], pareto_table(result.rows))
+    if plot:
+        from flowmatch.viz import plot_curvature_by_t, plot_pareto
+
+        paths["pareto_plot"] = plot_pareto(result.rows, os.path.join(out_dir, f"{name}_pareto.png"))
+        paths["curvature_plot"] = plot_curvature_by_t(result.curvature, os.path.join(out_dir, f"{name}_curvature.png"))
     return paths

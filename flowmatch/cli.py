@@ -1,4 +1,4 @@
-"""``flowmatch train|sample|bench|reflow|demo``: parse -> config -> pipelines -> exit code.
+"""``flowmatch train|sample|bench|speed|reflow|demo``: parse -> config -> pipelines -> exit code.
 
 Every user error prints one line ``flowmatch: error: ...`` on stderr and exits with status 2.
 """
@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -22,8 +23,10 @@ def _csv_list(value: str, cast=str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flowmatch.bench import BENCH_NFES, BENCH_SOLVERS
+
     p = argparse.ArgumentParser(prog="flowmatch", description="Rectified flow / conditional flow matching.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,reflow,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,speed,reflow,demo}")
 
     t = sub.add_parser("train", help="train a flow from a YAML config")
     t.add_argument("config", help="experiment YAML (see experiments/)")
@@ -48,12 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", required=True, help="output file (.pt, or .npz)")
 
-    b = sub.add_parser("bench", help="benchmark checkpoints across solvers and NFE")
+    b = sub.add_parser("bench", help="benchmark checkpoints of one task across solvers, time grids and NFE")
     b.add_argument("checkpoints", nargs="+")
-    b.add_argument("--solvers", type=_csv_list, default=["euler", "midpoint", "heun", "rk4", "dopri5"])
-    b.add_argument("--nfe", type=lambda v: _csv_list(v, int), default=[1, 2, 4, 8, 16])
-    b.add_argument("--n", type=int, default=2000, help="samples per row (W2 is exact on n points)")
-    b.add_argument("--grid", default="uniform", help="time grid: uniform, power, cosine")
+    b.add_argument("--solvers", type=_csv_list, default=list(BENCH_SOLVERS))
+    b.add_argument("--nfe", type=lambda v: _csv_list(v, int), default=list(BENCH_NFES))
+    b.add_argument("--n", type=int, default=2000, help="samples per headline row (W2 is exact on n points)")
+    b.add_argument("--grids", "--grid", dest="grids", type=_csv_list, default=["uniform"],
+                   help="time grids, the first one headline: uniform, cosine, power, power:RHO")
+    b.add_argument("--grid-n", type=int, default=None, help="samples per row on the non-headline grids (default --n)")
+    b.add_argument("--likelihood-n", type=int, default=0,
+                   help="held-out target draws for the log-likelihood per model (0: skip)")
     b.add_argument("--atol", type=float, default=1e-5)
     b.add_argument("--rtol", type=float, default=1e-5)
     b.add_argument("--seed", type=int, default=0)
@@ -61,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tracking", default="offline", choices=["offline", "online", "disabled"])
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--no-progress", action="store_true")
+
+    sp = sub.add_parser("speed", help="training / sampling / pair-generation speed against baselines (make gpu-bench)")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--size", default="auto", help="full (GPU), small (CPU) or auto (full on CUDA)")
+    sp.add_argument("--sections", type=_csv_list, default=["train", "sample", "pairs"])
+    sp.add_argument("--compile", default=None, help="torch.compile mode of the fast training step (default: train.compile=auto)")
+    sp.add_argument("--capture", default="auto", help="sampling capture mode: auto, cuda_graph, compile, eager")
+    sp.add_argument("--out", default="runs/gpu_bench")
 
     r = sub.add_parser("reflow", help="reflow: generate teacher pairs, or run the k-rectified-flow chain")
     rsub = r.add_subparsers(dest="reflow_command", required=True, metavar="{generate,run,sweep}")
@@ -129,16 +144,31 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({k: rec[k] for k in ("solver", "num_steps", "nfe", "n", "seconds")}) + f"  -> {args.out}")
         return 0
     if args.command == "bench":
-        from flowmatch.bench import rows_to_markdown
+        from flowmatch.bench import MODEL_COLUMNS, pareto_table, rows_to_markdown
 
-        rows = pipelines.bench_from_checkpoints(args.checkpoints, args.out, solvers=args.solvers, nfes=args.nfe,
-                                                n=args.n, seed=args.seed, grid=args.grid, atol=args.atol,
-                                                rtol=args.rtol, device=args.device, tracking=args.tracking,
-                                                progress=not args.no_progress)
-        print(rows_to_markdown(rows, ("model", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
-                                      "seconds")), end="")
-        print(f"wrote {args.out}/bench.json, bench.csv, bench.md, bench_w2_vs_nfe.png")
+        t0 = time.perf_counter()
+        res = pipelines.bench_checkpoints(args.checkpoints, args.out, solvers=args.solvers, nfes=args.nfe,
+                                          grids=args.grids, n=args.n, grid_n=args.grid_n,
+                                          likelihood_n=args.likelihood_n, seed=args.seed, atol=args.atol,
+                                          rtol=args.rtol, device=args.device, tracking=args.tracking,
+                                          progress=not args.no_progress)
+        print(pareto_table(res.rows), end="")
+        print(rows_to_markdown(res.models, MODEL_COLUMNS), end="")
+        print(f"{len(res.rows)} rows in {time.perf_counter() - t0:.1f} s; wrote {args.out}/bench.json, bench.csv, "
+              f"bench.md, models.json, models.md, curvature.json, pareto.md, bench_pareto.png, bench_curvature.png")
         return 0
+    if args.command == "speed":
+        from flowmatch.speed import speed_bench, speed_table, write_speed
+
+        bad = sorted(set(args.sections) - {"train", "sample", "pairs"})
+        if bad:
+            raise FlowmatchError(f"unknown speed section(s) {', '.join(bad)}; valid: train, sample, pairs")
+        res = speed_bench(device=args.device, size=args.size, sections=args.sections, compile_mode=args.compile,
+                          capture_mode=args.capture)
+        paths = write_speed(res, args.out)
+        print(speed_table(res), end="")
+        print(f"{res['seconds']:.0f} s; wrote {paths['json']} and {paths['md']}")
+        return 0 if all(c["ok"] for c in res["checks"]) else 1
     if args.command == "reflow" and args.reflow_command == "generate":
         import torch
 

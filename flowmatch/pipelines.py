@@ -2,7 +2,8 @@
 
 - :func:`train_from_config`: train, then evaluate the EMA model (W2, MMD, straightness, plots).
 - :func:`sample_from_checkpoint`: draw samples with any solver and record the NFE used.
-- :func:`bench_from_checkpoints`: the solver x NFE benchmark over checkpoints of one task.
+- :func:`bench_checkpoints`: the full solver x grid x NFE bench over checkpoints of one task
+  (:func:`bench_from_checkpoints`: its compact one-grid form for the demo and stage tables).
 - :func:`run_demo`: the toy experiments end to end, with ``report.md``.
 """
 
@@ -17,7 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from flowmatch.bench import benchmark, rows_to_markdown, write_bench
+from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite, benchmark, rows_to_markdown,
+                             write_bench, write_suite)
 from flowmatch.config import ExperimentConfig, config_diff, load_config, to_dict
 from flowmatch.data import get_dataset
 from flowmatch.data.pairs import read_manifest
@@ -31,7 +33,7 @@ from flowmatch.utils import make_generator, resolve_device
 __all__ = ["TrainSummary", "describe_config", "evaluate_model", "train_from_config", "sample_from_checkpoint",
            "reflow_stage_configs", "reflow_from_config", "reflow_targets", "write_reflow_summary",
            "reflow_sweep",
-           "bench_from_checkpoints", "run_demo", "DEMO_SOLVERS", "DEMO_NFES"]
+           "bench_checkpoints", "bench_from_checkpoints", "run_demo", "DEMO_SOLVERS", "DEMO_NFES"]
 
 DEMO_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 DEMO_NFES = (1, 2, 4, 8, 16)
@@ -202,15 +204,9 @@ def _model_name(ckpt: str) -> str:
     return os.path.basename(os.path.dirname(d)) if os.path.basename(d) == "checkpoints" else os.path.basename(ckpt)
 
 
-def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
-                           solvers: Sequence[str] = DEMO_SOLVERS, nfes: Sequence[int] = DEMO_NFES, n: int = 2000,
-                           seed: int = 0, grid: str = "uniform", atol: float = 1e-5, rtol: float = 1e-5,
-                           device: str = "auto", tracking: str = "offline", progress: bool = True,
-                           names: Optional[Sequence[str]] = None, plot: bool = True) -> list[dict]:
-    """Benchmark checkpoints of one task (same source, target and dimension) on every solver x NFE."""
+def _load_task_models(ckpts: Sequence[str], dev, names: Optional[Sequence[str]]):
     if not ckpts:
         raise FlowmatchError("bench needs at least one checkpoint")
-    dev = resolve_device(device)
     loaded = [load_model(c, device=dev) for c in ckpts]
     tasks = {(m.config.data.source, m.config.data.target, m.config.data.dim) for m in loaded}
     if len(tasks) > 1:
@@ -222,7 +218,51 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
         if name in models:
             name = f"{name}#{i}"
         models[name] = m.model
-    cfg = loaded[0].config
+    return models, loaded[0].config
+
+
+def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
+                      solvers: Sequence[str] = BENCH_SOLVERS, nfes: Sequence[int] = BENCH_NFES,
+                      grids: Sequence[str] = ("uniform",), n: int = 2000, grid_n: Optional[int] = None,
+                      likelihood_n: int = 0, seed: int = 0, atol: float = 1e-5, rtol: float = 1e-5,
+                      device: str = "auto", tracking: str = "offline", progress: bool = True,
+                      names: Optional[Sequence[str]] = None, plot: bool = True) -> BenchResult:
+    """The full bench (:func:`flowmatch.bench.bench_suite`) on checkpoints of one task (same source,
+    target and dimension). With ``out``: :func:`flowmatch.bench.write_suite`'s files, and a wandb
+    table, W2 scalars and the plots unless ``tracking`` is ``disabled``."""
+    dev = resolve_device(device)
+    models, cfg = _load_task_models(ckpts, dev, names)
+    res = bench_suite(models, get_dataset(cfg.data.source, cfg.data.dim), get_dataset(cfg.data.target, cfg.data.dim),
+                      solvers=solvers, nfes=nfes, grids=grids, n=n, grid_n=grid_n, likelihood_n=likelihood_n,
+                      seed=seed, atol=atol, rtol=rtol, device=dev, progress=progress)
+    task = f"{cfg.data.source}->{cfg.data.target}"
+    for r in res.rows + res.models:
+        r["task"] = task
+    if out is not None:
+        paths = write_suite(res, out, plot=plot)
+        if tracking != "disabled":
+            with Tracker(out, mode=tracking, name=f"bench {task}", job_type="bench") as tr:
+                tr.log_table("bench/table", res.rows)
+                tr.log_table("bench/models", res.models)
+                for r in res.rows:
+                    if r["n"] == n:
+                        tr.log({f"bench/{r['model']}/{r['solver']}/{r['grid']}/nfe{r['nfe']}/w2": r["w2"]}, 0)
+                for key in ("pareto_plot", "curvature_plot"):
+                    if key in paths:
+                        tr.log_image(f"bench/{key[:-5]}", paths[key])
+    return res
+
+
+def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
+                           solvers: Sequence[str] = DEMO_SOLVERS, nfes: Sequence[int] = DEMO_NFES, n: int = 2000,
+                           seed: int = 0, grid: str = "uniform", atol: float = 1e-5, rtol: float = 1e-5,
+                           device: str = "auto", tracking: str = "offline", progress: bool = True,
+                           names: Optional[Sequence[str]] = None, plot: bool = True) -> list[dict]:
+    """Benchmark checkpoints of one task on every solver x NFE on one time grid; returns the rows.
+    With ``out``: ``bench.json``/``.csv``/``.md`` and ``bench_w2_vs_nfe.png`` (the compact form used
+    by the demo and the reflow stage tables; :func:`bench_checkpoints` is the full bench)."""
+    dev = resolve_device(device)
+    models, cfg = _load_task_models(ckpts, dev, names)
     rows = benchmark(models, get_dataset(cfg.data.source, cfg.data.dim), get_dataset(cfg.data.target, cfg.data.dim),
                      solvers=solvers, nfes=nfes, n=n, seed=seed, grid=grid, atol=atol, rtol=rtol, device=dev,
                      progress=progress)

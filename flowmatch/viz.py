@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["plot_samples", "plot_trajectories", "plot_w2_vs_nfe", "plot_loss_by_t", "plot_trajectory_grid",
-           "plot_straightness_by_stage"]
+           "plot_straightness_by_stage", "plot_pareto", "plot_curvature_by_t"]
 
 
 def _plt():
@@ -142,4 +142,75 @@ def plot_straightness_by_stage(rows: Sequence[dict], path: str, *, title: Option
         ax.text(i, max(v, 1e-12), f"{v:.2g}", ha="center", va="bottom", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+_SOLVER_COLORS = {"euler": "tab:blue", "midpoint": "tab:orange", "heun": "tab:green", "rk4": "tab:red",
+                  "ab2": "tab:purple", "renoise": "tab:brown", "dopri5": "black"}
+_GRID_STYLES = ["-", "--", ":", "-."]
+
+
+def plot_pareto(rows: Sequence[dict], path: str, *, metric: str = "w2", title: Optional[str] = None) -> str:
+    """Quality against NFE, one panel per model and one line per (solver, grid) in it; adaptive
+    solvers as stars at the NFE they used; the noise floor of each ``n`` dotted; the model's
+    Pareto front (rows flagged ``pareto``) circled."""
+    plt = _plt()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cols = min(4, len(models))
+    nrows = (len(models) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    grids = list(dict.fromkeys(r["grid"] for r in rows if r["grid"] != "adaptive"))
+    for ax, model in zip(axes.flat, models):
+        rs = [r for r in rows if r["model"] == model and r.get(metric) == r.get(metric)]
+        for solver in dict.fromkeys(r["solver"] for r in rs):
+            color = _SOLVER_COLORS.get(solver)
+            for grid in dict.fromkeys(r["grid"] for r in rs if r["solver"] == solver):
+                line = sorted((r for r in rs if r["solver"] == solver and r["grid"] == grid), key=lambda r: r["nfe"])
+                xs, ys = [r["nfe"] for r in line], [r[metric] for r in line]
+                if grid == "adaptive":
+                    ax.plot(xs, ys, marker="*", ls="none", ms=10, color=color or "black", label=f"{solver}")
+                else:
+                    ls = _GRID_STYLES[grids.index(grid) % len(_GRID_STYLES)]
+                    ax.plot(xs, ys, marker="o", ms=2.5, ls=ls, lw=1, color=color, label=f"{solver} {grid}")
+        front = [r for r in rs if r.get("pareto")]
+        ax.scatter([r["nfe"] for r in front], [r[metric] for r in front], s=60, facecolors="none",
+                   edgecolors="gray", lw=1, zorder=4, label="Pareto front")
+        if metric == "w2":
+            for n_, floor in sorted({(r["n"], r["w2_floor"]) for r in rs}):
+                ax.axhline(floor, color="gray", lw=0.8, ls=":")
+                ax.text(1, floor, f" floor n={n_}", fontsize=6, va="bottom", color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("NFE")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(metric.upper() if metric == "w2" else metric)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)
+
+
+def plot_curvature_by_t(curvature: Sequence[dict], path: str, *, title: Optional[str] = None) -> str:
+    """Where trajectories bend: the chord deviation ``E||(Z1 - Z0) - v(Z_t, t)||^2`` and the
+    acceleration ``E||dv/dt||^2`` against t, one line per model (log y)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    models = list(dict.fromkeys(r["model"] for r in curvature))
+    for key, ax, label in (("chord_deviation", axes[0], "E|(Z1 - Z0) - v(Z_t, t)|^2"),
+                           ("acceleration", axes[1], "E|dv(Z_t, t)/dt|^2")):
+        for model in models:
+            rs = [r for r in curvature if r["model"] == model and r.get(key) is not None]
+            ax.plot([r["t"] for r in rs], [max(r[key], 1e-12) for r in rs], lw=1.2, label=model)
+        ax.set_yscale("log")
+        ax.set_xlabel("t")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -139,3 +139,112 @@ def test_table_helpers():
     assert rows_to_markdown([]) == "" and rows_to_csv([]) == ""
     lines = rows_to_csv(rows, ["b", "a"]).splitlines()
     assert lines[0] == "b,a" and lines[1].endswith(",1")
+
+
+# ------------------------------------------------------------------------------- the full suite
+
+from flowmatch.bench import BENCH_NFES, MODEL_COLUMNS, bench_suite, pareto_front, pareto_table, write_suite  # noqa: E402
+from flowmatch.metrics import mmd  # noqa: E402
+from flowmatch.metrics.distances import MMDReference  # noqa: E402
+
+
+def bend(x, t):
+    """Bends only late in the path: zero velocity change before t = 0.5."""
+    return torch.stack([torch.ones_like(x[:, 0]), 4 * torch.clamp(t - 0.5, min=0)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def suite():
+    src = get_dataset("gaussian", 2)
+    return bench_suite({"const": const_field, "bend": bend}, src, src, solvers=("euler", "heun", "ab2", "renoise", "dopri5"),
+                       grids=("uniform", "cosine"), n=150, grid_n=60, straightness_n=80, progress=False)
+
+
+def test_suite_settings_every_row_states_its_n(suite):
+    rows = suite.rows
+    for r in rows:
+        assert set(BENCH_COLUMNS) | {"pareto"} <= set(r)
+        assert r["n"] == (60 if r["grid"] == "cosine" else 150)
+    for model in ("const", "bend"):
+        got = {(r["solver"], r["grid"], r["nfe"]) for r in rows if r["model"] == model}
+        want = {(s, g, k) for g in ("uniform", "cosine") for s, st in (("euler", 1), ("heun", 2), ("ab2", 1),
+                                                                      ("renoise", 1))
+                for k in BENCH_NFES if k % st == 0}
+        assert got - {x for x in got if x[0] == "dopri5"} == want
+        assert [x for x in got if x[0] == "dopri5"][0][1] == "adaptive"  # adaptive once, not per grid
+    floors = {r["n"]: r["w2_floor"] for r in rows}
+    assert len(floors) == 2 and floors[60] != floors[150]
+
+
+def test_suite_pareto_flags_match_the_front(suite):
+    for model in ("const", "bend"):
+        for n in (60, 150):
+            rs = [r for r in suite.rows if r["model"] == model and r["n"] == n]
+            front = pareto_front(rs)
+            assert {id(r) for r in rs if r["pareto"]} == {id(r) for r in front}
+            # no front row is beaten by any row on both axes
+            for f in front:
+                assert not any(o["nfe"] <= f["nfe"] and o["w2"] < f["w2"] for o in rs)
+    # the straight field is solved exactly in one step: its front is the one-step rows only
+    const_front = pareto_front([r for r in suite.rows if r["model"] == "const" and r["n"] == 150])
+    assert {r["nfe"] for r in const_front} == {1}
+
+
+def test_pareto_front_closed_form():
+    rows = [{"nfe": 1, "w2": 3.0}, {"nfe": 2, "w2": 1.0}, {"nfe": 4, "w2": 2.0}, {"nfe": 8, "w2": 0.5},
+            {"nfe": 8, "w2": 0.7}, {"nfe": 16, "w2": float("nan")}]
+    assert [(r["nfe"], r["w2"]) for r in pareto_front(rows)] == [(1, 3.0), (2, 1.0), (8, 0.5)]
+
+
+def test_suite_curvature_profile_locates_the_bend(suite):
+    models = {m["model"]: m for m in suite.models}
+    assert set(models) == {"const", "bend"} and all(set(MODEL_COLUMNS) <= set(m) for m in models.values())
+    acc = [c for c in suite.curvature if c["model"] == "bend" and c["acceleration"] is not None]
+    early = [c["acceleration"] for c in acc if c["t"] < 0.45]
+    late = [c["acceleration"] for c in acc if c["t"] > 0.55]
+    assert max(early) < 1e-10 and min(late) == pytest.approx(16.0, rel=1e-6)  # |dv/dt|^2 = 4^2 after t = 0.5
+    assert models["bend"]["peak_curvature_t"] > 0.5
+    assert models["const"]["straightness"] < 1e-12 < models["bend"]["straightness"]
+    assert models["const"]["logp"] is None  # likelihood off by default
+
+
+def test_pareto_table_names_the_best_setting(suite):
+    md = pareto_table(suite.rows).splitlines()
+    assert md[0].startswith("| model | n | floor | NFE <= 1 |") and len(md) == 4
+    const = next(line for line in md if line.startswith("| const |"))
+    assert const.split("|")[-3].strip().endswith("@1")  # even at NFE <= 32, one step already reaches the best W2 on a straight field
+
+
+def test_write_suite_files(suite, tmp_path):
+    paths = write_suite(suite, str(tmp_path))
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(["bench.json", "bench.csv", "bench.md", "models.json", "models.md", "curvature.json",
+                            "pareto.md", "bench_pareto.png", "bench_curvature.png"])
+    with open(paths["csv"]) as f:
+        assert tuple(csv.DictReader(f).fieldnames) == BENCH_COLUMNS + ("pareto",)
+    with open(paths["curvature"]) as f:
+        assert len(json.load(f)) == len(suite.curvature)
+    for key in ("pareto_plot", "curvature_plot"):
+        with open(paths[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_bad_grid_fails_before_work():
+    calls = []
+
+    def v(x, t):
+        calls.append(1)
+        return x
+
+    src = get_dataset("gaussian", 2)
+    with pytest.raises(UnknownNameError, match="cosine"):
+        bench_suite({"m": v}, src, src, grids=("uniform", "zigzag"), n=8, progress=False)
+    assert calls == []
+
+
+def test_mmd_reference_equals_mmd():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(70, 2, generator=g), torch.randn(90, 2, generator=g) + 0.3
+    ref = MMDReference(y)
+    assert ref(x) == pytest.approx(mmd(x, y), rel=1e-12, abs=1e-15)
+    assert ref(y) == pytest.approx(mmd(y, y), abs=1e-12)

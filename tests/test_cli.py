@@ -249,20 +249,29 @@ def test_missing_checkpoint(tmp_path, capsys):
 
 def test_bench_writes_tables(trained, tmp_path, capsys):
     out = str(tmp_path / "bench")
-    rc = main(["bench", trained["ckpt"], "--solvers", "euler,heun,dopri5", "--nfe", "1,2", "--n", "64",
+    rc = main(["bench", trained["ckpt"], "--solvers", "euler,heun,dopri5,renoise", "--nfe", "1,2", "--n", "64",
+               "--grids", "uniform,power:0.5", "--grid-n", "32", "--likelihood-n", "16",
                "--tracking", "disabled", "--no-progress", "--out", out])
     assert rc == 0
-    assert "| model | solver |" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["bench.csv", "bench.json", "bench.md", "bench_w2_vs_nfe.png"]
+    printed = capsys.readouterr().out
+    assert "| model | n | floor | NFE <= 1 |" in printed and "| model | straightness |" in printed
+    assert sorted(os.listdir(out)) == ["bench.csv", "bench.json", "bench.md", "bench_curvature.png", "bench_pareto.png",
+                                       "curvature.json", "models.json", "models.md", "pareto.md"]
     with open(os.path.join(out, "bench.json")) as f:
         rows = json.load(f)
-    assert [(r["solver"], r["nfe"]) for r in rows[:-1]] == [("euler", 1), ("euler", 2), ("heun", 2)]
-    assert rows[-1]["solver"] == "dopri5" and rows[-1]["nfe"] > 0
+    fixed = [("euler", 1), ("euler", 2), ("heun", 2), ("renoise", 1), ("renoise", 2)]
+    assert [(r["solver"], r["nfe"]) for r in rows] == fixed[:3] + [("dopri5", rows[3]["nfe"])] + fixed[3:] + fixed
+    assert rows[3]["grid"] == "adaptive" and rows[3]["nfe"] > 0
+    assert [r["grid"] for r in rows[-5:]] == ["power:0.5"] * 5 and {r["n"] for r in rows[-5:]} == {32}
     for r in rows:
         assert set(BENCH_COLUMNS) <= set(r)
-        assert r["model"] == "tinyrun" and r["n"] == 64 and r["task"] == "gaussian->8gaussians"
+        assert r["model"] == "tinyrun" and r["task"] == "gaussian->8gaussians"
+        assert r["n"] == (32 if r["grid"] == "power:0.5" else 64)
+    with open(os.path.join(out, "models.json")) as f:
+        (model,) = json.load(f)
+    assert model["logp_n"] == 16 and model["logp"] < 0 and model["logp_divergence"] == "exact"
     with open(os.path.join(out, "bench.csv")) as f:
-        assert tuple(csv.DictReader(f).fieldnames) == BENCH_COLUMNS
+        assert tuple(csv.DictReader(f).fieldnames) == BENCH_COLUMNS + ("pareto",)
     assert not os.path.exists(os.path.join(out, "wandb"))
 
 

@@ -220,3 +220,22 @@ def test_spirals_point_symmetric_and_bounded():
     # the two arms are mirror images through the origin (sign flip with prob 1/2), so the mean is ~0
     assert x.mean(0).abs().max().item() < 0.1
     assert x.abs().max().item() < 6.0
+
+
+def test_8gaussians_log_prob_is_the_mixture_density():
+    from flowmatch.data.toy import EightGaussians
+
+    d = EightGaussians()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 2, generator=g, dtype=torch.float64) * 4
+    mix = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.full((8,), 1 / 8, dtype=torch.float64)),
+        torch.distributions.Independent(torch.distributions.Normal(d.centers(dtype=torch.float64),
+                                                                   torch.full((8, 2), d.std, dtype=torch.float64)), 1))
+    assert torch.allclose(d.log_prob(x), mix.log_prob(x), atol=1e-10)
+    # integrates to 1 on a fine grid (the density is well inside [-8, 8]^2)
+    s = torch.linspace(-8, 8, 401, dtype=torch.float64)
+    pts = torch.cartesian_prod(s, s)
+    assert float(d.log_prob(pts).exp().sum() * (s[1] - s[0]) ** 2) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="8gaussians"):
+        d.log_prob(torch.zeros(3, 3))

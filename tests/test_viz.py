@@ -27,6 +27,11 @@ def test_every_plot_writes_a_png(tmp_path):
         viz.plot_w2_vs_nfe(rows, str(tmp_path / "w.png")),
         viz.plot_loss_by_t([1.0] * 10, str(tmp_path / "l.png")),
         viz.plot_straightness_by_stage(rows, str(tmp_path / "st.png")),
+        viz.plot_pareto([{**r, "n": 100, "pareto": r["nfe"] == 1} for r in rows], str(tmp_path / "p.png"), title="t"),
+        viz.plot_curvature_by_t([{"model": m, "t": t / 4, "chord_deviation": 0.1 * t, "acceleration": None}
+                                 for m in ("a", "b") for t in range(5)] +
+                                [{"model": "a", "t": 0.5, "chord_deviation": None, "acceleration": 2.0}],
+                                str(tmp_path / "c.png")),
     ]
     assert all(_png(p) for p in paths)
-    assert len(set(paths)) == 6
+    assert len(set(paths)) == 8

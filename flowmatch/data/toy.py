@@ -97,6 +97,14 @@ class EightGaussians(ToyDistribution):
         idx = torch.randint(0, 8, (n,), generator=g, device=device)
         return self.centers(device, dtype)[idx] + self.std * _randn(n, 2, g, device, dtype)
 
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density of the equal-weight mixture ``(1/8) sum_k N(x; c_k, std^2 I)``: ``x`` ``[B, 2]`` -> ``[B]``."""
+        if x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"8gaussians needs x of shape [B, 2], got {tuple(x.shape)}")
+        d2 = torch.cdist(x, self.centers(x.device, x.dtype)).pow(2)  # [B, 8]
+        comp = -0.5 * d2 / self.std ** 2 - math.log(2 * math.pi * self.std ** 2)
+        return torch.logsumexp(comp, dim=1) - math.log(8)
+
 
 class Moons(ToyDistribution):
     name = "moons"

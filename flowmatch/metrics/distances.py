@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["w2", "mmd", "gaussian_w2", "DEFAULT_BANDWIDTHS"]
+__all__ = ["w2", "mmd", "MMDReference", "gaussian_w2", "DEFAULT_BANDWIDTHS"]
 
 DEFAULT_BANDWIDTHS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
@@ -63,14 +63,37 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_
     if n < 2 or m < 2:
         raise ValueError("mmd needs at least 2 points in each cloud")
 
-    def k(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        d2 = torch.cdist(p, q).pow(2)
-        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
-
-    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    kxx, kyy, kxy = (_kernel(p, q, bandwidths) for p, q in ((a, a), (b, b), (a, b)))
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
     syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     return float(sxx + syy - 2 * kxy.mean())
+
+
+class MMDReference:
+    """:func:`mmd` against one fixed reference cloud ``y`` (``[m, *D]``), its ``k(y, y)`` term
+    computed once: ``MMDReference(y)(x) == mmd(x, y)`` at a third of the cost per call."""
+
+    def __init__(self, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS):
+        self.y, self.bandwidths = _flat64(y), tuple(bandwidths)
+        m = self.y.shape[0]
+        if m < 2:
+            raise ValueError("mmd needs at least 2 points in each cloud")
+        kyy = _kernel(self.y, self.y, self.bandwidths)
+        self.syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+
+    def __call__(self, x: torch.Tensor) -> float:
+        a = _flat64(x)
+        n = a.shape[0]
+        if n < 2:
+            raise ValueError("mmd needs at least 2 points in each cloud")
+        kxx = _kernel(a, a, self.bandwidths)
+        sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        return float(sxx + self.syy - 2 * _kernel(a, self.y, self.bandwidths).mean())
+
+
+def _kernel(p: torch.Tensor, q: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
+    d2 = torch.cdist(p, q).pow(2)
+    return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
 
 
 def gaussian_w2(mean1: torch.Tensor, std1: float, mean2: torch.Tensor, std2: float) -> float:

@@ -7,6 +7,11 @@ trajectory is a straight line traversed at constant speed. We report S summed ov
 S per dimension, and S / E||Z_1 - Z_0||^2 (scale-free), with the solver and grid used. The
 t-integral is the trapezoidal rule over the solve's grid; the velocity at each grid point is
 evaluated once more on the trajectory (``num_steps + 1`` extra NFE).
+
+Where along the path the trajectories bend is reported per grid time: ``per_t`` is the deviation
+``E || (Z_1 - Z_0) - v(Z_t, t) ||^2`` of the velocity from the chord, and ``accel_per_t`` the mean
+squared acceleration ``E || d v(Z_t, t) / dt ||^2`` along the trajectory (finite differences of
+the same velocities, at the midpoints ``accel_ts``). Both are 0 for a straight flow at constant speed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class StraightnessResult:
     straightness_rel: float  # S / E||Z1 - Z0||^2
     per_t: list  # E||(Z1 - Z0) - v(Z_t, t)||^2 at each grid time
     ts: list
+    accel_per_t: list  # E||dv(Z_t, t)/dt||^2 between grid times
+    accel_ts: list  # the midpoints of the grid intervals
     solver: str
     num_steps: int
     nfe: int
@@ -48,16 +55,21 @@ def straightness(v, x0: torch.Tensor, *, solver: str = "rk4", num_steps: int = 6
     xs = traj.xs  # [K+1, B, *D]
     disp = (traj.x1 - x0).reshape(x0.shape[0], -1)
     b = x0.shape[0]
-    per_t = []
+    per_t, accel = [], []
+    v_prev = None
+    dt = (grid[1:] - grid[:-1]).double()
     for i in range(grid.numel()):
         vt = v(xs[i], grid[i].expand(b)).reshape(b, -1)
         per_t.append((disp - vt).pow(2).sum(dim=1).mean())
+        if v_prev is not None:
+            accel.append(((vt - v_prev).double() / dt[i - 1]).pow(2).sum(dim=1).mean())
+        v_prev = vt
     per_t_t = torch.stack(per_t).double()
-    dt = (grid[1:] - grid[:-1]).double()
     S = float((0.5 * (per_t_t[1:] + per_t_t[:-1]) * dt).sum())
     d = disp.shape[1]
     denom = float(disp.double().pow(2).sum(dim=1).mean())
     return StraightnessResult(straightness=S, straightness_per_dim=S / d,
                               straightness_rel=S / denom if denom > 0 else float("nan"),
-                              per_t=per_t_t.tolist(), ts=grid.tolist(), solver=s.name, num_steps=num_steps,
+                              per_t=per_t_t.tolist(), ts=grid.tolist(), accel_per_t=torch.stack(accel).tolist(),
+                              accel_ts=(0.5 * (grid[1:] + grid[:-1])).tolist(), solver=s.name, num_steps=num_steps,
                               nfe=traj.nfe + grid.numel(), n=b)
