@@ -1,0 +1,38 @@
+"""The speed benchmark's pieces (the timings themselves live in `make gpu-bench`, not in tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowmatch.errors import ConfigError
+from flowmatch.speed import SPEED_COLUMNS, reference_train_loop, speed_bench, speed_table, write_speed
+
+
+@pytest.mark.parametrize("coupling", ["independent", "ot"])
+def test_reference_loop_learns(coupling):
+    losses = reference_train_loop(coupling, 60, seed=0)
+    assert len(losses) == 60 and all(map(lambda v: v == v, losses))
+    assert sum(losses[-10:]) < sum(losses[:10])  # the tutorial loop trains
+    assert reference_train_loop(coupling, 5, seed=0) == losses[:5]  # seeded
+
+
+def test_speed_sample_section_checks_and_writes(tmp_path):
+    res = speed_bench(device="cpu", size="small", sections=("sample",), capture_mode="eager")
+    rows = res["rows"]
+    assert [r["variant"] for r in rows][1:] == ["python loop", "torchdiffeq euler", "floor: 16 x one forward"]
+    assert all(set(SPEED_COLUMNS) <= set(r) and r["value"] > 0 for r in rows)
+    (check,) = res["checks"]
+    assert check["ok"] and check["value"] == 0.0  # eager capture computes the loop's numbers exactly
+    paths = write_speed(res, str(tmp_path))
+    with open(paths["json"]) as f:
+        assert json.load(f)["rows"] == rows
+    assert "| sample |" in speed_table(res) and "CPU" in speed_table(res)
+
+
+def test_speed_bad_size():
+    with pytest.raises(ConfigError, match="small"):
+        speed_bench(device="cpu", size="huge", sections=())
+    assert torch.get_num_threads() >= 1
