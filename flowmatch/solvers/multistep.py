@@ -21,13 +21,10 @@ from __future__ import annotations
 import torch
 
 from flowmatch.solvers.base import CountedField, Field, Solver
+from flowmatch.solvers.fixed import _b
 from flowmatch.types import Trajectory
 
 __all__ = ["AdamsBashforth2", "Renoise"]
-
-
-def _b(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return h.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _check_grid(grid, x0: torch.Tensor) -> torch.Tensor:
