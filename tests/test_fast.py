@@ -20,6 +20,7 @@ from flowmatch.training import (build_trainer, last_checkpoint, load_checkpoint,
                                 train)
 from flowmatch.training.fast import COMPILE_MODES, FAST_MODES, SpeedPlan
 from flowmatch.types import LossOutput
+from test_training import _Interrupt  # the same kill-at-step callback as the plain loop's resume tests
 
 
 @pytest.fixture(scope="module")
@@ -207,15 +208,6 @@ def test_trainer_reports_nan_at_sync_with_its_step(make_cfg):
 
 
 # --------------------------------------------------------------------------- resume
-
-
-class _Interrupt:
-    def __init__(self, at: int):
-        self.at = at
-
-    def __call__(self, step: int, loss: float) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("first,then", [("on", "on"), ("off", "on"), ("on", "off")],

@@ -204,12 +204,15 @@ def test_rademacher_unbiased_on_a_nonsymmetric_affine_field():
 # --------------------------------------------------------------------------- divergence helpers
 
 
-def test_divergences_match_the_jacobian_trace_of_a_network():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).double()
+def _net_field(seed: int, dim: int, hidden: int, act):
+    """A small float64 network ``v(x, t) = net([x, t])`` and its parameters."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), act(), torch.nn.Linear(hidden, dim)).double()
+    return (lambda x, t: net(torch.cat([x, t[:, None]], dim=1))), net
 
-    def v(x, t):
-        return net(torch.cat([x, t[:, None]], dim=1))
+
+def test_divergences_match_the_jacobian_trace_of_a_network():
+    v, net = _net_field(0, 3, 32, torch.nn.Tanh)
 
     x = torch.randn(5, 3, generator=gen(90), dtype=F64)
     t = torch.rand(5, generator=gen(91), dtype=F64)
@@ -227,11 +230,7 @@ def test_divergences_match_the_jacobian_trace_of_a_network():
 
 
 def test_works_under_no_grad_and_leaves_no_graph():
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2)).double()
-
-    def v(x, t):
-        return net(torch.cat([x, t[:, None]], dim=1))
+    v, net = _net_field(1, 2, 16, torch.nn.SiLU)
 
     x1 = torch.randn(8, 2, generator=gen(92), dtype=F64)
     a = log_likelihood(v, x1, Gaussian(2), solver="rk4", num_steps=8)

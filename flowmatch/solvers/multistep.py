@@ -35,50 +35,51 @@ def _check_grid(grid, x0: torch.Tensor) -> torch.Tensor:
 
 
 class _OneEvalPerStep(Solver):
+    """One velocity evaluation per step, with state carried from step to step: the base runs the
+    loop, a subclass's ``advance`` makes one step from the velocity ``vt`` at ``(x, t)``."""
+
     stages = 1
 
     def step(self, v: Field, x, t, t_next):
         raise NotImplementedError(f"{self.name} carries state across steps; use integrate()")
 
-
-class AdamsBashforth2(_OneEvalPerStep):
-    name, order = "ab2", 2
+    def advance(self, x: torch.Tensor, vt: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, x0: torch.Tensor,
+                state: dict) -> torch.Tensor:
+        raise NotImplementedError
 
     def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor, return_trajectory: bool = False) -> Trajectory:
         grid = _check_grid(grid, x0)
         counted = CountedField(v)
         b = x0.shape[0]
-        x, v_prev, h_prev = x0, None, None
+        x, state = x0, {}
         xs = [x0] if return_trajectory else None
         for i in range(grid.numel() - 1):
             t, t_next = grid[i].expand(b), grid[i + 1].expand(b)
-            h = t_next - t
-            vi = counted(x, t)
-            if v_prev is None:
-                x = x + _b(h, x) * vi
-            else:
-                r = _b(h / h_prev, x)
-                x = x + _b(h, x) * ((1 + 0.5 * r) * vi - 0.5 * r * v_prev)
-            v_prev, h_prev = vi, h
+            x = self.advance(x, counted(x, t), t, t_next, x0, state)
             if xs is not None:
                 xs.append(x)
         return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
+
+
+class AdamsBashforth2(_OneEvalPerStep):
+    name, order = "ab2", 2
+
+    def advance(self, x, vt, t, t_next, x0, state):
+        h = t_next - t
+        v_prev, h_prev = state.get("v"), state.get("h")
+        if v_prev is None:
+            x = x + _b(h, x) * vt
+        else:
+            r = _b(h / h_prev, x)
+            x = x + _b(h, x) * ((1 + 0.5 * r) * vt - 0.5 * r * v_prev)
+        state["v"], state["h"] = vt, h
+        return x
 
 
 class Renoise(_OneEvalPerStep):
     name, order = "renoise", 0
 
-    def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor, return_trajectory: bool = False) -> Trajectory:
-        grid = _check_grid(grid, x0)
-        counted = CountedField(v)
-        b = x0.shape[0]
-        x = x0
-        xs = [x0] if return_trajectory else None
-        for i in range(grid.numel() - 1):
-            t, t_next = grid[i].expand(b), grid[i + 1].expand(b)
-            x1_hat = x + _b(1 - t, x) * counted(x, t)
-            tn = _b(t_next, x)
-            x = tn * x1_hat + (1 - tn) * x0
-            if xs is not None:
-                xs.append(x)
-        return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
+    def advance(self, x, vt, t, t_next, x0, state):
+        x1_hat = x + _b(1 - t, x) * vt
+        tn = _b(t_next, x)
+        return tn * x1_hat + (1 - tn) * x0
