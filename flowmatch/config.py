@@ -41,11 +41,21 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    """Source (t = 0) and target (t = 1) distributions; names from ``flowmatch.data.DATASETS``."""
+    """Source (t = 0) and target (t = 1) distributions; names from ``flowmatch.data.DATASETS`` (toy,
+    ``dim`` 2) or ``flowmatch.data.IMAGE_DATASETS`` (images; their shape comes from the dataset, and
+    a ``gaussian`` source takes it). ``root`` is the local directory of a torchvision-format dataset
+    (``mnist``, ``fashion_mnist``, ``cifar10``) or of an image folder (``folder``); ``download`` lets
+    torchvision fetch a missing one (never by default). ``image_size`` / ``channels`` fix the shape
+    of an image folder's images. ``split`` is the split the training draws come from."""
 
     source: str = "gaussian"
     target: str = "moons"
     dim: int = 2
+    root: Optional[str] = None
+    download: bool = False
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    split: str = "train"
 
 
 @dataclass
@@ -92,8 +102,12 @@ class TimeConfig:
 
 @dataclass
 class ModelConfig:
-    """MLP velocity field; ``time_embedding`` is ``sinusoidal`` (of ``time_scale * t``) or ``fourier``
-    (random features of std ``fourier_scale``)."""
+    """``mlp`` (toy data) or ``unet`` (images). MLP: ``hidden``, ``depth``, ``activation``;
+    ``time_embedding`` is ``sinusoidal`` (of ``time_scale * t``) or ``fourier`` (random features of
+    std ``fourier_scale``). UNet: ``preset`` (``flowmatch.models.UNET_PRESETS``) gives every UNet key
+    left at ``null``: ``base_channels``, ``channel_mult``, ``num_res_blocks``,
+    ``attention_resolutions`` (feature-map sizes with self-attention), ``dropout``, ``num_heads``.
+    ``class_cond`` conditions on the dataset's labels (classifier-free guidance at sampling)."""
 
     name: str = "mlp"
     hidden: int = 256
@@ -103,6 +117,14 @@ class ModelConfig:
     time_dim: int = 64
     time_scale: float = 1000.0
     fourier_scale: float = 16.0
+    preset: str = "small"
+    base_channels: Optional[int] = None
+    channel_mult: Optional[list[int]] = None
+    num_res_blocks: Optional[int] = None
+    attention_resolutions: Optional[list[int]] = None
+    dropout: Optional[float] = None
+    num_heads: Optional[int] = None
+    class_cond: bool = False
 
 
 @dataclass
@@ -130,10 +152,20 @@ class TrainConfig:
     # torch.compile of the fast step's loss (forward + backward): "auto" (with the fast step on CUDA),
     # "off", "on" (mode "default") or a torch.compile mode ("reduce-overhead", "max-autotune", ...).
     compile: Union[str, bool] = "auto"
+    # Mixed precision of the forward/backward: "auto" (bf16 autocast on CUDA, fp32 elsewhere),
+    # "fp32" or "bf16". Weights, optimiser state and EMA stay fp32.
+    precision: str = "auto"
+    # channels_last memory format for image models: "auto" (on with CUDA), "on" or "off".
+    channels_last: Union[str, bool] = "auto"
+    # micro-batches of batch_size each, summed into one optimiser step (effective batch
+    # grad_accum * batch_size * world size)
+    grad_accum: int = 1
+    # probability of dropping a class label in training (classifier-free guidance); class_cond only
+    class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads a bare on / off as a boolean; keep the documented spelling.
-        for key in ("fast", "compile"):
+        for key in ("fast", "compile", "channels_last"):
             value = getattr(self, key)
             if isinstance(value, bool):
                 setattr(self, key, "on" if value else "off")

@@ -29,6 +29,13 @@ class Coupling:
     def sample(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def sample_labeled(self, batch_size: int, *, generator: Optional[torch.Generator] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(x0, x1, y)``: a batch as :meth:`sample` draws it (same random stream) with the class
+        labels ``y`` (``[B]`` long) of ``x1`` where the data has them, else ``y = None``."""
+        x0, x1 = self.sample(batch_size, generator=generator)
+        return x0, x1, None
+
     def state_dict(self) -> dict:
         """State beyond the generator that a resumed run needs (none for stateless couplings)."""
         return {}
@@ -44,12 +51,22 @@ class IndependentCoupling(Coupling):
         self.source, self.target, self.device = source, target, torch.device(device)
 
     def draw(self, batch_size: int, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = self.source.sample(batch_size, generator=generator, device=self.device)
-        x1 = self.target.sample(batch_size, generator=generator, device=self.device)
+        x0, x1, _ = self.draw_labeled(batch_size, generator)
         return x0, x1
+
+    def draw_labeled(self, batch_size: int, generator: Optional[torch.Generator]):
+        x0 = self.source.sample(batch_size, generator=generator, device=self.device)
+        if hasattr(self.target, "sample_labeled"):
+            x1, y = self.target.sample_labeled(batch_size, generator=generator, device=self.device)
+        else:
+            x1, y = self.target.sample(batch_size, generator=generator, device=self.device), None
+        return x0, x1, y
 
     def sample(self, batch_size, *, generator=None):
         return self.draw(batch_size, generator)
+
+    def sample_labeled(self, batch_size, *, generator=None):
+        return self.draw_labeled(batch_size, generator)
 
 
 def _sq_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -114,18 +131,26 @@ class MinibatchOTCoupling(IndependentCoupling):
             raise ConfigError(f"coupling.reg must be > 0, got {reg}")
         self.method, self.reg, self.num_iters = method, float(reg), int(num_iters)
 
-    def pair(self, x0: torch.Tensor, x1: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Re-pair given batches by OT; returns ``(x0, x1[perm])``."""
+    def assign(self, x0: torch.Tensor, x1: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Row ``i`` of ``x0`` is paired with row ``idx[i]`` of ``x1``: ``idx`` (``[B]`` long)."""
         if self.method == "exact":
-            return x0, x1[exact_assignment(x0, x1)]
+            return exact_assignment(x0, x1)
         plan = sinkhorn_plan(_sq_cost(x0, x1), self.reg, self.num_iters)
         rows = plan / plan.sum(dim=1, keepdim=True)
-        idx = torch.multinomial(rows, 1, generator=generator).squeeze(1)
-        return x0, x1[idx]
+        return torch.multinomial(rows, 1, generator=generator).squeeze(1)
+
+    def pair(self, x0: torch.Tensor, x1: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-pair given batches by OT; returns ``(x0, x1[perm])``."""
+        return x0, x1[self.assign(x0, x1, generator)]
 
     def sample(self, batch_size, *, generator=None):
         x0, x1 = self.draw(batch_size, generator)
         return self.pair(x0, x1, generator)
+
+    def sample_labeled(self, batch_size, *, generator=None):
+        x0, x1, y = self.draw_labeled(batch_size, generator)
+        idx = self.assign(x0, x1, generator)
+        return x0, x1[idx], None if y is None else y[idx]
 
 
 class PairedCoupling(Coupling):
@@ -138,14 +163,17 @@ class PairedCoupling(Coupling):
 
     name = "paired"
 
-    def __init__(self, x0, x1, device: torch.device | str = "cpu"):
+    def __init__(self, x0, x1, device: torch.device | str = "cpu", y=None):
         if x0.shape != x1.shape or x0.shape[0] == 0:
             raise ValueError(f"paired coupling needs equal, non-empty x0 and x1, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+        if y is not None and tuple(y.shape) != (x0.shape[0],):
+            raise ValueError(f"paired coupling labels must have shape [{x0.shape[0]}], got {tuple(y.shape)}")
         self.device = torch.device(device)
         # Tensors move to the device once; row-indexable stores (memory-mapped shards) are gathered
         # on the CPU batch by batch.
         self.on_device = isinstance(x0, torch.Tensor)
         self.x0, self.x1 = (x0.to(self.device), x1.to(self.device)) if self.on_device else (x0, x1)
+        self.y = None if y is None else (y.to(self.device) if self.on_device and isinstance(y, torch.Tensor) else y)
         self.perm: Optional[torch.Tensor] = None
         self.pos = 0
         self.epoch = 0
@@ -168,11 +196,16 @@ class PairedCoupling(Coupling):
         return torch.cat(parts)
 
     def sample(self, batch_size, *, generator=None):
+        x0, x1, _ = self.sample_labeled(batch_size, generator=generator)
+        return x0, x1
+
+    def sample_labeled(self, batch_size, *, generator=None):
         idx = self._indices(batch_size, generator)
         if self.on_device:
-            return self.x0[idx], self.x1[idx]
+            return self.x0[idx], self.x1[idx], None if self.y is None else self.y[idx]
         idx = idx.cpu()
-        return self.x0[idx].to(self.device), self.x1[idx].to(self.device)
+        y = None if self.y is None else self.y[idx].to(self.device)
+        return self.x0[idx].to(self.device), self.x1[idx].to(self.device), y
 
     def state_dict(self) -> dict:
         return {"perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos, "epoch": self.epoch}
