@@ -38,8 +38,11 @@ install: $(STAMP) ## create .venv (if missing) and install flowmatch with its de
 demo: $(STAMP) ## train the toy experiments on CPU (~5 min), benchmark them, write runs/demo/report.md
 	$(PY) -m flowmatch demo --out $(DEMO_OUT)
 
+# one intra-op thread: the tests' small tensors gain nothing from more, and on a busy 2-core machine
+# two threads spin against other work and run small convolutions many times slower
+TEST_THREADS ?= 1
 test: $(STAMP) ## run the tests and the notebooks (smoke mode), offline
-	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
+	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
 
 TASKS := noise_to_moons noise_to_8gaussians 8gaussians_to_moons
 REFLOW_STAGES := 1-RF 2-RF 3-RF 3-RF+distill

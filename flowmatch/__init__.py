@@ -10,10 +10,10 @@ __version__ = "0.1.0"
 
 from flowmatch.config import ExperimentConfig, apply_overrides, load_config
 from flowmatch.couplings import IndependentCoupling, MinibatchOTCoupling, get_coupling
-from flowmatch.data import DATASETS, get_dataset
+from flowmatch.data import DATASETS, IMAGE_DATASETS, get_dataset, get_image_dataset
 from flowmatch.errors import FlowmatchError
-from flowmatch.metrics import mmd, straightness, w2
-from flowmatch.models import EMA, MLPVelocity, build_model
+from flowmatch.metrics import frechet_distance, mmd, straightness, w2
+from flowmatch.models import EMA, ClassifierFreeGuidance, MLPVelocity, UNetVelocity, build_model
 from flowmatch.paths import AffinePath, get_path
 from flowmatch.solvers import SOLVERS, get_solver, solve, time_grid
 from flowmatch.timesteps import get_time_sampler
@@ -25,5 +25,6 @@ __all__ = [
     "MinibatchOTCoupling", "get_coupling", "DATASETS", "get_dataset", "FlowmatchError", "mmd", "straightness", "w2",
     "EMA", "MLPVelocity", "build_model", "AffinePath", "get_path", "SOLVERS", "get_solver", "solve", "time_grid",
     "get_time_sampler", "cfm_loss", "load_checkpoint", "load_model", "train", "LossOutput", "PathSample",
-    "Trajectory",
+    "Trajectory", "IMAGE_DATASETS", "get_image_dataset", "UNetVelocity", "ClassifierFreeGuidance",
+    "frechet_distance",
 ]

@@ -33,7 +33,7 @@ from flowmatch.metrics.distances import MMDReference
 from flowmatch.solvers import get_solver, parse_grid, solve
 from flowmatch.utils import make_generator
 
-__all__ = ["BENCH_COLUMNS", "MODEL_COLUMNS", "BENCH_SOLVERS", "BENCH_NFES", "BenchResult", "benchmark",
+__all__ = ["ToyScorer", "ImageScorer", "bench_columns", "row_metric", "BENCH_COLUMNS", "MODEL_COLUMNS", "BENCH_SOLVERS", "BENCH_NFES", "BenchResult", "benchmark",
            "bench_suite", "pareto_front", "pareto_table", "write_bench", "write_suite", "rows_to_markdown",
            "rows_to_csv"]
 
@@ -43,6 +43,57 @@ MODEL_COLUMNS = ("model", "straightness", "straightness_rel", "peak_curvature_t"
                  "logp_nfe", "logp_n", "logp_divergence")
 BENCH_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5", "ab2", "renoise")
 BENCH_NFES = (1, 2, 3, 4, 6, 8, 16, 32)
+
+
+class ToyScorer:
+    """Scores samples against fresh target draws: exact ``w2`` and ``mmd`` against ``n`` draws
+    (seed ``seed + 1``); ``w2_floor`` is the W2 between those and ``n`` more (seed ``seed + 2``)."""
+
+    metric = "w2"
+    scores = ("w2", "mmd")
+
+    def __init__(self, target, n: int, seed: int = 0):
+        self.ref = target.sample(n, generator=make_generator(seed + 1), device="cpu")
+        self.ref2 = target.sample(n, generator=make_generator(seed + 2), device="cpu")
+        self._mmd: dict = {}
+
+    def floor(self, m: int) -> dict:
+        self._mmd[m] = MMDReference(self.ref[:m])
+        return {"w2_floor": w2(self.ref[:m], self.ref2[:m])}
+
+    def __call__(self, x1: torch.Tensor) -> dict:
+        m = x1.shape[0]
+        if m not in self._mmd:
+            self.floor(m)
+        return {"w2": w2(x1, self.ref[:m]), "mmd": self._mmd[m](x1)}
+
+
+class ImageScorer:
+    """Scores image samples in a classifier's feature space (:mod:`flowmatch.metrics.frechet`):
+    Fréchet distance ``fd`` and ``kid`` against the reference split held by ``metrics``;
+    ``fd_floor`` is the FD of ``floor_images`` (the other split, up to ``m`` of them) to it, what
+    real held-out images of that size score."""
+
+    metric = "fd"
+    scores = ("fd", "kid")
+
+    def __init__(self, metrics, floor_images: torch.Tensor, seed: int = 0):
+        self.metrics, self.floor_images, self.seed = metrics, floor_images, seed
+
+    def floor(self, m: int) -> dict:
+        return {"fd_floor": self.metrics.fd(self.floor_images[:m])}
+
+    def __call__(self, x1: torch.Tensor) -> dict:
+        kid, _ = self.metrics.kid(x1, generator=make_generator(self.seed))
+        return {"fd": self.metrics.fd(x1), "kid": kid}
+
+
+def bench_columns(metric: str = "w2") -> tuple:
+    """:data:`BENCH_COLUMNS` for rows scored by ``metric`` (``w2`` toy, ``fd`` images)."""
+    if metric == "w2":
+        return BENCH_COLUMNS
+    swap = {"w2": "fd", "w2_floor": "fd_floor", "mmd": "kid"}
+    return tuple(swap.get(c, c) for c in BENCH_COLUMNS)
 
 
 @dataclass
@@ -86,7 +137,7 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
                 grids: Sequence[str] = ("uniform",), n: int = 2000, grid_n: Optional[int] = None, seed: int = 0,
                 atol: float = 1e-5, rtol: float = 1e-5, straightness_n: int = 1000, likelihood_n: int = 0,
                 likelihood_solver: str = "dopri5", device: str | torch.device = "cpu",
-                progress: bool = True) -> BenchResult:
+                progress: bool = True, scorer=None) -> BenchResult:
     """Benchmark every ``models[name]`` (a callable ``v(x, t)``) on every solver, grid and NFE.
 
     Fixed-step solvers run at each NFE in ``nfes`` that is a multiple of their stages (others are
@@ -95,6 +146,9 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
     Rows on ``grids[0]`` and adaptive rows use ``n`` points, the other grids ``grid_n`` (default
     ``n``). ``likelihood_n > 0`` adds the log-likelihood of that many held-out target draws per
     model (skipped, with ``logp`` None, when the source has no ``log_prob``).
+
+    ``scorer`` scores the samples of a row (default :class:`ToyScorer`: ``w2``, ``w2_floor``,
+    ``mmd``; images use :class:`ImageScorer`: ``fd``, ``fd_floor``, ``kid``).
     """
     device = torch.device(device)
     grids = [g for g in grids]
@@ -108,9 +162,9 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
     sizes = sorted({n, grid_n})
     big = max(sizes)
     x0_all = source.sample(big, generator=make_generator(seed), device="cpu")
-    ref_all = target.sample(big, generator=make_generator(seed + 1), device="cpu")
-    ref2_all = target.sample(big, generator=make_generator(seed + 2), device="cpu")
-    refs = {m: (ref_all[:m], MMDReference(ref_all[:m]), w2(ref_all[:m], ref2_all[:m])) for m in sizes}
+    if scorer is None:
+        scorer = ToyScorer(target, big, seed)
+    floors = {m: scorer.floor(m) for m in sizes}
     settings = _settings(solvers, nfes, grids, atol, rtol)
 
     from tqdm.auto import tqdm  # lazy
@@ -140,7 +194,6 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
         for s, nfe, grid, headline in settings:
             m = n if headline else grid_n
             x0 = x0s[:m]
-            ref, mmd_ref, floor = refs[m]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -153,14 +206,13 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
             model_rows.append({
                 "model": model_name, "solver": s.name, "grid": grid,
                 "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "nfe": traj.nfe,
-                "w2": w2(x1, ref) if finite else float("nan"), "w2_floor": floor,
-                "mmd": mmd_ref(x1) if finite else float("nan"),
+                **(scorer(x1) if finite else dict.fromkeys(scorer.scores, float("nan"))), **floors[m],
                 "straightness": st.straightness, "straightness_rel": st.straightness_rel, "logp": info["logp"],
                 "seconds": seconds, "samples_per_sec": m / max(seconds, 1e-12), "n": m, "device": str(device),
             })
             bar.update(1)
         for m in sizes:
-            front = pareto_front([r for r in model_rows if r["n"] == m])
+            front = pareto_front([r for r in model_rows if r["n"] == m], scorer.metric)
             for r in model_rows:
                 if r["n"] == m:
                     r["pareto"] = any(r is f for f in front)
@@ -173,15 +225,22 @@ def benchmark(models: dict, source: ToyDistribution, target: ToyDistribution, *,
               solvers: Sequence[str] = ("euler", "midpoint", "heun", "rk4", "dopri5"),
               nfes: Sequence[int] = (1, 2, 4, 8, 16), n: int = 2000, seed: int = 0, grid: str = "uniform",
               atol: float = 1e-5, rtol: float = 1e-5, straightness_n: int = 1000, device: str | torch.device = "cpu",
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, scorer=None) -> list[dict]:
     """The rows of :func:`bench_suite` on one time ``grid`` (all at ``n`` points), without likelihood."""
     return bench_suite(models, source, target, solvers=solvers, nfes=nfes, grids=(grid,), n=n, seed=seed,
-                       atol=atol, rtol=rtol, straightness_n=straightness_n, device=device, progress=progress).rows
+                       atol=atol, rtol=rtol, straightness_n=straightness_n, device=device, progress=progress,
+                       scorer=scorer).rows
 
 
-def pareto_table(rows: Sequence[dict], budgets: Sequence[int] = BENCH_NFES, *, metric: str = "w2") -> str:
+def row_metric(rows: Sequence[dict]) -> str:
+    """``fd`` for rows of image samples, else ``w2``."""
+    return "fd" if rows and "fd" in rows[0] else "w2"
+
+
+def pareto_table(rows: Sequence[dict], budgets: Sequence[int] = BENCH_NFES, *, metric: Optional[str] = None) -> str:
     """Markdown: per model, the best ``metric`` reachable within each NFE budget, with the solver
     and grid that reach it (on the rows of the model's largest ``n``), and the adaptive row."""
+    metric = metric or row_metric(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
     head = ["model", "n", "floor"] + [f"NFE <= {b}" for b in budgets] + ["adaptive (NFE)"]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -190,7 +249,7 @@ def pareto_table(rows: Sequence[dict], budgets: Sequence[int] = BENCH_NFES, *, m
         m = max(r["n"] for r in rs)
         rs = [r for r in rs if r["n"] == m and r.get(metric) == r.get(metric)]
         fixed = [r for r in rs if r["grid"] != "adaptive"]
-        cells = [model, str(m), _fmt(rs[0]["w2_floor"]) if rs else "-"]
+        cells = [model, str(m), _fmt(rs[0].get(f"{metric}_floor")) if rs else "-"]
         for b in budgets:
             cand = [r for r in fixed if r["nfe"] <= b]
             if cand:
@@ -248,13 +307,15 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "csv": os.path.join(out_dir, f"{name}.csv"),
              "md": os.path.join(out_dir, f"{name}.md")}
     atomic_write_text(paths["json"], json.dumps(rows, indent=1))
-    atomic_write_text(paths["csv"], rows_to_csv(rows, columns or BENCH_COLUMNS))
-    atomic_write_text(paths["md"], rows_to_markdown(rows, columns or BENCH_COLUMNS))
+    metric = row_metric(rows)
+    columns = columns or bench_columns(metric)
+    atomic_write_text(paths["csv"], rows_to_csv(rows, columns))
+    atomic_write_text(paths["md"], rows_to_markdown(rows, columns))
     if plot:
         from flowmatch.viz import plot_w2_vs_nfe
 
-        paths["plot"] = os.path.join(out_dir, f"{name}_w2_vs_nfe.png")
-        plot_w2_vs_nfe(rows, paths["plot"])
+        paths["plot"] = os.path.join(out_dir, f"{name}_{metric}_vs_nfe.png")
+        plot_w2_vs_nfe(rows, paths["plot"], metric=metric)
     return paths
 
 
@@ -264,7 +325,8 @@ def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: s
     ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``."""
     from flowmatch.training.checkpoint import atomic_write_text
 
-    cols = tuple(BENCH_COLUMNS) + ("pareto",)
+    metric = row_metric(result.rows)
+    cols = tuple(bench_columns(metric)) + ("pareto",)
     paths = write_bench(result.rows, out_dir, plot=False, name=name, columns=cols)
     paths["models"] = os.path.join(out_dir, "models.json")
     atomic_write_text(paths["models"], json.dumps(result.models, indent=1))
@@ -276,6 +338,6 @@ def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: s
     if plot:
         from flowmatch.viz import plot_curvature_by_t, plot_pareto
 
-        paths["pareto_plot"] = plot_pareto(result.rows, os.path.join(out_dir, f"{name}_pareto.png"))
+        paths["pareto_plot"] = plot_pareto(result.rows, os.path.join(out_dir, f"{name}_pareto.png"), metric=metric)
         paths["curvature_plot"] = plot_curvature_by_t(result.curvature, os.path.join(out_dir, f"{name}_curvature.png"))
     return paths

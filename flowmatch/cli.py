@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=10_000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale for a class-conditional teacher (1: conditional)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 integrates under bf16 autocast (pairs stored in fp32)")
     g.add_argument("--no-progress", action="store_true")
     rr = rsub.add_parser("run", help="1-RF -> pairs -> 2-RF -> ... -> K-RF [-> distil], benchmarked per stage")
     rr.add_argument("configs", nargs="+", metavar="CONFIG",
@@ -133,8 +137,11 @@ def _run(args: argparse.Namespace) -> int:
         summary = pipelines.train_from_config(cfg, out, resume=args.resume, overwrite=args.overwrite,
                                               progress=not args.no_progress)
         ev = summary.eval
+        if not ev:  # a rank > 0 process of a distributed run: rank 0 reports
+            return 0
+        m = "fd" if "eval/fd" in ev else "w2"
         print(f"trained {summary.name} to step {summary.step} ({summary.steps_per_sec:.0f} steps/s) in {out}; "
-              f"W2 {ev.get('eval/w2', float('nan')):.4f} (floor {ev.get('eval/w2_floor', float('nan')):.4f}) "
+              f"{m.upper()} {ev.get(f'eval/{m}', float('nan')):.4f} (floor {ev.get(f'eval/{m}_floor', float('nan')):.4f}) "
               f"with {ev.get('eval/solver')} at NFE {ev.get('eval/nfe')}; straightness {ev.get('eval/straightness', float('nan')):.4f}")
         return 0
     if args.command == "sample":
@@ -178,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             m = generate_pairs(args.teacher, args.out, args.n, solver=args.solver, nfe=args.nfe, atol=args.atol,
                                rtol=args.rtol, shard_size=args.shard_size, seed=args.seed, device=args.device,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, guidance=args.guidance, precision=args.precision)
         finally:
             if started:
                 torch.distributed.destroy_process_group()
@@ -197,8 +204,9 @@ def _run(args: argparse.Namespace) -> int:
         for cfg in cfgs:
             rows = pipelines.reflow_from_config(cfg, os.path.join(args.out, cfg.name), rounds=args.rounds,
                                                 distill=args.distill, progress=not args.no_progress)
-            print(f"## {cfg.name}\n\n" + rows_to_markdown(rows, ("stage", "solver", "nfe", "w2", "w2_floor", "mmd",
-                                                                   "straightness")))
+            m = "fd" if rows and "fd" in rows[0] else "w2"
+            extra = ("fd", "fd_floor", "kid") if m == "fd" else ("w2", "w2_floor", "mmd")
+            print(f"## {cfg.name}\n\n" + rows_to_markdown(rows, ("stage", "solver", "nfe", *extra, "straightness")))
             all_rows += rows
         summary = pipelines.write_reflow_summary(all_rows, args.out)
         print(summary)

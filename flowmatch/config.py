@@ -152,7 +152,7 @@ class TrainConfig:
     # torch.compile of the fast step's loss (forward + backward): "auto" (with the fast step on CUDA),
     # "off", "on" (mode "default") or a torch.compile mode ("reduce-overhead", "max-autotune", ...).
     compile: Union[str, bool] = "auto"
-    # Mixed precision of the forward/backward: "auto" (bf16 autocast on CUDA, fp32 elsewhere),
+    # Mixed precision of the forward/backward: "auto" (bf16 autocast for image models on CUDA, fp32 elsewhere),
     # "fp32" or "bf16". Weights, optimiser state and EMA stay fp32.
     precision: str = "auto"
     # channels_last memory format for image models: "auto" (on with CUDA), "on" or "off".
@@ -173,7 +173,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """End-of-training evaluation of the EMA model: ``n`` samples, W2 against fresh target draws."""
+    """End-of-training evaluation of the EMA model: ``n`` samples, W2 against fresh target draws
+    (toy) or, for images, Fréchet distance and KID in the feature space of a small classifier
+    (shipped for ``digits`` and ``mnist5k``; ``classifier`` is the weights file for other datasets)
+    and, with ``inception`` (a local Inception weights file), Inception FID. A class-conditional
+    model samples labels 0, 1, ..., K - 1 in turn with classifier-free guidance of scale ``guidance``."""
 
     n: int = 2000
     solver: str = "dopri5"
@@ -182,6 +186,9 @@ class EvalConfig:
     rtol: float = 1e-5
     seed: int = 1234
     plots: bool = True
+    classifier: Optional[str] = None
+    inception: Optional[str] = None
+    guidance: float = 1.0
 
 
 @dataclass
@@ -207,6 +214,8 @@ class ReflowConfig:
     rtol: float = 1e-5
     shard_size: int = 10_000
     seed: int = 0
+    # pair generation: "auto" (bf16 autocast for image teachers on CUDA, else fp32), "fp32", "bf16"
+    precision: str = "auto"
     steps: int = 3000
     lr: float = 1e-3
     time: TimeConfig = field(default_factory=lambda: TimeConfig(name="u_shaped"))

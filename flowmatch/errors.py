@@ -14,6 +14,7 @@ __all__ = [
     "RunDirError",
     "NonFiniteLossError",
     "UnknownNameError",
+    "DatasetError",
 ]
 
 
@@ -34,6 +35,10 @@ class UnknownNameError(FlowmatchError, KeyError):
 
 class CheckpointError(FlowmatchError):
     """A checkpoint is missing, truncated, foreign or of another format version."""
+
+
+class DatasetError(FlowmatchError):
+    """A dataset's files are missing, truncated or corrupt, or an optional library it needs is absent."""
 
 
 class RunDirError(FlowmatchError):

@@ -21,7 +21,7 @@ import torch
 from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite, benchmark, rows_to_markdown,
                              write_bench, write_suite)
 from flowmatch.config import ExperimentConfig, config_diff, load_config, to_dict
-from flowmatch.data import get_dataset
+from flowmatch.data.task import build_task, is_image_task
 from flowmatch.data.pairs import read_manifest
 from flowmatch.errors import FlowmatchError
 from flowmatch.metrics import mmd, straightness, w2
@@ -39,6 +39,12 @@ DEMO_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 DEMO_NFES = (1, 2, 4, 8, 16)
 STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
                  "straightness_rel", "seconds", "n")
+IMAGE_STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "fd", "fd_floor", "kid", "straightness",
+                       "straightness_rel", "seconds", "n")
+
+
+def stage_columns(rows: Sequence[dict]) -> tuple:
+    return IMAGE_STAGE_COLUMNS if rows and "fd" in rows[0] else STAGE_COLUMNS
 
 
 @dataclass
@@ -75,9 +81,12 @@ def evaluate_model(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, 
     its relative and per-dimension forms). With ``out_dir``: ``samples.pt`` and, if
     ``cfg.eval.plots``, ``plots/samples.png``, ``plots/trajectories.png``, ``plots/loss_by_t.png``.
     """
+    if is_image_task(cfg.data):
+        return _evaluate_images(model, cfg, out_dir, tracker=tracker, step=step)
     ec = cfg.eval
     device = next(model.parameters()).device
-    source, target = get_dataset(cfg.data.source, cfg.data.dim), get_dataset(cfg.data.target, cfg.data.dim)
+    task = build_task(cfg.data)
+    source, target = task.source, task.target
     x0 = source.sample(ec.n, generator=make_generator(ec.seed)).to(device)
     ref = target.sample(ec.n, generator=make_generator(ec.seed + 1))
     ref2 = target.sample(ec.n, generator=make_generator(ec.seed + 2))
@@ -114,6 +123,62 @@ def evaluate_model(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, 
     return res
 
 
+def _loss_by_t_plot(out_dir: str, paths: dict) -> None:
+    from flowmatch.viz import plot_loss_by_t
+
+    rows = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if "train/loss_t0" in r]
+    if rows:
+        last = rows[-1]
+        bins = [last.get(f"train/loss_t{i}", float("nan")) for i in range(10)]
+        paths["loss_by_t"] = plot_loss_by_t(bins, os.path.join(out_dir, "plots", "loss_by_t.png"),
+                                            title=f"loss by t at step {last['step']}")
+
+
+@torch.no_grad()
+def _evaluate_images(model, cfg: ExperimentConfig, out_dir: Optional[str], *, tracker=None, step=None) -> dict:
+    """:func:`evaluate_model` for images: ``eval/fd``, ``eval/fd_floor``, ``eval/kid`` in the
+    classifier's feature space (and ``eval/inception_fid`` with ``eval.inception``), straightness on
+    128 draws, a sample grid and image trajectories."""
+    from flowmatch.evaluation import inception_score_of, make_scorer, sampling_field
+
+    ec = cfg.eval
+    device = next(model.parameters()).device
+    task = build_task(cfg.data)
+    x0 = task.source.sample(ec.n, generator=make_generator(ec.seed)).to(device)
+    field_ = sampling_field(model, ec.n, ec.guidance)
+    solver = get_solver(ec.solver, atol=ec.atol, rtol=ec.rtol)
+    traj = solve(field_, x0, solver, nfe=None if solver.adaptive else ec.nfe)
+    x1 = traj.x1.float().cpu()
+    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)
+    st = straightness(field_, x0[: min(ec.n, 128)])
+    res = {**{f"eval/{k}": v for k, v in {**scorer(x1), **scorer.floor(ec.n)}.items()}, "eval/nfe": traj.nfe,
+           "eval/solver": solver.name, "eval/straightness": st.straightness,
+           "eval/straightness_rel": st.straightness_rel, "eval/straightness_per_dim": st.straightness_per_dim}
+    fid = inception_score_of(cfg, x1, device=device)
+    if fid is not None:
+        res["eval/inception_fid"] = fid
+    if tracker is not None:
+        tracker.log({k: v for k, v in res.items() if not isinstance(v, str)}, step or 0)
+    if out_dir is not None:
+        atomic_save({"samples": x1, "x0": x0.cpu(), "solver": solver.name, "nfe": traj.nfe},
+                    os.path.join(out_dir, "samples.pt"))
+        if ec.plots:
+            from flowmatch.viz import plot_image_trajectories, save_image_grid
+
+            pd = os.path.join(out_dir, "plots")
+            k = getattr(model, "num_classes", None) or 8
+            paths = {"samples": save_image_grid(x1[:64], os.path.join(pd, "samples.png"), nrow=k if k <= 16 else 8,
+                                                title=f"{cfg.name}: {solver.name}, NFE {traj.nfe}")}
+            xs = solve(field_, x0[:8], "rk4", num_steps=16, return_trajectory=True).xs
+            paths["trajectories"] = plot_image_trajectories({cfg.name: xs}, os.path.join(pd, "trajectories.png"),
+                                                            n=8, steps=9, title=f"{cfg.name}: RK4 trajectories")
+            _loss_by_t_plot(out_dir, paths)
+            if tracker is not None:
+                for key, p in paths.items():
+                    tracker.log_image(f"eval/{key}", p, step)
+    return res
+
+
 def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = False, overwrite: bool = False,
                       progress: bool = True, evaluate: bool = True) -> TrainSummary:
     """Train ``cfg`` into ``out`` and evaluate it; writes ``summary.json``.
@@ -133,6 +198,9 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
                 return TrainSummary(**data)
         resume = os.path.exists(last_checkpoint(out))
     result = train(cfg, out, resume=bool(resume), overwrite=overwrite, progress=progress, finish_tracker=False)
+    if not result.is_main:  # rank > 0 under torchrun: rank 0 evaluates and writes summary.json
+        return TrainSummary(name=result.config.name, run_dir=out, checkpoint=result.checkpoint, step=result.step,
+                            steps_per_sec=result.steps_per_sec, eval={})
     cfg = result.config
     tracker = result.tracker
     try:
@@ -170,15 +238,19 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
         raise FlowmatchError(f"solver {solver!r} is adaptive: it takes --atol/--rtol, not --nfe")
     if not s.adaptive and nfe is None:
         raise FlowmatchError(f"solver {solver!r} is fixed-step: give --nfe (a multiple of {s.stages})")
-    source = get_dataset(cfg.data.source, cfg.data.dim)
-    x0 = source.sample(n, generator=make_generator(seed)).to(dev)
+    x0 = build_task(cfg.data).source.sample(n, generator=make_generator(seed)).to(dev)
+    from flowmatch.evaluation import LabeledField, sampling_field
+
+    field_ = sampling_field(lm.model, n, cfg.eval.guidance)
     from tqdm.auto import tqdm  # lazy
 
     chunks, nfes = [], []
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc="sample", disable=None if progress else True, leave=False):
-            traj = solve(lm.model, x0[start:start + batch_size], s, nfe=nfe, atol=atol, rtol=rtol)
+            v = field_ if field_ is lm.model else LabeledField(lm.model, field_.labels[start:start + batch_size],
+                                                               field_.scale)
+            traj = solve(v, x0[start:start + batch_size], s, nfe=nfe, atol=atol, rtol=rtol)
             chunks.append(traj.x1.float().cpu())
             nfes.append(traj.nfe)
     seconds = time.perf_counter() - t0
@@ -208,7 +280,7 @@ def _load_task_models(ckpts: Sequence[str], dev, names: Optional[Sequence[str]])
     if not ckpts:
         raise FlowmatchError("bench needs at least one checkpoint")
     loaded = [load_model(c, device=dev) for c in ckpts]
-    tasks = {(m.config.data.source, m.config.data.target, m.config.data.dim) for m in loaded}
+    tasks = {(m.config.data.source, m.config.data.target, m.config.data.dim, m.config.data.root) for m in loaded}
     if len(tasks) > 1:
         raise FlowmatchError(f"bench compares checkpoints of one task; got {sorted(tasks)} "
                              f"(run bench once per task)")
@@ -219,6 +291,12 @@ def _load_task_models(ckpts: Sequence[str], dev, names: Optional[Sequence[str]])
             name = f"{name}#{i}"
         models[name] = m.model
     return models, loaded[0].config
+
+
+def _bench_fields(models: dict, cfg: ExperimentConfig, n: int) -> dict:
+    from flowmatch.evaluation import sampling_field
+
+    return {name: sampling_field(m, n, cfg.eval.guidance) for name, m in models.items()}
 
 
 def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
@@ -232,9 +310,15 @@ def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     table, W2 scalars and the plots unless ``tracking`` is ``disabled``."""
     dev = resolve_device(device)
     models, cfg = _load_task_models(ckpts, dev, names)
-    res = bench_suite(models, get_dataset(cfg.data.source, cfg.data.dim), get_dataset(cfg.data.target, cfg.data.dim),
+    from flowmatch.evaluation import make_scorer
+
+    task = build_task(cfg.data)
+    big = max(n, grid_n or n)
+    res = bench_suite(_bench_fields(models, cfg, big), task.source, task.target,
                       solvers=solvers, nfes=nfes, grids=grids, n=n, grid_n=grid_n, likelihood_n=likelihood_n,
-                      seed=seed, atol=atol, rtol=rtol, device=dev, progress=progress)
+                      seed=seed, atol=atol, rtol=rtol, device=dev, progress=progress,
+                      scorer=make_scorer(cfg, big, seed=seed, device=dev),
+                      straightness_n=128 if task.is_image else 1000)
     task = f"{cfg.data.source}->{cfg.data.target}"
     for r in res.rows + res.models:
         r["task"] = task
@@ -244,9 +328,10 @@ def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
             with Tracker(out, mode=tracking, name=f"bench {task}", job_type="bench") as tr:
                 tr.log_table("bench/table", res.rows)
                 tr.log_table("bench/models", res.models)
+                metric = "fd" if task.is_image else "w2"
                 for r in res.rows:
                     if r["n"] == n:
-                        tr.log({f"bench/{r['model']}/{r['solver']}/{r['grid']}/nfe{r['nfe']}/w2": r["w2"]}, 0)
+                        tr.log({f"bench/{r['model']}/{r['solver']}/{r['grid']}/nfe{r['nfe']}/{metric}": r[metric]}, 0)
                 for key in ("pareto_plot", "curvature_plot"):
                     if key in paths:
                         tr.log_image(f"bench/{key[:-5]}", paths[key])
@@ -263,9 +348,13 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     by the demo and the reflow stage tables; :func:`bench_checkpoints` is the full bench)."""
     dev = resolve_device(device)
     models, cfg = _load_task_models(ckpts, dev, names)
-    rows = benchmark(models, get_dataset(cfg.data.source, cfg.data.dim), get_dataset(cfg.data.target, cfg.data.dim),
+    from flowmatch.evaluation import make_scorer
+
+    task = build_task(cfg.data)
+    rows = benchmark(_bench_fields(models, cfg, n), task.source, task.target,
                      solvers=solvers, nfes=nfes, n=n, seed=seed, grid=grid, atol=atol, rtol=rtol, device=dev,
-                     progress=progress)
+                     progress=progress, scorer=make_scorer(cfg, n, seed=seed, device=dev),
+                     straightness_n=128 if task.is_image else 1000)
     task = f"{cfg.data.source}->{cfg.data.target}"
     for r in rows:
         r["task"] = task
@@ -274,10 +363,11 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
         if tracking != "disabled":
             with Tracker(out, mode=tracking, name=f"bench {task}", job_type="bench") as tr:
                 tr.log_table("bench/table", rows)
+                metric = "fd" if task.is_image else "w2"
                 for r in rows:
-                    tr.log({f"bench/{r['solver']}/nfe{r['nfe']}/w2": r["w2"]}, 0)
+                    tr.log({f"bench/{r['solver']}/nfe{r['nfe']}/{metric}": r[metric]}, 0)
                 if "plot" in paths:
-                    tr.log_image("bench/w2_vs_nfe", paths["plot"])
+                    tr.log_image(f"bench/{metric}_vs_nfe", paths["plot"])
     return rows
 
 
@@ -425,34 +515,71 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
                                progress=progress)
         stages = [("1-RF", s1.checkpoint)]
     for i, (label, stage_cfg, pairs) in enumerate(reflow_stage_configs(cfg, out, rounds, distill)):
+        precision = rc.precision
+        if precision == "auto":  # bf16 for image teachers on a GPU, where it doubles the throughput
+            precision = "bf16" if torch.cuda.is_available() and is_image_task(cfg.data) else "fp32"
         generate_pairs(stages[-1][1], pairs, rc.num_pairs, solver=rc.solver, nfe=rc.nfe, atol=rc.atol, rtol=rc.rtol,
-                       shard_size=rc.shard_size, seed=rc.seed + i, progress=progress)
+                       shard_size=rc.shard_size, seed=rc.seed + i, progress=progress, guidance=cfg.eval.guidance,
+                       precision=precision)
         s = train_from_config(stage_cfg, os.path.join(out, label), resume="auto", progress=progress)
         stages.append((label, s.checkpoint))
     rows = bench_from_checkpoints([c for _, c in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
-                                  n=rc.bench_n, names=[lbl for lbl, _ in stages], tracking="disabled",
+                                  n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, names=[lbl for lbl, _ in stages], tracking="disabled",
                                   progress=progress, plot=False)
     for r in rows:
         r["stage"] = r.pop("model")
         r["task"] = cfg.name
-    rows = [{c: r[c] for c in STAGE_COLUMNS} | {k: v for k, v in r.items() if k not in STAGE_COLUMNS} for r in rows]
-    write_bench(rows, out, plot=False, name="stages", columns=STAGE_COLUMNS)
+    cols = stage_columns(rows)
+    rows = [{c: r[c] for c in cols} | {k: v for k, v in r.items() if k not in cols} for r in rows]
+    write_bench(rows, out, plot=False, name="stages", columns=cols)
     pd = os.path.join(out, "plots")
-    plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, "w2_vs_nfe.png"))
+    metric = "fd" if "fd" in cols else "w2"
+    plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, f"{metric}_vs_nfe.png"), metric=metric)
     plot_straightness_by_stage(rows, os.path.join(pd, "straightness.png"), title=cfg.name)
-    x0 = get_dataset(cfg.data.source, cfg.data.dim).sample(300, generator=make_generator(cfg.eval.seed))
+    task = build_task(cfg.data)
+    from flowmatch.evaluation import sampling_field
+
+    x0 = task.source.sample(8 if task.is_image else 300, generator=make_generator(cfg.eval.seed))
     trajs = {}
     with torch.no_grad():
         for label, ckpt in stages:
-            trajs[label] = solve(load_model(ckpt).model, x0, "rk4", num_steps=32, return_trajectory=True).xs
-    plot_trajectory_grid(trajs, os.path.join(pd, "trajectories.png"), title=f"{cfg.name}: RK4 trajectories per stage")
+            field_ = sampling_field(load_model(ckpt).model, len(x0), cfg.eval.guidance)
+            trajs[label] = solve(field_, x0, "rk4", num_steps=16 if task.is_image else 32, return_trajectory=True).xs
+    if task.is_image:
+        from flowmatch.viz import plot_image_trajectories
+
+        plot_image_trajectories(trajs, os.path.join(pd, "trajectories.png"), n=8, steps=9,
+                                title=f"{cfg.name}: RK4 trajectories per stage")
+        stage_sample_grids(stages, cfg, os.path.join(pd, "samples"), nfes=rc.bench_nfes)
+    else:
+        plot_trajectory_grid(trajs, os.path.join(pd, "trajectories.png"),
+                             title=f"{cfg.name}: RK4 trajectories per stage")
     if cfg.tracking.mode != "disabled":
         with Tracker(out, mode=cfg.tracking.mode, project=cfg.tracking.project, name=f"reflow {cfg.name}",
                      job_type="reflow") as tr:
             tr.log_table("reflow/stages", rows)
-            for p in ("w2_vs_nfe", "straightness", "trajectories"):
+            for p in (f"{metric}_vs_nfe", "straightness", "trajectories"):
                 tr.log_image(f"reflow/{p}", os.path.join(pd, f"{p}.png"))
     return rows
+
+
+@torch.no_grad()
+def stage_sample_grids(stages: Sequence[tuple], cfg: ExperimentConfig, out_dir: str, *,
+                       nfes: Sequence[int] = (1, 2, 4, 8), n: int = 40) -> list[str]:
+    """Per stage, one PNG with ``n`` samples from the same noise at Euler NFE ``nfes`` and dopri5
+    (``OUT/<stage>.png``); returns the paths."""
+    from flowmatch.evaluation import sampling_field
+    from flowmatch.viz import plot_image_panels
+
+    x0 = build_task(cfg.data).source.sample(n, generator=make_generator(cfg.eval.seed))
+    paths = []
+    for label, ckpt in stages:
+        field_ = sampling_field(load_model(ckpt).model, n, cfg.eval.guidance)
+        panels = {f"Euler NFE {k}": solve(field_, x0, "euler", nfe=k).x1 for k in nfes}
+        ad = solve(field_, x0, "dopri5", atol=cfg.eval.atol, rtol=cfg.eval.rtol)
+        panels[f"dopri5 (NFE {ad.nfe})"] = ad.x1
+        paths.append(plot_image_panels(panels, os.path.join(out_dir, f"{label}.png"), nrow=8, title=label))
+    return paths
 
 
 def reflow_targets(rows: list[dict]) -> list[dict]:
@@ -469,15 +596,19 @@ def reflow_targets(rows: list[dict]) -> list[dict]:
         dist = next((r for r in rs if r["stage"].endswith("+distill") and r["solver"] == "euler" and r["nfe"] == 1), None)
         if one is None:
             continue
-        floor = one["w2_floor"]
-        row = {"task": task, "w2_floor": floor, "S(1-RF)": one["straightness"],
+        m = "fd" if "fd" in one else "w2"
+        M = m.upper()
+        floor = one[f"{m}_floor"]
+        row = {"task": task, f"{m}_floor": floor, "S(1-RF)": one["straightness"],
                "S(2-RF)": two["straightness"] if two else None,
                "S ratio 2-RF/1-RF": two["straightness"] / one["straightness"] if two else None,
-               "1-RF dopri5 W2": ada1["w2"] if ada1 else None, "2-RF dopri5 W2": ada2["w2"] if ada2 else None,
-               "1-RF Euler-1 W2": one["w2"], "2-RF Euler-1 W2": two["w2"] if two else None,
-               "distilled stage": dist["stage"] if dist else None, "distilled Euler-1 W2": dist["w2"] if dist else None}
-        best = min(w for w in (row["2-RF Euler-1 W2"], row["distilled Euler-1 W2"]) if w is not None) if (two or dist) else None
-        row["best one-step W2 / floor"] = best / floor if best is not None else None
+               f"1-RF dopri5 {M}": ada1[m] if ada1 else None, f"2-RF dopri5 {M}": ada2[m] if ada2 else None,
+               f"1-RF Euler-1 {M}": one[m], f"2-RF Euler-1 {M}": two[m] if two else None,
+               "distilled stage": dist["stage"] if dist else None, f"distilled Euler-1 {M}": dist[m] if dist else None}
+        best = min(w for w in (row[f"2-RF Euler-1 {M}"], row[f"distilled Euler-1 {M}"]) if w is not None) if (two or dist) else None
+        row[f"best one-step {M} / floor"] = best / floor if best is not None and floor else None
+        if m == "fd":  # the image target: one-step distilled FD against 1-RF's adaptive FD
+            row["distilled Euler-1 FD / 1-RF dopri5 FD"] = (dist[m] / ada1[m]) if dist and ada1 else None
         out.append(row)
     return out
 
@@ -485,7 +616,7 @@ def reflow_targets(rows: list[dict]) -> list[dict]:
 def write_reflow_summary(rows: list[dict], out: str) -> str:
     """Write every chain's stage rows to ``OUT/stages.json``/``.csv``/``.md`` and the target table to
     ``OUT/targets.json``/``.md``; returns the target table as markdown."""
-    write_bench(rows, out, plot=False, name="stages", columns=STAGE_COLUMNS)
+    write_bench(rows, out, plot=False, name="stages", columns=stage_columns(rows))
     targets = reflow_targets(rows)
     md = rows_to_markdown(targets)
     atomic_write_text(os.path.join(out, "targets.json"), json.dumps(targets, indent=1))

@@ -23,9 +23,10 @@ from typing import Optional
 import torch
 
 from flowmatch.config import to_dict
-from flowmatch.data import get_dataset
+from flowmatch.data.task import build_task
 from flowmatch.data.pairs import PAIRS_FORMAT, PAIRS_VERSION, PairStoreError, read_manifest, shard_name
 from flowmatch.errors import ConfigError, FlowmatchError
+from flowmatch.models import ClassifierFreeGuidance
 from flowmatch.io import atomic_save, atomic_write_text, file_sha256
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
@@ -86,8 +87,14 @@ def _plan_key(plan: dict) -> dict:
 def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5", nfe: Optional[int] = None,
                    atol: float = 1e-5, rtol: float = 1e-5, shard_size: int = 10_000, seed: int = 0,
                    device: str | torch.device = "auto", progress: bool = True,
-                   rank: Optional[int] = None, world_size: Optional[int] = None) -> Optional[dict]:
+                   rank: Optional[int] = None, world_size: Optional[int] = None,
+                   guidance: float = 1.0, precision: str = "fp32") -> Optional[dict]:
     """Integrate the teacher's EMA model from ``n`` source draws; store the pairs in ``out_dir``.
+
+    A class-conditional teacher is given labels drawn uniformly per shard (after the shard's noise,
+    from the shard's generator) and integrated with classifier-free guidance of scale ``guidance``
+    (1 = the conditional field); its shards store the labels ``y`` and the manifest says
+    ``labeled``. ``precision="bf16"`` integrates under bf16 autocast (the pairs are stored in fp32).
 
     Returns the manifest (on every rank, after all shards are written; ``None`` on a rank > 0 run
     without a process group, where rank 0, run last, writes it). Fixed-step solvers take
@@ -111,8 +118,12 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
     if not s.adaptive:
         if nfe is None or s.steps_for_nfe(nfe) is None:
             raise ConfigError(f"solver {solver!r} needs nfe, a positive multiple of {s.stages}; got {nfe}")
-    source = get_dataset(cfg.data.source, cfg.data.dim)
-    shape = [cfg.data.dim]
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"pair generation precision must be fp32 or bf16, got {precision!r}")
+    task = build_task(cfg.data)
+    source = task.source
+    shape = list(task.shape)
+    classes = getattr(lm.model, "num_classes", None)
     num_shards = math.ceil(n / shard_size)
     plan = {
         "format": PAIRS_FORMAT, "version": PAIRS_VERSION, "count": n, "shard_size": shard_size,
@@ -124,6 +135,8 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
         "teacher": {"sha256": teacher_sha, "step": lm.step, "config": to_dict(cfg)},
         "teacher_path": os.path.abspath(teacher),
     }
+    if classes or precision != "fp32":  # keys only where they say something, so toy plans are unchanged
+        plan |= {"labeled": bool(classes), "guidance": guidance if classes else None, "precision": precision}
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write-test-{rank}")
@@ -155,10 +168,18 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
         if _read_shard(path, count, shape) is not None:
             continue
         sd = shard_seed(seed, i)
-        x0 = source.sample(count, generator=make_generator(sd)).to(dev)
-        traj = solve(lm.model, x0, s, nfe=nfe, atol=atol, rtol=rtol)
-        atomic_save({"x0": x0.float().cpu(), "x1": traj.x1.float().cpu(), "index": i, "seed": sd, "nfe": traj.nfe},
-                    path)
+        g = make_generator(sd)
+        x0 = source.sample(count, generator=g).to(dev)
+        record = {}
+        v = lm.model
+        if classes:
+            y = torch.randint(0, classes, (count,), generator=g).to(dev)
+            v = ClassifierFreeGuidance(lm.model, y, guidance)
+            record["y"] = y.cpu()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            traj = solve(v, x0, s, nfe=nfe, atol=atol, rtol=rtol)
+        atomic_save({"x0": x0.float().cpu(), "x1": traj.x1.float().cpu(), "index": i, "seed": sd, "nfe": traj.nfe,
+                     **record}, path)
     _barrier(world_size)
     mpath = os.path.join(out_dir, "manifest.json")
     if rank == 0:

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["plot_samples", "plot_trajectories", "plot_w2_vs_nfe", "plot_loss_by_t", "plot_trajectory_grid",
-           "plot_straightness_by_stage", "plot_pareto", "plot_curvature_by_t"]
+           "plot_straightness_by_stage", "plot_pareto", "plot_curvature_by_t", "image_grid", "save_image_grid",
+           "plot_image_panels", "plot_image_trajectories"]
 
 
 def _plt():
@@ -97,13 +98,13 @@ def plot_w2_vs_nfe(rows: Sequence[dict], path: str, *, metric: str = "w2") -> st
                 ax.plot(xs, ys, marker="*", ls="none", ms=9, label=f"{model} {solver}")
             else:
                 ax.plot(xs, ys, marker="o", ms=3, ls=styles[mi % len(styles)], label=f"{model} {solver}")
-    floors = [r["w2_floor"] for r in rows if r.get("w2_floor") is not None]
-    if metric == "w2" and floors:
+    floors = [r[f"{metric}_floor"] for r in rows if r.get(f"{metric}_floor") is not None]
+    if floors:
         ax.axhline(sum(floors) / len(floors), color="gray", lw=0.8, ls=":", label="noise floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
-    ax.set_ylabel(metric.upper() if metric == "w2" else metric)
+    ax.set_ylabel(metric.upper())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
@@ -175,8 +176,8 @@ def plot_pareto(rows: Sequence[dict], path: str, *, metric: str = "w2", title: O
         front = [r for r in rs if r.get("pareto")]
         ax.scatter([r["nfe"] for r in front], [r[metric] for r in front], s=60, facecolors="none",
                    edgecolors="gray", lw=1, zorder=4, label="Pareto front")
-        if metric == "w2":
-            for n_, floor in sorted({(r["n"], r["w2_floor"]) for r in rs}):
+        if rs and rs[0].get(f"{metric}_floor") is not None:
+            for n_, floor in sorted({(r["n"], r[f"{metric}_floor"]) for r in rs}):
                 ax.axhline(floor, color="gray", lw=0.8, ls=":")
                 ax.text(1, floor, f" floor n={n_}", fontsize=6, va="bottom", color="gray")
         ax.set_xscale("log", base=2)
@@ -186,7 +187,7 @@ def plot_pareto(rows: Sequence[dict], path: str, *, metric: str = "w2", title: O
         ax.grid(alpha=0.3, which="both")
     for ax in axes.flat[len(models):]:
         ax.axis("off")
-    axes[0][0].set_ylabel(metric.upper() if metric == "w2" else metric)
+    axes[0][0].set_ylabel(metric.upper())
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if title:
         fig.suptitle(title, fontsize=10)
@@ -214,3 +215,58 @@ def plot_curvature_by_t(curvature: Sequence[dict], path: str, *, title: Optional
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def image_grid(x: torch.Tensor, nrow: int = 8, pad: int = 1) -> torch.Tensor:
+    """Tile images ``[N, C, H, W]`` (pixels in [-1, 1]) into one ``[rows*(H+pad)+pad, nrow*(W+pad)+pad, C]``
+    array in [0, 1] (white padding)."""
+    x = x.detach().float().cpu().clamp(-1, 1).add(1).div(2)
+    n, c, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    out = torch.ones(rows * (h + pad) + pad, nrow * (w + pad) + pad, c)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = \
+            x[i].permute(1, 2, 0)
+    return out
+
+
+def save_image_grid(x: torch.Tensor, path: str, *, nrow: int = 8, title: Optional[str] = None) -> str:
+    """Save images ``[N, C, H, W]`` in [-1, 1] as one tiled PNG (grayscale for one channel)."""
+    plt = _plt()
+    g = image_grid(x, nrow)
+    fig, ax = plt.subplots(figsize=(max(2.0, g.shape[1] / 30), max(2.0, g.shape[0] / 30)))
+    ax.imshow(g.squeeze(-1).numpy() if g.shape[-1] == 1 else g.numpy(), cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def plot_image_panels(panels: dict, path: str, *, nrow: int = 8, title: Optional[str] = None) -> str:
+    """One tiled grid per ``{label: images [N, C, H, W]}`` side by side (e.g. a stage's samples at
+    NFE 1, 2, 4 and adaptive)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (label, x) in zip(axes[0], panels.items()):
+        g = image_grid(x, nrow)
+        ax.imshow(g.squeeze(-1).numpy() if g.shape[-1] == 1 else g.numpy(), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_image_trajectories(trajs: dict, path: str, *, n: int = 6, steps: int = 8, title: Optional[str] = None) -> str:
+    """Image trajectories ``{label: xs [T, B, C, H, W]}``: per label, ``n`` samples (rows) at
+    ``steps`` evenly spaced times from t = 0 to 1 (columns); straight flows change their images
+    linearly from noise to data."""
+    panels = {}
+    for label, xs in trajs.items():
+        idx = torch.linspace(0, xs.shape[0] - 1, steps).round().long()
+        sel = xs[idx][:, :n]  # [steps, n, C, H, W]
+        panels[label] = sel.transpose(0, 1).reshape(-1, *xs.shape[2:])
+    return plot_image_panels(panels, path, nrow=steps, title=title)

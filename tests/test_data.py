@@ -239,3 +239,45 @@ def test_8gaussians_log_prob_is_the_mixture_density():
     assert float(d.log_prob(pts).exp().sum() * (s[1] - s[0]) ** 2) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="8gaussians"):
         d.log_prob(torch.zeros(3, 3))
+
+
+# --------------------------------------------------------------------------- gaussian of an image shape
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 4, 5), [2, 3]])
+def test_gaussian_with_shape_draws_standard_normal_of_that_shape(shape):
+    ds = get_dataset("gaussian", shape=shape)
+    d = math.prod(shape)
+    assert ds.dim == d and ds.shape == tuple(shape)
+    x = ds.sample(4000, generator=gen(2), dtype=torch.float64)
+    assert x.shape == (4000, *shape)
+    flat = x.reshape(4000, d)
+    n = flat.numel()
+    assert abs(flat.mean().item()) < 5 / math.sqrt(n)
+    assert flat.var().item() == pytest.approx(1.0, abs=6 * math.sqrt(2 / n))
+    # the shape only arranges the stream: the same seed gives the flat draw, reshaped
+    assert torch.equal(x.reshape(4000, d), get_dataset("gaussian", dim=d).sample(4000, generator=gen(2),
+                                                                                  dtype=torch.float64))
+
+
+def test_gaussian_with_shape_log_prob_is_the_closed_form():
+    ds = get_dataset("gaussian", dim=5, shape=(2, 3, 3))  # the shape decides dim
+    assert ds.dim == 18
+    x = torch.randn(7, 2, 3, 3, generator=gen(1), dtype=torch.float64) * 1.7
+    # log N(x; 0, I) = sum over all 18 coordinates of -x^2/2 - log(2 pi)/2
+    expected = (-0.5 * x ** 2 - 0.5 * math.log(2 * math.pi)).sum(dim=(1, 2, 3))
+    assert torch.allclose(ds.log_prob(x), expected, atol=1e-12)
+    with pytest.raises(ValueError):
+        ds.log_prob(torch.zeros(7, 2, 3))
+
+
+@pytest.mark.parametrize("shape", [(), (0, 3), (-1,), (2.5, 2), "abc"])
+def test_gaussian_refuses_a_bad_shape(shape):
+    with pytest.raises(ConfigError):
+        get_dataset("gaussian", shape=shape)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in DATASETS if n != "gaussian"))
+def test_only_gaussian_takes_a_shape(name):
+    with pytest.raises(ConfigError, match="shape"):
+        get_dataset(name, shape=(1, 8, 8))

@@ -5,21 +5,30 @@ per-step check, exact kill-and-resume across modes, the trainer API and the conf
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowmatch.training.loop as loop_mod
 from flowmatch.config import TrainConfig, apply_overrides, from_dict
+from flowmatch.couplings import Coupling, IndependentCoupling
+from flowmatch.data.images import ImageDataset
+from flowmatch.data.toy import Gaussian
 from flowmatch.errors import ConfigError, NonFiniteLossError
 from flowmatch.models import EMA
+from flowmatch.paths import get_path
 from flowmatch.reflow import generate_pairs
-from flowmatch.training import (build_trainer, last_checkpoint, load_checkpoint, read_metrics, resolve_speed,
-                                train)
-from flowmatch.training.fast import COMPILE_MODES, FAST_MODES, SpeedPlan
+from flowmatch.timesteps import get_time_sampler
+from flowmatch.training import (Components, Trainer, build_components, build_trainer, cfm_loss, last_checkpoint,
+                                load_checkpoint, read_metrics, resolve_speed, train)
+from flowmatch.training.fast import (CHANNELS_LAST_MODES, COMPILE_MODES, FAST_MODES, PRECISIONS, SpeedPlan,
+                                     resolve_channels_last, resolve_plan, resolve_precision)
 from flowmatch.types import LossOutput
+from flowmatch.utils import make_generator
 from test_training import _Interrupt  # the same kill-at-step callback as the plain loop's resume tests
 
 
@@ -33,11 +42,15 @@ def pair_store(tmp_path_factory, make_cfg):
 
 
 def _extra(kind: str, pair_store: str) -> tuple:
+    paired_mix = ("coupling.name=paired", f"coupling.pairs={pair_store}", "coupling.mix=0.25", "coupling.real=ot",
+                  "train.init=random")
     return {"independent": ("coupling.name=independent",),
             "ot-exact": ("coupling.name=ot", "coupling.method=exact"),
             "sigma-logit": ("path.sigma=0.1", "time.name=logit_normal"),
-            "paired-mix": ("coupling.name=paired", f"coupling.pairs={pair_store}", "coupling.mix=0.25",
-                           "coupling.real=ot", "train.init=random")}[kind]
+            "paired-mix": paired_mix,
+            "accum2-paired-mix": paired_mix[:-2] + ("coupling.real=independent", "train.init=random",
+                                                    "train.grad_accum=2"),
+            "accum3-sigma": ("path.sigma=0.1", "train.grad_accum=3")}[kind]
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -51,7 +64,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------- same numbers
 
 
-@pytest.mark.parametrize("kind", ["independent", "ot-exact", "sigma-logit", "paired-mix"])
+@pytest.mark.parametrize("kind", ["independent", "ot-exact", "sigma-logit", "paired-mix", "accum2-paired-mix",
+                                  "accum3-sigma"])
 def test_fast_step_equals_plain_loop_exactly_on_cpu(make_cfg, tmp_path, pair_store, kind):
     base = ("train.steps=30", "train.log_every=5", "train.ckpt_every=10", "train.weight_decay=0.01",
             "train.grad_clip=0.5", *_extra(kind, pair_store))
@@ -317,3 +331,316 @@ def test_yaml_on_off_are_read_as_the_documented_strings():
     with pytest.raises(ConfigError, match="train.fast"):
         from_dict({"train": {"fast": 1}})
     assert "train.fast" in loop_mod.RESUMABLE_KEYS and "train.compile" in loop_mod.RESUMABLE_KEYS
+
+
+# --------------------------------------------------------------------------- class labels
+
+class _Probe(nn.Module):
+    """A small convolutional velocity ``v(x, t, cond)`` for ``[B, C, H, W]`` images that records the
+    labels and the memory layout of every input it is given. ``conditional``: it has ``num_classes``
+    and ``null_class`` (== num_classes) and a label embedding with the null row, like the UNet."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, conditional: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        if conditional:
+            self.num_classes, self.null_class = num_classes, num_classes
+            self.embed = nn.Embedding(num_classes + 1, channels)
+        self.conds: list = []
+        self.channels_last_inputs: list = []
+
+    def forward(self, x, t, cond=None):
+        self.conds.append(None if cond is None else cond.clone())
+        self.channels_last_inputs.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        h = self.conv(x) + t[:, None, None, None]
+        if cond is not None:
+            h = h + self.embed(cond)[:, :, None, None]
+        return h
+
+
+def _images(model: nn.Module, *, labeled: bool = True, channels: int = 3, n: int = 64) -> Components:
+    """Components for gaussian -> a small random labeled (or unlabeled) image set ``[n, C, 8, 8]``."""
+    g = make_generator(5)
+    pixels = torch.randint(0, 256, (n, channels, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g) if labeled else None
+    source, target = Gaussian(shape=(channels, 8, 8)), ImageDataset(pixels, labels, num_classes=10)
+    return Components(torch.device("cpu"), source, target, get_path("linear"), IndependentCoupling(source, target),
+                      get_time_sampler("uniform"), model)
+
+
+def test_class_labels_reach_the_model_with_dropout_from_the_step_generator(make_cfg):
+    p, b = 0.3, 256
+    cfg = make_cfg("model.class_cond=true", f"train.class_dropout={p}", f"train.batch_size={b}")
+    comp = _images(_Probe())
+    tr = Trainer(cfg, comp)
+    tr.run(4)
+    conds = comp.model.conds
+    assert len(conds) == 4 and all(c is not None and c.shape == (b,) and c.dtype == torch.long for c in conds)
+    # the first step's labels, replayed by hand: batch, times, then one uniform draw per label
+    g = make_generator(cfg.train.seed)
+    _, _, y = IndependentCoupling(comp.source, comp.target).sample_labeled(b, generator=g)
+    comp.time_sampler.sample(b, generator=g)
+    want = torch.where(torch.rand(b, generator=g) < p, torch.full_like(y, 10), y)
+    assert torch.equal(conds[0], want)
+    # the dropout rate over 1024 labels: 0.3 +- 0.014 (one standard deviation)
+    rate = (torch.cat(conds) == 10).double().mean().item()
+    assert abs(rate - p) < 0.06, rate
+    assert torch.cat(conds).max() <= 10 and (torch.cat(conds) < 10).any()
+
+
+@pytest.mark.parametrize("p,null_share", [(0.0, 0.0), (1.0, 1.0)])
+def test_class_dropout_extremes(make_cfg, p, null_share):
+    comp = _images(_Probe())
+    Trainer(make_cfg("model.class_cond=true", f"train.class_dropout={p}"), comp).run(2)
+    assert all((c == 10).double().mean().item() == null_share for c in comp.model.conds)
+
+
+def test_unconditional_model_gets_no_labels_and_draws_as_before(make_cfg):
+    comp = _images(_Probe(conditional=False))
+    Trainer(make_cfg(), comp).run(2)
+    assert comp.model.conds == [None, None]
+    # the toy step's first loss, by hand: coupling batch, times, path noise from the seeded generator
+    cfg = make_cfg("path.sigma=0.1")
+    tr = build_trainer(cfg, fast=False)
+    ref = build_components(cfg)
+    g = make_generator(cfg.train.seed)
+    x0, x1 = ref.coupling.sample(cfg.train.batch_size, generator=g)
+    t = ref.time_sampler.sample(cfg.train.batch_size, generator=g)
+    want = cfm_loss(ref.model, ref.path, x0, x1, t, generator=g).loss.item()
+    assert tr.step().value == want
+
+
+class _Unlabeled(Coupling):
+    """A coupling whose labels are unknown until drawn (the base class's sample_labeled gives None)."""
+
+    name = "wrapped"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def sample(self, batch_size, *, generator=None):
+        return self.inner.sample(batch_size, generator=generator)
+
+
+def test_class_cond_without_labels_is_a_config_error(make_cfg, tmp_path):
+    cfg = make_cfg("model.class_cond=true")
+    with pytest.raises(ConfigError, match="class labels"):  # an unlabeled image set: at construction
+        Trainer(cfg, _images(_Probe(), labeled=False))
+    toy = build_components(make_cfg())
+    toy.model = _Probe(channels=2)
+    with pytest.raises(ConfigError, match="class labels"):  # toy data has no labels
+        Trainer(cfg, toy)
+    comp = _images(_Probe())
+    comp.coupling = _Unlabeled(comp.coupling)
+    tr = Trainer(cfg, comp)  # not known without drawing: the first step says so
+    with pytest.raises(ConfigError, match="class labels"):
+        tr.step()
+    with pytest.raises(ConfigError, match="null_class"):
+        Trainer(cfg, _images(_Probe(conditional=False)))
+    with pytest.raises(ConfigError, match="class"):  # through the config: refused when the model is built
+        train(cfg, str(tmp_path / "run"), progress=False)
+
+
+@pytest.mark.parametrize("extra", [(), ("train.grad_accum=2", "train.channels_last=on")], ids=["plain", "accum-cl"])
+def test_class_conditional_fast_step_equals_plain(make_cfg, extra):
+    cfg = make_cfg("model.class_cond=true", "train.class_dropout=0.5", "train.batch_size=16", *extra)
+    a, b = _images(_Probe()), _images(_Probe())
+    b.model.load_state_dict(a.model.state_dict())
+    plain, fast = Trainer(cfg, a, fast=False), Trainer(cfg, b, fast=True)
+    plain.run(3)
+    fast.run(3)
+    assert plain.sync() == fast.sync()
+    assert len(a.model.conds) == 3 * cfg.train.grad_accum
+    assert all(torch.equal(x, y) for x, y in zip(a.model.conds, b.model.conds))
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("value,device,expected", [
+    ("auto", "cpu", "fp32"), ("fp32", "cpu", "fp32"), ("bf16", "cpu", "bf16"), ("fp32", "cuda", "fp32"),
+])
+def test_resolve_precision(value, device, expected):
+    assert resolve_precision(value, device) == expected
+
+
+def test_auto_precision_is_bf16_on_cuda_when_supported():
+    ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    assert resolve_precision("auto", "cuda") == ("bf16" if ok else "fp32")
+
+
+@pytest.mark.parametrize("value,device,expected", [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False), (True, "cpu", True),
+])
+def test_resolve_channels_last(value, device, expected):
+    assert resolve_channels_last(value, device) is expected
+
+
+def test_resolve_plan_takes_every_step_key(make_cfg):
+    tc = make_cfg("train.fast=on", "train.precision=bf16", "train.channels_last=on", "train.grad_accum=4").train
+    assert resolve_plan(tc) == SpeedPlan(True, None, "bf16", True, 4)
+    assert resolve_plan(make_cfg().train) == SpeedPlan(False, None)  # the tiny config: the historical step
+
+
+@pytest.mark.parametrize("key,value,valid", [
+    ("precision", "fp16", PRECISIONS), ("channels_last", "sideways", CHANNELS_LAST_MODES),
+    ("grad_accum", 0, ("integer >= 1",)), ("grad_accum", -2, ("integer >= 1",)),
+    ("class_dropout", 1.5, ("[0, 1]",)), ("class_dropout", -0.1, ("[0, 1]",)),
+])
+def test_bad_step_value_is_refused_before_the_run_dir(make_cfg, tmp_path, key, value, valid):
+    with pytest.raises(ConfigError) as e:
+        train(make_cfg(f"train.{key}={value}"), str(tmp_path / "run"), progress=False)
+    msg = str(e.value)
+    assert f"train.{key}" in msg and all(v in msg for v in valid)
+    assert not os.path.exists(tmp_path / "run")
+    with pytest.raises(ConfigError):
+        build_trainer(make_cfg(f"train.{key}={value}"))
+
+
+def _dtypes_of(module: nn.Module, kind=nn.Linear) -> list:
+    seen = []
+    for m in module.modules():
+        if isinstance(m, kind):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_bf16_on_cpu_trains_close_to_fp32_with_fp32_state(make_cfg, fast):
+    ref = build_trainer(make_cfg(), fast=fast)
+    tr = build_trainer(make_cfg("train.precision=bf16"), fast=fast)
+    assert tr.plan.precision == "bf16" and ref.plan.precision == "fp32"
+    seen32, seen16 = _dtypes_of(ref.model), _dtypes_of(tr.model)
+    ref.run(5)
+    tr.run(5)
+    a, b = ref.sync(), tr.sync()
+    assert all(math.isfinite(v) for v in b)
+    assert b == pytest.approx(a, rel=0.05)  # bf16 keeps ~3 significant digits in the forward
+    assert b != a  # and it did run in bf16
+    assert set(seen16) == {torch.bfloat16} and set(seen32) == {torch.float32}
+    # weights, gradients, optimiser moments and EMA stay fp32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in tr.model.parameters())
+    assert all(p.dtype == torch.float32 for p in tr.ema.model.parameters())
+    assert all(v.dtype == torch.float32 for st in tr.optimizer.state.values() for k, v in st.items()
+               if k in ("exp_avg", "exp_avg_sq"))
+    if fast:  # the eager fast step is the plain step's arithmetic in bf16 too
+        plain = build_trainer(make_cfg("train.precision=bf16"), fast=False)
+        plain.run(5)
+        assert plain.sync() == b
+
+
+def test_class_conditional_unet_trains_in_bf16_channels_last_with_accumulation(make_cfg, tmp_path):
+    """The real pieces together on the 8x8 digits: a class-conditional UNet, bf16 autocast on the CPU,
+    channels_last, two micro-batches, the fast step; the checkpoint stays fp32."""
+    cfg = make_cfg("data.target=digits", "model.name=unet", "model.preset=tiny", "model.class_cond=true",
+                   "train.precision=bf16", "train.channels_last=on", "train.grad_accum=2", "train.fast=on",
+                   "train.steps=2", "train.batch_size=8", "train.ckpt_every=2", "train.log_every=1")
+    res = train(cfg, str(tmp_path / "run"), progress=False)
+    assert len(res.losses) == 2 and all(math.isfinite(v) for v in res.losses)
+    ckpt = load_checkpoint(res.checkpoint)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in ckpt["ema"]["model"].values() if v.is_floating_point())
+    assert res.model.num_classes == 10
+
+
+def test_precision_and_layout_may_change_on_resume(make_cfg, tmp_path):
+    run = str(tmp_path / "run")
+    train(make_cfg("train.steps=4"), run, progress=False)
+    res = train(make_cfg("train.steps=6", "train.precision=bf16", "train.channels_last=on"), run, resume=True,
+                progress=False)
+    assert res.start_step == 4 and res.config.train.precision == "bf16"
+    assert load_checkpoint(res.checkpoint)["step"] == 6
+    for key in ("train.precision", "train.channels_last"):
+        assert key in loop_mod.RESUMABLE_KEYS
+    assert "train.grad_accum" not in loop_mod.RESUMABLE_KEYS  # it changes the optimisation
+
+
+# --------------------------------------------------------------------------- channels_last
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_channels_last_converts_the_model_once_and_every_input(make_cfg, fast):
+    comp = _images(_Probe(conditional=False))
+    tr = Trainer(make_cfg("train.channels_last=on"), comp, fast=fast)
+    assert tr.plan.channels_last
+    w = comp.model.conv.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    tr.run(2)
+    assert comp.model.channels_last_inputs == [True, True]
+    off = _images(_Probe(conditional=False))
+    Trainer(make_cfg("train.channels_last=off"), off, fast=fast).run(1)
+    assert off.model.channels_last_inputs == [False] and off.model.conv.weight.is_contiguous()
+
+
+def test_channels_last_leaves_flat_data_alone(make_cfg):
+    tr = build_trainer(make_cfg("train.channels_last=on"))
+    assert tr.plan.channels_last is False  # an MLP on [B, 2]: nothing to convert
+    tr.run(1)
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+class _Replay:
+    """A loss function that evaluates the given ``(x0, x1, t)`` batches in turn (cyclically) instead of
+    the drawn ones: two trainers can then be fed the same data in different micro-batches."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, 0
+
+    def __call__(self, model, path, x0, x1, t, **kw):
+        b = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return cfm_loss(model, path, *b, **kw)
+
+
+def _fixed_batches(n: int, b: int, dim: int = 2, seed: int = 11):
+    g = make_generator(seed)
+    return [(torch.randn(b, dim, generator=g), 2 + torch.randn(b, dim, generator=g), torch.rand(b, generator=g))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_grad_accum_two_halves_equals_one_double_batch(make_cfg, fast):
+    """grad_accum=2 at batch B and grad_accum=1 at batch 2B on the same data: the same gradient, loss
+    and, after a full step (clipping, AdamW, EMA), the same weights."""
+    halves = _fixed_batches(2, 16)
+    whole = [tuple(torch.cat([h[i] for h in halves]) for i in range(3))]
+    base = ("train.grad_clip=0.05", "train.weight_decay=0.01")  # a small clip: the clipped norm matters
+    acc = build_trainer(make_cfg(*base, "train.grad_accum=2", "train.batch_size=16"), fast=fast,
+                        loss_fn=_Replay(halves))
+    one = build_trainer(make_cfg(*base, "train.batch_size=32"), fast=fast, loss_fn=_Replay([whole[0]]))
+    assert acc.plan.grad_accum == 2
+    la, _ = acc.train_step.accumulate()
+    lo, _ = one.train_step.accumulate()
+    assert acc.train_step.loss_fn.calls == 2
+    torch.testing.assert_close(la, lo)
+    for pa, po in zip(acc.model.parameters(), one.model.parameters()):
+        torch.testing.assert_close(pa.grad, po.grad, rtol=1e-5, atol=1e-7)
+    # by hand: the gradient of the mean loss over both halves
+    ref = build_components(make_cfg())
+    cfm_loss(ref.model, ref.path, *whole[0]).loss.backward()
+    for pa, pr in zip(acc.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(pa.grad, pr.grad, rtol=1e-5, atol=1e-7)
+    out_a, out_o = acc.step(), one.step()
+    torch.testing.assert_close(out_a.grad_norm, out_o.grad_norm)
+    assert out_a.grad_norm > 0.05  # clipping was active
+    for pa, po in zip(acc.model.parameters(), one.model.parameters()):
+        torch.testing.assert_close(pa, po, rtol=1e-5, atol=1e-6)
+    for pa, po in zip(acc.ema.model.parameters(), one.ema.model.parameters()):
+        torch.testing.assert_close(pa, po, rtol=1e-5, atol=1e-6)
+    assert acc.global_step == one.global_step == 1
+
+
+def test_grad_accum_counts_optimiser_steps_and_every_micro_batch(make_cfg, tmp_path):
+    res = train(make_cfg("train.steps=6", "train.grad_accum=3", "train.log_every=3", "train.ckpt_every=6"),
+                str(tmp_path / "run"), progress=False)
+    assert len(res.losses) == 6 and res.step == 6
+    ckpt = load_checkpoint(res.checkpoint)
+    assert all(int(st["step"]) == 6 for st in ckpt["optimizer"]["state"].values())
+    tr = build_trainer(make_cfg("train.grad_accum=3"))
+    tr.run(2)
+    _, counts = tr.take_bins()
+    assert counts.sum().item() == 2 * 3 * 32  # steps * micro-batches * batch_size

@@ -20,7 +20,7 @@ LAYERS = {
     "training": 4,
     "reflow": 5, "distill": 5,
     "metrics": 6,
-    "bench": 7, "pipelines": 7, "viz": 7, "report": 7, "speed": 7,
+    "bench": 7, "pipelines": 7, "viz": 7, "report": 7, "speed": 7, "evaluation": 7,
     "cli": 8, "__main__": 8,
 }
 

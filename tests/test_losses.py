@@ -166,3 +166,45 @@ def test_t_bin_sums_other_bin_count_and_no_grad():
     torch.testing.assert_close(counts, torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(sums, torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64))
     assert not sums.requires_grad
+
+
+class LabelShift(nn.Module):
+    """v(x, t, cond) = cond (broadcast); records every call's cond."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, cond=None):
+        self.seen.append(cond)
+        c = torch.zeros(x.shape[0], dtype=x.dtype) if cond is None else cond.to(x.dtype)
+        return c.reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
+
+
+def test_cond_reaches_the_model_and_changes_the_loss():
+    x0, x1, t = _data(shape=(6, 2))
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    model = LabelShift()
+    with_cond = cfm_loss(model, get_path("linear"), x0, x1, t, cond=y)
+    assert model.seen[-1] is y
+    # hand computation: v = y on every coordinate, u = x1 - x0
+    want = ((y[:, None].double() - (x1 - x0)) ** 2).mean(dim=1)
+    torch.testing.assert_close(with_cond.per_sample, want)
+    without = cfm_loss(model, get_path("linear"), x0, x1, t)
+    assert model.seen[-1] is None
+    assert not torch.allclose(with_cond.per_sample, without.per_sample)
+    # a model with no cond parameter is still called as v(x, t) when no labels are given
+    two_args = lambda x, tt: x  # noqa: E731
+    assert torch.isfinite(cfm_loss(two_args, get_path("linear"), x0, x1, t).loss)
+
+
+def test_low_precision_output_is_reduced_in_fp32():
+    x0, x1, t = _data(shape=(32, 4), dtype=torch.float32)
+    exact = AffineField()
+    bf16 = lambda x, tt, cond=None: exact(x, tt).to(torch.bfloat16)  # noqa: E731
+    out = cfm_loss(bf16, get_path("linear"), x0, x1, t)
+    assert out.loss.dtype == torch.float32 and out.per_sample.dtype == torch.float32
+    # the same as the fp32 loss of the rounded output: the cast happens before the distance
+    rounded = lambda x, tt, cond=None: exact(x, tt).to(torch.bfloat16).float()  # noqa: E731
+    ref = cfm_loss(rounded, get_path("linear"), x0, x1, t)
+    assert torch.equal(out.per_sample, ref.per_sample)

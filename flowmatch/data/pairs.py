@@ -1,7 +1,8 @@
 """Reading stored reflow pairs (written by :func:`flowmatch.reflow.generate_pairs`).
 
 A pair store is a directory with ``manifest.json`` and shards ``shard_00000.pt``, ... each holding
-``x0`` (source draws) and ``x1`` (the teacher's ODE endpoints), ``[count, *D]``. The manifest records
+``x0`` (source draws) and ``x1`` (the teacher's ODE endpoints), ``[count, *D]``, and, when the
+manifest says ``labeled`` (a class-conditional teacher), ``y`` (``[count]``, the labels it was given). The manifest records
 the teacher checkpoint's hash and config, the solver, the NFE per sample as measured, the seed, the
 dtype, the data shape, and each shard's count and SHA-256. :class:`PairStore` refuses a store that
 does not match what the caller expects, naming what is wrong.
@@ -105,7 +106,8 @@ class PairStore:
         if expect_teacher_sha256 is not None and m["teacher"]["sha256"] != expect_teacher_sha256:
             raise PairStoreError(f"pair store {path} was made by teacher {m['teacher']['sha256'][:12]}..., "
                                  f"not by the expected teacher {expect_teacher_sha256[:12]}...")
-        x0s, x1s = [], []
+        x0s, x1s, ys = [], [], []
+        labeled = bool(m.get("labeled", False))
         for sh in m["shards"]:
             f = os.path.join(path, sh["file"])
             if not os.path.exists(f):
@@ -120,8 +122,13 @@ class PairStore:
             if list(d["x0"].shape) != [sh["count"], *shape] or d["x1"].shape != d["x0"].shape:
                 raise PairStoreError(f"pair store {path}: shard {sh['file']} holds {list(d['x0'].shape)}, "
                                      f"the manifest says {[sh['count'], *shape]}")
+            if labeled and ("y" not in d or list(d["y"].shape) != [sh["count"]]):
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} lacks the class labels the manifest "
+                                     f"promises (y of shape [{sh['count']}])")
             x0s.append(d["x0"])
             x1s.append(d["x1"])
+            if labeled:
+                ys.append(d["y"])
         if not x0s:
             raise PairStoreError(f"pair store {path} holds no shards")
         nbytes = 2 * sum(x.numel() * x.element_size() for x in x0s)
@@ -129,6 +136,8 @@ class PairStore:
             self.x0, self.x1 = torch.cat(x0s), torch.cat(x1s)
         else:
             self.x0, self.x1 = ShardedTensor(x0s), ShardedTensor(x1s)
+        # the labels the teacher was conditioned on (class-conditional teachers), [count] long
+        self.y: Optional[torch.Tensor] = torch.cat(ys).long() if labeled else None
         if len(self.x0) != m["count"]:
             raise PairStoreError(f"pair store {path} holds {len(self.x0)} pairs; the manifest says {m['count']}")
 

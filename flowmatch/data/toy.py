@@ -4,7 +4,8 @@ Every distribution has ``sample(n, *, generator=None, device=None) -> [n, dim]``
 ``generator`` is given, samples are drawn on its device unless ``device`` says otherwise (the two
 must agree). Definitions:
 
-- ``gaussian``: N(0, I) in any dimension.
+- ``gaussian``: N(0, I) in any dimension; with ``shape=(C, H, W)`` (any tuple) it draws
+  ``[n, *shape]`` with ``dim = prod(shape)``, the noise source of an image task.
 - ``8gaussians``: equal-weight mixture with centres 5 (cos k pi/4, sin k pi/4), k = 0..7, and
   covariance sqrt(0.1) I (standard deviation 0.1 ** 0.25 per coordinate).
 - ``moons``: scikit-learn's two interleaving half circles with Gaussian noise of std 0.2, then
@@ -18,7 +19,7 @@ must agree). Definitions:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -64,15 +65,34 @@ def _rand(n: int, g, device, dtype) -> torch.Tensor:
 
 
 class Gaussian(ToyDistribution):
+    """N(0, I): draws ``[n, dim]``, or ``[n, *shape]`` when ``shape`` is given (then ``shape`` fixes
+    ``dim = prod(shape)`` and the ``dim`` argument is not used)."""
+
     name = "gaussian"
 
-    def __init__(self, dim: int = 2):
+    def __init__(self, dim: int = 2, shape: Optional[Sequence[int]] = None):
+        if shape is not None:
+            try:
+                sizes = tuple(int(s) for s in shape)
+                valid = len(sizes) > 0 and all(s >= 1 and s == t for s, t in zip(sizes, shape))
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise ConfigError(f"dataset 'gaussian' needs a shape of positive integer sizes, got shape={shape!r}")
+            shape = sizes
+            dim = math.prod(shape)
         if dim < 1:
             raise ConfigError(f"dataset 'gaussian' needs data.dim >= 1, got {dim}")
         self.dim = dim
+        self.shape: Optional[tuple[int, ...]] = shape
 
     def _sample(self, n, g, device, dtype):
+        if self.shape is not None:
+            return torch.randn(n, *self.shape, generator=g, device=device, dtype=dtype)
         return _randn(n, self.dim, g, device, dtype)
+
+    def __repr__(self) -> str:
+        return f"Gaussian(dim={self.dim})" if self.shape is None else f"Gaussian(dim={self.dim}, shape={self.shape})"
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log N(x; 0, I) = -||x||^2 / 2 - (D / 2) log(2 pi)`` per point: ``x`` is ``[B, *D]`` with
@@ -158,6 +178,13 @@ DATASETS: dict[str, type[ToyDistribution]] = {
 }
 
 
-def get_dataset(name: str, dim: int = 2) -> ToyDistribution:
-    """Build a toy distribution by name (an unknown name lists the valid ones)."""
-    return lookup(DATASETS, name, "dataset")(dim=dim)
+def get_dataset(name: str, dim: int = 2, *, shape: Optional[Sequence[int]] = None) -> ToyDistribution:
+    """Build a toy distribution by name (an unknown name lists the valid ones). ``shape`` (e.g.
+    ``(1, 28, 28)``) makes ``gaussian`` draw ``[n, *shape]``; the other datasets are 2-D only."""
+    cls = lookup(DATASETS, name, "dataset")
+    if shape is None:
+        return cls(dim=dim)
+    if cls is not Gaussian:
+        raise ConfigError(f"dataset {name!r} is 2-dimensional and takes no shape; got shape={tuple(shape)} "
+                          f"(only 'gaussian' takes one)")
+    return cls(dim=dim, shape=shape)

@@ -1,4 +1,5 @@
-"""Metrics: distances between clouds (W2, MMD) and straightness of a flow."""
+"""Metrics: distances between clouds (W2, MMD), straightness of a flow, log-likelihood, and image
+Fréchet distance / KID in a small classifier's feature space."""
 
 from flowmatch.metrics.distances import DEFAULT_BANDWIDTHS, gaussian_w2, mmd, w2
 from flowmatch.metrics.likelihood import LikelihoodResult, exact_divergence, hutchinson_divergence, log_likelihood
@@ -6,3 +7,8 @@ from flowmatch.metrics.straightness import StraightnessResult, straightness
 
 __all__ = ["DEFAULT_BANDWIDTHS", "gaussian_w2", "mmd", "w2", "StraightnessResult", "straightness"]
 __all__ += ["LikelihoodResult", "log_likelihood", "exact_divergence", "hutchinson_divergence"]
+from flowmatch.metrics.frechet import (ImageFeatureMetrics, MetricError, frechet_distance, gaussian_frechet,
+                                      inception_fid, kernel_distance, load_feature_classifier)
+
+__all__ += ["ImageFeatureMetrics", "MetricError", "frechet_distance", "gaussian_frechet", "inception_fid",
+            "kernel_distance", "load_feature_classifier"]

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from flowmatch.config import ExperimentConfig
-from flowmatch.config import config_diff, to_dict
+from flowmatch.config import config_diff, from_dict, to_dict
 from flowmatch.couplings import Coupling, PairedCoupling, get_coupling
-from flowmatch.data import ToyDistribution, get_dataset
+from flowmatch.data import ToyDistribution
+from flowmatch.data.task import build_task
 from flowmatch.data.pairs import PairStore, PairStoreError
 from flowmatch.errors import CheckpointError, ConfigError
 from flowmatch.io import file_sha256
@@ -41,14 +42,15 @@ class Components:
     init_from: Optional[str] = None  # the checkpoint whose EMA weights initialised the model
 
 
-def _paired(cfg: ExperimentConfig, source, target, dev) -> tuple[Coupling, Optional[Coupling], dict]:
+def _paired(cfg: ExperimentConfig, task, dev) -> tuple[Coupling, Optional[Coupling], dict]:
     cc = cfg.coupling
     if not cc.pairs:
         raise ConfigError("coupling.name=paired needs coupling.pairs, the directory of a pair store "
                           "(made by `flowmatch reflow generate`)")
     if not 0.0 <= cc.mix <= 1.0:
         raise ConfigError(f"coupling.mix must be in [0, 1], got {cc.mix}")
-    store = PairStore(cc.pairs, expect_shape=[cfg.data.dim])
+    source, target = task.source, task.target
+    store = PairStore(cc.pairs, expect_shape=list(task.shape))
     m = store.manifest
     if (m["source"], m["target"]) != (cfg.data.source, cfg.data.target):
         raise PairStoreError(f"pair store {cc.pairs} maps {m['source']} -> {m['target']}; this run is "
@@ -58,7 +60,7 @@ def _paired(cfg: ExperimentConfig, source, target, dev) -> tuple[Coupling, Optio
         if cc.real == "paired":
             raise ConfigError("coupling.real is the real-data coupling: independent or ot, not paired")
         real = get_coupling(cc.real, source, target, device=dev, method=cc.method, reg=cc.reg, num_iters=cc.num_iters)
-    return PairedCoupling(store.x0, store.x1, dev), real, m
+    return PairedCoupling(store.x0, store.x1, dev, y=store.y), real, m
 
 
 def _init_weights(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[dict]) -> Optional[str]:
@@ -71,7 +73,8 @@ def _init_weights(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[di
     if init == "auto" and file_sha256(path) != manifest["teacher"]["sha256"]:
         raise PairStoreError(f"the teacher checkpoint {path} changed since its pairs were made (hash mismatch); "
                              f"set train.init=random or a checkpoint path")
-    diff = config_diff(ckpt["config"]["model"], to_dict(cfg.model))
+    # through from_dict, so a checkpoint written before a model key existed compares at its default
+    diff = config_diff(to_dict(from_dict(ckpt["config"]).model), to_dict(cfg.model))
     if diff:
         raise CheckpointError(f"cannot initialise from {path}: its model differs at model.{', model.'.join(diff)}")
     model.load_state_dict(ckpt["ema"]["model"])
@@ -87,12 +90,12 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     default is its teacher, checked against the pair manifest's hash).
     """
     dev = resolve_device(cfg.train.device if device is None else device)
-    source = get_dataset(cfg.data.source, cfg.data.dim)
-    target = get_dataset(cfg.data.target, cfg.data.dim)
+    task = build_task(cfg.data)
+    source, target = task.source, task.target
     path = get_path(cfg.path.name, sigma=cfg.path.sigma)
     real, manifest = None, None
     if cfg.coupling.name == "paired":
-        coupling, real, manifest = _paired(cfg, source, target, dev)
+        coupling, real, manifest = _paired(cfg, task, dev)
     else:
         coupling = get_coupling(cfg.coupling.name, source, target, device=dev, method=cfg.coupling.method,
                                 reg=cfg.coupling.reg, num_iters=cfg.coupling.num_iters)
@@ -111,6 +114,6 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.data.dim)
+    model = build_model(cfg.model, task.shape, task.num_classes)
     init_from = _init_weights(model, cfg, manifest) if init_weights else None
     return Components(dev, source, target, path, coupling, time_sampler, model.to(dev), real, manifest, init_from)

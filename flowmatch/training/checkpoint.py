@@ -15,6 +15,7 @@ import torch
 from flowmatch.config import ExperimentConfig, from_dict
 from flowmatch.errors import CheckpointError, ConfigError
 from flowmatch.io import atomic_save, atomic_write_text, file_sha256
+from flowmatch.data.task import data_shape, num_classes
 from flowmatch.models import build_model
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "atomic_save", "atomic_write_text", "save_checkpoint", "load_checkpoint",
@@ -66,7 +67,7 @@ def load_model(path: str, *, use_ema: bool = True, device: str | torch.device = 
         cfg = from_dict(ckpt["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path} holds an invalid config: {e}") from None
-    model = build_model(cfg.model, cfg.data.dim)
+    model = build_model(cfg.model, data_shape(cfg.data), num_classes(cfg.data) if cfg.model.class_cond else None)
     state = ckpt["ema"]["model"] if use_ema else ckpt["model"]
     try:
         model.load_state_dict(state)

@@ -11,10 +11,25 @@ Resuming restores the model, EMA, optimiser, scheduler and the data generator's 
 CPU a resumed run's loss sequence equals the unbroken run's exactly.
 
 Each optimiser step is a :class:`~flowmatch.training.fast.TrainStep`, plain or fast (``train.fast``,
-``train.compile``; see :mod:`flowmatch.training.fast`). The fast step keeps the losses, the
-gradient norm and the loss-per-t-bin sums on the device; the loop reads them at log and checkpoint
-steps, so a non-finite loss stops the run there at the latest (reporting the step where it occurred)
-and never reaches a checkpoint. A run may be resumed with the other mode.
+``train.compile``; see :mod:`flowmatch.training.fast`), in the configured precision, memory layout
+and number of micro-batches (``train.precision``, ``train.channels_last``, ``train.grad_accum``).
+The fast step keeps the losses, the gradient norm and the loss-per-t-bin sums on the device; the
+loop reads them at log and checkpoint steps, so a non-finite loss stops the run there at the latest
+(reporting the step where it occurred) and never reaches a checkpoint. A run may be resumed with the
+other mode, precision or layout.
+
+Data parallel (``torchrun --nproc_per_node N -m flowmatch train CONFIG --out DIR``): :func:`train`
+starts the process group from torchrun's environment (:mod:`flowmatch.training.distributed`) and
+every rank runs the loop on its own batches (rank ``r``'s generator is seeded ``seed + 1000 * r``;
+the effective batch is ``N * grad_accum * batch_size``). Rank 0 alone checks and prepares the run
+directory (the others take its decision, and stop with it if it refuses), writes ``config.yaml``,
+``metrics.jsonl``, the tracker and the checkpoints. The logged ``train/loss`` is the mean over the
+ranks, the t-bins are summed over them. A checkpoint holds rank 0's generator as ``rng`` and every
+rank's generator and coupling state under ``ranks``: a run resumed with the same number of ranks
+continues every rank's stream exactly (every rank loads the checkpoint); with another number, ranks
+above 0 re-seed from ``(seed, rank, step)``. :class:`TrainResult` says which rank it is
+(``is_main``): evaluation and summaries are rank 0's job. :func:`train` returns on every rank after
+the final checkpoint is on disk.
 """
 
 from __future__ import annotations
@@ -28,18 +43,22 @@ from typing import Callable, Optional
 import torch
 
 from flowmatch.config import ExperimentConfig, config_diff, from_dict, save_config, to_dict
-from flowmatch.errors import NonFiniteLossError, RunDirError
+from flowmatch.errors import FlowmatchError, NonFiniteLossError, RunDirError
+from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
-from flowmatch.training.fast import NUM_T_BINS, Trainer, _lr_lambda, resolve_speed  # noqa: F401 (_lr_lambda: re-export)
+from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, _lr_lambda, resolve_plan  # noqa: F401 (_lr_lambda: re-export)
 from flowmatch.training.losses import cfm_loss
 from flowmatch.training.tracking import Tracker, trim_metrics
+from flowmatch.utils import resolve_device
 
 __all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "NUM_T_BINS", "RESUMABLE_KEYS"]
 
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "train.fast",
-                  "train.compile", "eval.", "tracking.", "reflow.")
+                  "train.compile", "train.precision", "train.channels_last", "eval.", "tracking.", "reflow.")
+# the train.* keys of RESUMABLE_KEYS: a resumed run takes them from the caller's config
+_RESUMABLE_TRAIN = tuple(k.split(".", 1)[1] for k in RESUMABLE_KEYS if k.startswith("train."))
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
 
 
@@ -49,12 +68,15 @@ class TrainResult:
     checkpoint: str
     step: int  # the final step reached
     start_step: int  # the step this invocation started from (0 unless resumed)
-    losses: list = field(default_factory=list)  # per-step losses of this invocation
+    losses: list = field(default_factory=list)  # per-step losses of this invocation (mean over ranks)
     steps_per_sec: float = 0.0
     model: Optional[torch.nn.Module] = None  # the EMA model (eval mode)
     components: Optional[Components] = None
     config: Optional[ExperimentConfig] = None  # the resolved config the run used
-    tracker: Optional[Tracker] = None  # still open when train(..., finish_tracker=False)
+    tracker: Optional[Tracker] = None  # still open when train(..., finish_tracker=False); None on rank > 0
+    is_main: bool = True  # False on the ranks > 0 of a distributed run: they write, log and evaluate nothing
+    rank: int = 0
+    world_size: int = 1
 
 
 def last_checkpoint(run_dir: str) -> str:
@@ -96,6 +118,29 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
     return None
 
 
+def _prepare_on_main(run_dir: str, cfg: ExperimentConfig, *, resume: bool, overwrite: bool,
+                     main: bool) -> Optional[dict]:
+    """:func:`prepare_run_dir` on rank 0; the other ranks wait for its decision (resume or not) and
+    then load the same checkpoint. A refusal on rank 0 is raised there and, naming it, on every
+    other rank, so none is left waiting in a collective."""
+    ckpt, error = None, None
+    if main:
+        try:
+            ckpt = prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+        except Exception as e:  # every kind: the other ranks must hear of it
+            error = e
+    decision = dist_utils.broadcast_object(
+        None if not main else ({"error": f"{type(error).__name__}: {error}"} if error is not None
+                               else {"resume": ckpt is not None}))
+    if error is not None:
+        raise error
+    if "error" in decision:
+        raise RunDirError(f"rank 0 could not prepare {run_dir}: {decision['error']}")
+    if decision["resume"] and ckpt is None:
+        ckpt = load_checkpoint(last_checkpoint(run_dir))
+    return ckpt
+
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -106,41 +151,59 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     after every optimiser step (``step`` counts from 1) with the loss as a float: with the fast step
     that reads the loss from the device every step, so pass a callback only when that is wanted.
     With ``finish_tracker=False`` the tracker stays open in the result (for evaluation logs); it is
-    always closed if training fails."""
-    resolve_speed(cfg.train.fast, cfg.train.compile)  # refuse bad values before touching run_dir
-    ckpt = prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+    always closed if training fails.
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) this starts the process group if nobody
+    has, and trains data-parallel; every rank must call it with the same arguments. ``tracker`` is
+    used on rank 0 only."""
+    resolve_plan(cfg.train)  # refuse bad values before touching run_dir
+    # the backend follows the configured device: NCCL for CUDA, gloo for a CPU run on a GPU machine too
+    dist_utils.init_distributed_from_env("nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo")
+    rank, world = dist_utils.dist_info()
+    if world > 1 and not dist_utils.is_distributed():
+        raise FlowmatchError(f"WORLD_SIZE={world} but no process group is running; start distributed "
+                             f"training with torchrun")
+    main = rank == 0
+    ckpt = _prepare_on_main(run_dir, cfg, resume=resume, overwrite=overwrite, main=main)
     if ckpt is not None:  # the run's own config, with the resumable keys taken from the caller
-        cfg = from_dict({**ckpt["config"], "train": {**ckpt["config"]["train"], "steps": cfg.train.steps,
-                                                       "ckpt_every": cfg.train.ckpt_every,
-                                                       "log_every": cfg.train.log_every,
-                                                       "device": cfg.train.device, "fast": cfg.train.fast,
-                                                       "compile": cfg.train.compile},
+        cfg = from_dict({**ckpt["config"], "train": {**ckpt["config"]["train"],
+                                                       **{k: getattr(cfg.train, k) for k in _RESUMABLE_TRAIN}},
                          "eval": to_dict(cfg.eval), "tracking": to_dict(cfg.tracking),
                          "reflow": to_dict(cfg.reflow)})
-    comp = build_components(cfg, init_weights=ckpt is None)
     tc = cfg.train
-    plan = resolve_speed(tc.fast, tc.compile, comp.device)
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    device = None
+    if world > 1:  # one GPU per process: cuda becomes cuda:LOCAL_RANK
+        device = dist_utils.local_device(resolve_device(tc.device))
+    comp = build_components(cfg, device, init_weights=ckpt is None)
+    plan = resolve_plan(tc, comp.device, images=_is_image(comp))
+    if main:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     # cfm_loss is looked up here, at call time, so tests can patch this module's name
-    trainer = Trainer(cfg, comp, fast=plan.fast, compile=plan.compile, loss_fn=cfm_loss)
+    trainer = Trainer(cfg, comp, fast=plan.fast, compile=plan.compile, loss_fn=cfm_loss, precision=plan.precision,
+                      channels_last=plan.channels_last)
     start = 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         start = trainer.global_step
-    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
+    if main:
+        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
 
-    own_tracker = tracker is None
+    own_tracker = tracker is None and main
     if own_tracker:
         tracker = Tracker(run_dir, mode=cfg.tracking.mode, project=cfg.tracking.project,
                           name=cfg.tracking.name or cfg.name, config=to_dict(cfg))
+    if not main:
+        tracker = None
     ckpt_path = last_checkpoint(run_dir)
     last_good = ckpt_path if ckpt is not None else None
     init_from = ckpt.get("init_from") if ckpt is not None else comp.init_from
 
     def save() -> None:
-        save_checkpoint(ckpt_path, {**trainer.state_dict(), "config": to_dict(cfg), "init_from": init_from})
+        state = trainer.state_dict()  # a collective with several ranks: every rank gets here
+        if main:
+            save_checkpoint(ckpt_path, {**state, "config": to_dict(cfg), "init_from": init_from})
 
     def checked(fn):
         """``fn()``, naming the last good checkpoint in a NonFiniteLossError."""
@@ -158,8 +221,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     sps = 0.0
     ok = False
     try:
-        with tqdm(total=tc.steps, initial=start, disable=None if progress else True, desc=f"train {cfg.name}",
-                  dynamic_ncols=True, leave=False) as bar:
+        with tqdm(total=tc.steps, initial=start, disable=None if progress and main else True,
+                  desc=f"train {cfg.name}", dynamic_ncols=True, leave=False) as bar:
             for step in range(start + 1, tc.steps + 1):
                 out = checked(trainer.step)
                 interval_losses.append(out.loss)
@@ -175,13 +238,15 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
                 if log_now:
                     now = time.perf_counter()
                     sps = steps_since / max(now - t_last, 1e-9)
+                    # the step losses are means over the ranks already; the bins are summed here
                     row = {"train/loss": torch.stack(interval_losses).mean().item(), "train/lr": out.lr,
                            "train/grad_norm": float(out.grad_norm), "train/steps_per_sec": sps}
                     bin_sum, bin_cnt = trainer.take_bins()
                     for i in range(NUM_T_BINS):
                         if bin_cnt[i] > 0:
                             row[f"train/loss_t{i}"] = (bin_sum[i] / bin_cnt[i]).item()
-                    tracker.log(row, step)
+                    if tracker is not None:
+                        tracker.log(row, step)
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}")
                     interval_losses.clear()
                     t_last, steps_since = now, 0
@@ -193,10 +258,15 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     finally:
         if own_tracker and (finish_tracker or not ok):
             tracker.finish()
-    if start == tc.steps and not os.path.exists(ckpt_path):  # pragma: no cover - defensive
-        save()
+    if start == tc.steps:  # pragma: no cover - defensive: a finished run resumed keeps its checkpoint
+        state = trainer.state_dict()
+        if main and not os.path.exists(ckpt_path):
+            save_checkpoint(ckpt_path, {**state, "config": to_dict(cfg), "init_from": init_from})
+    # no rank returns before rank 0 has written the final checkpoint (the next stage may read it)
+    dist_utils.barrier()
     elapsed = time.perf_counter() - t_begin
     n = tc.steps - start
     return TrainResult(run_dir=run_dir, checkpoint=ckpt_path, step=tc.steps, start_step=start, losses=losses,
                        steps_per_sec=(n / elapsed) if n else 0.0, model=trainer.ema.model, components=comp,
-                       config=cfg, tracker=None if (finish_tracker or not own_tracker) else tracker)
+                       config=cfg, tracker=None if (finish_tracker or not own_tracker) else tracker,
+                       is_main=main, rank=rank, world_size=world)

@@ -4,6 +4,10 @@
 eq. 1) with ``d`` the mean squared error over dimensions (``l2``) or the pseudo-Huber distance
 ``sqrt(||e||^2 + c^2) - c`` with ``c = 0.00054 sqrt(D)`` (Song & Dhariwal 2023; used for reflow by
 Lee et al. 2024).
+
+A class-conditional model is given its labels as ``cond`` (``[B]`` long; the model's null class marks
+a dropped label for classifier-free guidance). Under mixed precision the model's output is cast up
+before the distance, so the loss is always reduced in (at least) fp32.
 """
 
 from __future__ import annotations
@@ -33,14 +37,19 @@ LOSSES = {"l2": _l2, "pseudo_huber": _pseudo_huber}
 
 
 def cfm_loss(model, path: AffinePath, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, *,
-             generator: Optional[torch.Generator] = None, loss: str = "l2") -> LossOutput:
+             generator: Optional[torch.Generator] = None, loss: str = "l2",
+             cond: Optional[torch.Tensor] = None) -> LossOutput:
     """Flow-matching loss of ``model`` on pairs ``(x0, x1)`` (``[B, *D]``) at times ``t`` (``[B]``).
 
     ``per_sample`` (``[B]``) is the distance for each row, so losses can be binned by ``t``.
+    ``cond`` (``[B]`` long labels) is passed to the model as ``model(xt, t, cond)``; without it the
+    model is called ``model(xt, t)``.
     """
     fn = lookup(LOSSES, loss, "loss")
     ps = path.sample(x0, x1, t, generator=generator)
-    v = model(ps.xt, ps.t)
+    v = model(ps.xt, ps.t) if cond is None else model(ps.xt, ps.t, cond)
+    # a bf16 output (autocast) is compared with the fp32 target in fp32: the reduction stays exact
+    v = v.to(torch.promote_types(v.dtype, ps.ut.dtype))
     per_sample = fn((v - ps.ut).reshape(v.shape[0], -1))
     return LossOutput(loss=per_sample.mean(), per_sample=per_sample)
 
