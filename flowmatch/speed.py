@@ -16,6 +16,10 @@ Sections (rows of :data:`SPEED_COLUMNS`; ``ratio`` is against the row's baseline
   ``NFE x`` one forward pass of the model on the same batch.
 - ``pairs``: reflow pair generation (:func:`flowmatch.reflow.generate_pairs`, Euler at NFE 16 and
   dopri5) in pairs/s, shards written to a temporary directory.
+- ``unet`` (opt-in: ``--sections unet``): image training throughput in images/s of the ``small``
+  UNet preset (about 1 M parameters) at batch 128 on MNIST-5k (28 x 28), ``plain`` (fp32, no
+  compilation, contiguous memory) against ``fast`` (the fast step with bf16 autocast, channels_last
+  and torch.compile on CUDA; on the CPU the fast step in fp32).
 - ``check``: each fast path against its plain path on this device: the largest difference of the
   per-step losses after N training steps and of the samples after a solve.
 
@@ -39,7 +43,7 @@ import torch
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["SPEED_COLUMNS", "SpeedSizes", "SIZES", "speed_bench", "reference_train_loop", "write_speed",
-           "speed_table"]
+           "speed_table", "unet_config"]
 
 SPEED_COLUMNS = ("section", "what", "variant", "value", "unit", "ratio", "baseline", "n", "device")
 
@@ -54,13 +58,14 @@ class SpeedSizes:
     pairs_n: int
     check_steps: int
     sample_width: int = 256  # the sampled model: MLP 3 x width (the toy experiments' size)
+    unet_steps: int = 200  # timed steps of the UNet throughput section
 
 
 SIZES = {
     "full": SpeedSizes(train_steps=2000, train_warmup=50, sample_n=10_000, sample_nfe=16, sample_repeats=50,
                        pairs_n=200_000, check_steps=30),
     "small": SpeedSizes(train_steps=300, train_warmup=20, sample_n=2000, sample_nfe=16, sample_repeats=5,
-                        pairs_n=10_000, check_steps=20),
+                        pairs_n=10_000, check_steps=20, unet_steps=4),
 }
 
 
@@ -171,6 +176,43 @@ def _train_rows(dev: torch.device, sz: SpeedSizes, compile_mode: Optional[str]) 
         checks.append({"check": f"train {label}: fast vs plain, max relative loss difference over "
                                 f"{sz.check_steps} steps", "value": diff, "ok": diff < 1e-3})
     return rows, checks
+
+
+def unet_config(dev: torch.device, *, batch: int = 128, steps: int = 10_000, preset: str = "small"):
+    """The image-throughput config: ``preset`` UNet on MNIST-5k at ``batch``."""
+    from flowmatch.config import from_dict
+
+    return from_dict({
+        "name": "speed_unet", "data": {"source": "gaussian", "target": "mnist5k"},
+        "model": {"name": "unet", "preset": preset},
+        "train": {"steps": steps, "batch_size": batch, "lr": 2e-4, "warmup_steps": 0, "seed": 0,
+                  "device": str(dev), "log_every": 10 ** 9, "ckpt_every": 10 ** 9},
+        "tracking": {"mode": "disabled"}})
+
+
+def _unet_rows(dev: torch.device, sz: SpeedSizes, compile_mode: Optional[str]) -> list[dict]:
+    from flowmatch.training.fast import build_trainer
+
+    cfg = unet_config(dev)
+    rows, plain_ips = [], None
+    cuda = dev.type == "cuda"
+    for variant, kw in (("plain", dict(fast=False, compile="off", precision="fp32", channels_last="off")),
+                        ("fast", dict(fast=True, compile=(compile_mode or "auto") if cuda else "off",
+                                      precision="bf16" if cuda else "fp32", channels_last="on" if cuda else "off"))):
+        trainer = build_trainer(cfg, **kw)
+        trainer.run(max(2, min(20, sz.unet_steps // 5)))  # warm-up (and compilation)
+        trainer.sync()
+        t0 = time.perf_counter()
+        trainer.run(sz.unet_steps)
+        trainer.sync()
+        ips = sz.unet_steps * cfg.train.batch_size / (time.perf_counter() - t0)
+        params = sum(p.numel() for p in trainer.model.parameters())
+        note = f"{params / 1e6:.2f} M params; " + ", ".join(f"{k}={v}" for k, v in kw.items())
+        rows.append(_row("unet", "UNet small, MNIST 28x28", variant, ips, "images/s",
+                         None if plain_ips is None else ips / plain_ips, "" if plain_ips is None else "plain",
+                         cfg.train.batch_size, dev, note=note))
+        plain_ips = plain_ips or ips
+    return rows
 
 
 def batch_n(cfg) -> int:
@@ -297,6 +339,8 @@ def speed_bench(*, device: str = "auto", size: str = "auto", sections=("train", 
         checks += c
     if "pairs" in sections:
         rows += _pair_rows(dev, sz)
+    if "unet" in sections:
+        rows += _unet_rows(dev, sz, compile_mode)
     return {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__, "size": size,
             "rows": rows, "checks": checks, "seconds": time.perf_counter() - t0}
 

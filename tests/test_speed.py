@@ -36,3 +36,20 @@ def test_speed_bad_size():
     with pytest.raises(ConfigError, match="small"):
         speed_bench(device="cpu", size="huge", sections=())
     assert torch.get_num_threads() >= 1
+
+
+def test_unet_section_measures_plain_and_fast_images_per_second(monkeypatch):
+    """The image-throughput rows, on the tiny UNet and the 8x8 digits so it runs in seconds."""
+    import dataclasses
+
+    import flowmatch.speed as speed
+
+    real = speed.unet_config
+    monkeypatch.setattr(speed, "unet_config", lambda dev: dataclasses.replace(
+        real(dev, batch=16, preset="tiny"), data=dataclasses.replace(real(dev).data, target="digits")))
+    rows = speed._unet_rows(torch.device("cpu"), dataclasses.replace(speed.SIZES["small"], unet_steps=2), None)
+    assert [r["variant"] for r in rows] == ["plain", "fast"]
+    assert all(r["unit"] == "images/s" and r["value"] > 0 and r["n"] == 16 for r in rows)
+    assert rows[0]["ratio"] is None and rows[1]["ratio"] == pytest.approx(rows[1]["value"] / rows[0]["value"])
+    assert "M params" in rows[1]["note"] and "fast=True" in rows[1]["note"]
+    assert real(torch.device("cpu")).model.preset == "small" and real(torch.device("cpu")).train.batch_size == 128
