@@ -30,6 +30,7 @@ from flowmatch.models import ClassifierFreeGuidance
 from flowmatch.io import atomic_save, atomic_write_text, file_sha256
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
+from flowmatch.training.distributed import dist_info, init_distributed_from_env  # noqa: F401 (re-exported)
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["shard_seed", "generate_pairs", "dist_info", "init_distributed_from_env"]
@@ -38,26 +39,6 @@ __all__ = ["shard_seed", "generate_pairs", "dist_info", "init_distributed_from_e
 def shard_seed(seed: int, index: int) -> int:
     """A 63-bit seed for shard ``index`` of a store seeded with ``seed`` (independent of workers)."""
     return int(hashlib.sha256(f"flowmatch-pairs:{seed}:{index}".encode()).hexdigest()[:15], 16)
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` from an initialised process group, else from torchrun's environment."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed_from_env() -> bool:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1), start the process group (NCCL with CUDA, else gloo).
-
-    Returns True if this call started it (the caller then ends it with
-    ``torch.distributed.destroy_process_group()``)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not torch.distributed.is_available():
-        return False
-    if torch.distributed.is_initialized():
-        return False
-    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return True
 
 
 def _barrier(world_size: int) -> None:
