@@ -162,3 +162,35 @@ def test_reflow_chain_on_digits(tmp_path):
     assert t["distilled Euler-1 FD / 1-RF dopri5 FD"] == pytest.approx(
         next(r["fd"] for r in rows if r["stage"] == "2-RF+distill" and r["nfe"] == 1)
         / next(r["fd"] for r in rows if r["stage"] == "1-RF" and r["solver"] == "dopri5"))
+
+
+def test_cli_reports_image_input_errors(tmp_path, capsys):
+    from flowmatch.cli import main
+
+    cfg = os.path.join(os.path.dirname(__file__), "..", "experiments", "mnist", "mnist.yaml")
+    missing = tmp_path / "no-such-root"
+    assert main(["train", cfg, "--set", f"data.root={missing}", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "flowmatch: error:" in err and str(missing) in err
+    assert not (tmp_path / "run").exists()  # nothing written
+    bad_clf = tmp_path / "clf.pt"
+    bad_clf.write_bytes(b"not a checkpoint")
+    digits = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "digits.yaml")
+    rc = main(["train", digits, "--set", "model.preset=tiny", "--set", "model.attention_resolutions=[]",
+               "--set", "train.steps=1", "--set", "eval.n=8", "--set", "eval.solver=euler", "--set", "eval.nfe=1",
+               "--set", "tracking.mode=disabled", "--set", f"eval.classifier={bad_clf}",
+               "--out", str(tmp_path / "run2"), "--no-progress"])
+    assert rc == 2
+    assert str(bad_clf) in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "run2" / "checkpoints" / "last.pt")  # the trained checkpoint is kept
+
+
+def test_missing_metric_weights_are_refused_before_training(tmp_path, capsys):
+    from flowmatch.cli import main
+
+    digits = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "digits.yaml")
+    for key in ("eval.classifier", "eval.inception"):
+        missing = tmp_path / f"{key}.pt"
+        assert main(["train", digits, "--set", f"{key}={missing}", "--out", str(tmp_path / "run")]) == 2
+        assert f"{key}: no such weights file {missing}" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,6 +112,9 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
                             ("eval.n", cfg.eval.n, 1)):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key, value in (("eval.classifier", cfg.eval.classifier), ("eval.inception", cfg.eval.inception)):
+        if value and not os.path.isfile(value):  # found before training, not after it
+            raise ConfigError(f"{key}: no such weights file {value}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     torch.manual_seed(cfg.train.seed)
