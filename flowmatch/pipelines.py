@@ -312,13 +312,13 @@ def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     models, cfg = _load_task_models(ckpts, dev, names)
     from flowmatch.evaluation import make_scorer
 
-    task = build_task(cfg.data)
+    data = build_task(cfg.data)
     big = max(n, grid_n or n)
-    res = bench_suite(_bench_fields(models, cfg, big), task.source, task.target,
+    res = bench_suite(_bench_fields(models, cfg, big), data.source, data.target,
                       solvers=solvers, nfes=nfes, grids=grids, n=n, grid_n=grid_n, likelihood_n=likelihood_n,
                       seed=seed, atol=atol, rtol=rtol, device=dev, progress=progress,
                       scorer=make_scorer(cfg, big, seed=seed, device=dev),
-                      straightness_n=128 if task.is_image else 1000)
+                      straightness_n=128 if data.is_image else 1000)
     task = f"{cfg.data.source}->{cfg.data.target}"
     for r in res.rows + res.models:
         r["task"] = task
@@ -328,7 +328,7 @@ def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
             with Tracker(out, mode=tracking, name=f"bench {task}", job_type="bench") as tr:
                 tr.log_table("bench/table", res.rows)
                 tr.log_table("bench/models", res.models)
-                metric = "fd" if task.is_image else "w2"
+                metric = "fd" if data.is_image else "w2"
                 for r in res.rows:
                     if r["n"] == n:
                         tr.log({f"bench/{r['model']}/{r['solver']}/{r['grid']}/nfe{r['nfe']}/{metric}": r[metric]}, 0)
@@ -350,11 +350,11 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     models, cfg = _load_task_models(ckpts, dev, names)
     from flowmatch.evaluation import make_scorer
 
-    task = build_task(cfg.data)
-    rows = benchmark(_bench_fields(models, cfg, n), task.source, task.target,
+    data = build_task(cfg.data)
+    rows = benchmark(_bench_fields(models, cfg, n), data.source, data.target,
                      solvers=solvers, nfes=nfes, n=n, seed=seed, grid=grid, atol=atol, rtol=rtol, device=dev,
                      progress=progress, scorer=make_scorer(cfg, n, seed=seed, device=dev),
-                     straightness_n=128 if task.is_image else 1000)
+                     straightness_n=128 if data.is_image else 1000)
     task = f"{cfg.data.source}->{cfg.data.target}"
     for r in rows:
         r["task"] = task
@@ -363,7 +363,7 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
         if tracking != "disabled":
             with Tracker(out, mode=tracking, name=f"bench {task}", job_type="bench") as tr:
                 tr.log_table("bench/table", rows)
-                metric = "fd" if task.is_image else "w2"
+                metric = "fd" if data.is_image else "w2"
                 for r in rows:
                     tr.log({f"bench/{r['solver']}/nfe{r['nfe']}/{metric}": r[metric]}, 0)
                 if "plot" in paths:

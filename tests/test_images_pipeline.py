@@ -119,10 +119,35 @@ def test_class_conditional_training_pairs_and_paired_student(tmp_path):
     assert s2.step == 5 and s2.eval["eval/fd"] == s2.eval["eval/fd"]
 
 
-def test_bench_on_images(run, tmp_path):
+def test_bench_on_images(run, tmp_path, monkeypatch):
     summary, _ = run
+    logged = []
+
+    class FakeTracker:  # the wandb side of the bench, recorded instead of written
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def log(self, row, step):
+            logged.append(row)
+
+        def log_table(self, key, rows):
+            logged.append({key: len(rows)})
+
+        def log_image(self, key, path, step=None):
+            logged.append({key: path})
+
+    import flowmatch.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "Tracker", FakeTracker)
     res = bench_checkpoints([summary.checkpoint], str(tmp_path / "bench"), solvers=["euler", "dopri5"], nfes=[1, 4],
-                            n=48, tracking="disabled", progress=False, atol=1e-3, rtol=1e-3)
+                            n=48, tracking="offline", progress=False, atol=1e-3, rtol=1e-3)
+    assert any(k.endswith("/euler/uniform/nfe1/fd") for row in logged for k in row)
     row = res.rows[0]
     assert {"fd", "fd_floor", "kid"} <= set(row) and "w2" not in row
     assert {r["solver"] for r in res.rows} == {"euler", "dopri5"}
