@@ -198,7 +198,7 @@ def test_build_model_from_config():
     cfg = ModelConfig(hidden=24, depth=2, activation="gelu", time_embedding="fourier", time_dim=6,
                       fourier_scale=3.0)
     torch.manual_seed(0)
-    model = build_model(cfg, dim=3)
+    model = build_model(cfg, 3)
     assert isinstance(model, MLPVelocity) and model.dim == 3
     linears = [m for m in model.net if isinstance(m, nn.Linear)]
     assert len(linears) == 3 and linears[0].in_features == 3 + 6 and linears[0].out_features == 24
@@ -206,7 +206,7 @@ def test_build_model_from_config():
     assert isinstance(model.time_embed, FourierEmbedding) and model.time_embed.w.shape == (3,)
     # same seed, same config: identical weights (the model is rebuilt from config on load)
     torch.manual_seed(0)
-    again = build_model(cfg, dim=3)
+    again = build_model(cfg, (3,))
     for (ka, a), (kb, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert ka == kb and torch.equal(a, b)
     x, t = inputs(b=4, dim=3)
@@ -214,12 +214,12 @@ def test_build_model_from_config():
 
 
 def test_build_model_defaults_and_unknown_name():
-    model = build_model(ModelConfig(), dim=2)
+    model = build_model(ModelConfig(), 2)
     assert isinstance(model.time_embed, SinusoidalEmbedding)
     assert sum(isinstance(m, nn.Linear) for m in model.net) == ModelConfig().depth + 1
-    assert set(MODELS) == {"mlp"}
-    with pytest.raises(UnknownNameError, match="mlp"):
-        build_model(ModelConfig(name="unet"), dim=2)
+    assert set(MODELS) == {"mlp", "unet"}
+    with pytest.raises(UnknownNameError, match="mlp, unet"):
+        build_model(ModelConfig(name="transformer"), 2)
 
 
 # --------------------------------------------------------------------------- EMA
