@@ -81,7 +81,8 @@ class ImageScorer:
         self.metrics, self.floor_images, self.seed = metrics, floor_images, seed
 
     def floor(self, m: int) -> dict:
-        return {"fd_floor": self.metrics.fd(self.floor_images[:m])}
+        # the held-out split may hold fewer than m images: the floor says how many it used
+        return {"fd_floor": self.metrics.fd(self.floor_images[:m]), "fd_floor_n": min(m, len(self.floor_images))}
 
     def __call__(self, x1: torch.Tensor) -> dict:
         kid, _ = self.metrics.kid(x1, generator=make_generator(self.seed))
@@ -178,7 +179,8 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
         info = {"model": model_name, "straightness": st.straightness, "straightness_rel": st.straightness_rel,
                 "peak_curvature_t": st.accel_ts[peak], "logp": None, "bits_per_dim": None, "logp_nfe": None,
                 "logp_n": None, "logp_divergence": None}
-        if likelihood_n > 0 and hasattr(source, "log_prob"):
+        # a class-conditional field (labels i % K) would condition held-out images on the wrong classes
+        if likelihood_n > 0 and hasattr(source, "log_prob") and not getattr(v, "conditional", False):
             from flowmatch.metrics.likelihood import log_likelihood  # lazy: only when asked for
 
             held_out = target.sample(likelihood_n, generator=make_generator(seed + 3), device="cpu").to(device)

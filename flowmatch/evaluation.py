@@ -26,6 +26,8 @@ class LabeledField:
     ``B`` rows gets ``labels[:B]`` (so prefixes of one set of source draws keep their labels), with
     classifier-free guidance of ``scale``."""
 
+    conditional = True  # the bench skips the likelihood of such fields
+
     def __init__(self, model, labels: torch.Tensor, scale: float = 1.0):
         self.model, self.labels, self.scale = model, labels, float(scale)
 

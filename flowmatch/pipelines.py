@@ -20,10 +20,10 @@ import torch
 
 from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite, benchmark, rows_to_markdown,
                              write_bench, write_suite)
-from flowmatch.config import ExperimentConfig, config_diff, load_config, to_dict
-from flowmatch.data.task import build_task, is_image_task
+from flowmatch.config import ExperimentConfig, config_diff, from_dict, load_config, to_dict
+from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.data.pairs import read_manifest
-from flowmatch.errors import FlowmatchError
+from flowmatch.errors import ConfigError, FlowmatchError
 from flowmatch.metrics import mmd, straightness, w2
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_components, last_checkpoint,
@@ -179,6 +179,16 @@ def _evaluate_images(model, cfg: ExperimentConfig, out_dir: Optional[str], *, tr
     return res
 
 
+def _check_image_metric(cfg: ExperimentConfig) -> None:
+    """Refuse, before training, an image task whose evaluation would have no feature classifier."""
+    from flowmatch.metrics.frechet import SHIPPED_CLASSIFIERS, TRAIN_SCRIPT
+
+    if cfg.eval.classifier is None and cfg.data.target not in SHIPPED_CLASSIFIERS:
+        raise FlowmatchError(f"data.target={cfg.data.target}: no feature classifier ships for its Frechet distance; "
+                             f"train one with {TRAIN_SCRIPT} --dataset {cfg.data.target} and set "
+                             f"eval.classifier=PATH (shipped: {', '.join(SHIPPED_CLASSIFIERS)})")
+
+
 def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = False, overwrite: bool = False,
                       progress: bool = True, evaluate: bool = True) -> TrainSummary:
     """Train ``cfg`` into ``out`` and evaluate it; writes ``summary.json``.
@@ -190,13 +200,16 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
     if resume == "auto":
         if os.path.exists(summary_path) and os.path.exists(last_checkpoint(out)):
             ck = load_checkpoint(last_checkpoint(out))
-            same = not [k for k in config_diff(ck["config"], to_dict(cfg)) if not k.startswith(("reflow.", "tracking."))]
+            same = not [k for k in config_diff(to_dict(from_dict(ck["config"])), to_dict(cfg))
+                        if not k.startswith(("reflow.", "tracking."))]
             if same and ck["step"] == cfg.train.steps:
                 with open(summary_path) as f:
                     data = json.load(f)
                 data["skipped"] = True
                 return TrainSummary(**data)
         resume = os.path.exists(last_checkpoint(out))
+    if evaluate and is_image_task(cfg.data):
+        _check_image_metric(cfg)
     result = train(cfg, out, resume=bool(resume), overwrite=overwrite, progress=progress, finish_tracker=False)
     if not result.is_main:  # rank > 0 under torchrun: rank 0 evaluates and writes summary.json
         return TrainSummary(name=result.config.name, run_dir=out, checkpoint=result.checkpoint, step=result.step,
@@ -238,7 +251,7 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
         raise FlowmatchError(f"solver {solver!r} is adaptive: it takes --atol/--rtol, not --nfe")
     if not s.adaptive and nfe is None:
         raise FlowmatchError(f"solver {solver!r} is fixed-step: give --nfe (a multiple of {s.stages})")
-    x0 = build_task(cfg.data).source.sample(n, generator=make_generator(seed)).to(dev)
+    x0 = build_source(cfg.data).sample(n, generator=make_generator(seed)).to(dev)
     from flowmatch.evaluation import LabeledField, sampling_field
 
     field_ = sampling_field(lm.model, n, cfg.eval.guidance)
@@ -259,6 +272,9 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
               "nfe_per_batch": nfes, "batch_size": batch_size, "atol": atol if s.adaptive else None, "rtol": rtol if s.adaptive else None, "n": n, "seed": seed,
               "seconds": seconds}
     tensors = {"samples": torch.cat(chunks), "x0": x0.cpu()}
+    if field_ is not lm.model:  # a class-conditional model: the labels it was given, and the guidance
+        tensors["y"] = field_.labels.cpu()
+        record["guidance"] = field_.scale
     if out.endswith(".npz"):
         import numpy as np
 
@@ -285,18 +301,20 @@ def _load_task_models(ckpts: Sequence[str], dev, names: Optional[Sequence[str]])
         raise FlowmatchError(f"bench compares checkpoints of one task; got {sorted(tasks)} "
                              f"(run bench once per task)")
     models: dict = {}
+    guidance: dict = {}  # each checkpoint is sampled with its own eval.guidance
     for i, (c, m) in enumerate(zip(ckpts, loaded)):
         name = names[i] if names else _model_name(c)
         if name in models:
             name = f"{name}#{i}"
         models[name] = m.model
-    return models, loaded[0].config
+        guidance[name] = m.config.eval.guidance
+    return models, loaded[0].config, guidance
 
 
-def _bench_fields(models: dict, cfg: ExperimentConfig, n: int) -> dict:
+def _bench_fields(models: dict, guidance: dict, n: int) -> dict:
     from flowmatch.evaluation import sampling_field
 
-    return {name: sampling_field(m, n, cfg.eval.guidance) for name, m in models.items()}
+    return {name: sampling_field(m, n, guidance[name]) for name, m in models.items()}
 
 
 def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
@@ -309,12 +327,12 @@ def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     target and dimension). With ``out``: :func:`flowmatch.bench.write_suite`'s files, and a wandb
     table, W2 scalars and the plots unless ``tracking`` is ``disabled``."""
     dev = resolve_device(device)
-    models, cfg = _load_task_models(ckpts, dev, names)
+    models, cfg, guidance = _load_task_models(ckpts, dev, names)
     from flowmatch.evaluation import make_scorer
 
     data = build_task(cfg.data)
     big = max(n, grid_n or n)
-    res = bench_suite(_bench_fields(models, cfg, big), data.source, data.target,
+    res = bench_suite(_bench_fields(models, guidance, big), data.source, data.target,
                       solvers=solvers, nfes=nfes, grids=grids, n=n, grid_n=grid_n, likelihood_n=likelihood_n,
                       seed=seed, atol=atol, rtol=rtol, device=dev, progress=progress,
                       scorer=make_scorer(cfg, big, seed=seed, device=dev),
@@ -347,11 +365,11 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     With ``out``: ``bench.json``/``.csv``/``.md`` and ``bench_w2_vs_nfe.png`` (the compact form used
     by the demo and the reflow stage tables; :func:`bench_checkpoints` is the full bench)."""
     dev = resolve_device(device)
-    models, cfg = _load_task_models(ckpts, dev, names)
+    models, cfg, guidance = _load_task_models(ckpts, dev, names)
     from flowmatch.evaluation import make_scorer
 
     data = build_task(cfg.data)
-    rows = benchmark(_bench_fields(models, cfg, n), data.source, data.target,
+    rows = benchmark(_bench_fields(models, guidance, n), data.source, data.target,
                      solvers=solvers, nfes=nfes, n=n, seed=seed, grid=grid, atol=atol, rtol=rtol, device=dev,
                      progress=progress, scorer=make_scorer(cfg, n, seed=seed, device=dev),
                      straightness_n=128 if data.is_image else 1000)
@@ -407,6 +425,9 @@ def run_demo(out: str = "runs/demo", configs: Optional[Sequence[str]] = None, *,
     cfgs: dict[str, ExperimentConfig] = {}
     for path in configs:
         cfg = load_config(path, list(overrides))
+        if is_image_task(cfg.data):
+            raise FlowmatchError(f"demo runs toy configs; {path} is an image task (use flowmatch reflow run or "
+                                 f"make images)")
         if cfg.name in cfgs:
             raise FlowmatchError(f"two demo configs share the name {cfg.name!r}")
         cfgs[cfg.name] = cfg
@@ -469,20 +490,24 @@ def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: 
     optional distillation. Stage k trains on the pairs of stage k - 1, initialised from it; with
     ``reflow.mix < 1`` its real-data term uses ``reflow.real`` (default: the experiment's own coupling)."""
     rc = cfg.reflow
+    # a class-conditional teacher's pairs are made with guidance eval.guidance already: its students
+    # learn the guided field and are sampled with plain conditioning (guidance 1)
+    student_eval = {"guidance": 1.0} if cfg.model.class_cond else {}
     stages = []
     for k in range(2, rounds + 1):
         pairs = os.path.join(out, f"pairs-{k - 1}RF")
         stages.append((f"{k}-RF", _stage_config(
             cfg, f"{cfg.name}-{k}RF", coupling={"name": "paired", "pairs": pairs, "mix": rc.mix,
                                                  "real": rc.real or cfg.coupling.name},
-            time=to_dict(rc.time), train={"steps": rc.steps, "lr": rc.lr, "loss": rc.loss, "init": "auto"}), pairs))
+            time=to_dict(rc.time), train={"steps": rc.steps, "lr": rc.lr, "loss": rc.loss, "init": "auto"},
+            eval=student_eval), pairs))
     if distill:
         pairs = os.path.join(out, f"pairs-{rounds}RF")
         stages.append((f"{rounds}-RF+distill", _stage_config(
             cfg, f"{cfg.name}-{rounds}RF-distill", coupling={"name": "paired", "pairs": pairs, "mix": 1.0},
             time={"name": "constant", "value": 0.0},
             train={"steps": rc.distill_steps, "lr": rc.distill_lr, "loss": rc.distill_loss, "init": "auto"},
-            eval={"solver": "euler", "nfe": 1}), pairs))
+            eval={"solver": "euler", "nfe": 1, **student_eval}), pairs))
     return stages
 
 
@@ -500,6 +525,8 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     from flowmatch.viz import plot_straightness_by_stage, plot_trajectory_grid, plot_w2_vs_nfe
 
     rc = cfg.reflow
+    if rc.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"reflow.precision must be auto, fp32 or bf16; got {rc.precision!r}")
     rounds = rc.rounds if rounds is None else rounds
     distill = rc.distill if distill is None else distill
     if rounds < 1:
@@ -536,16 +563,16 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     metric = "fd" if "fd" in cols else "w2"
     plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, f"{metric}_vs_nfe.png"), metric=metric)
     plot_straightness_by_stage(rows, os.path.join(pd, "straightness.png"), title=cfg.name)
-    task = build_task(cfg.data)
+    image = is_image_task(cfg.data)
     from flowmatch.evaluation import sampling_field
 
-    x0 = task.source.sample(8 if task.is_image else 300, generator=make_generator(cfg.eval.seed))
+    x0 = build_source(cfg.data).sample(8 if image else 300, generator=make_generator(cfg.eval.seed))
     trajs = {}
     with torch.no_grad():
         for label, ckpt in stages:
             field_ = sampling_field(load_model(ckpt).model, len(x0), cfg.eval.guidance)
-            trajs[label] = solve(field_, x0, "rk4", num_steps=16 if task.is_image else 32, return_trajectory=True).xs
-    if task.is_image:
+            trajs[label] = solve(field_, x0, "rk4", num_steps=16 if image else 32, return_trajectory=True).xs
+    if image:
         from flowmatch.viz import plot_image_trajectories
 
         plot_image_trajectories(trajs, os.path.join(pd, "trajectories.png"), n=8, steps=9,
@@ -571,7 +598,7 @@ def stage_sample_grids(stages: Sequence[tuple], cfg: ExperimentConfig, out_dir: 
     from flowmatch.evaluation import sampling_field
     from flowmatch.viz import plot_image_panels
 
-    x0 = build_task(cfg.data).source.sample(n, generator=make_generator(cfg.eval.seed))
+    x0 = build_source(cfg.data).sample(n, generator=make_generator(cfg.eval.seed))
     paths = []
     for label, ckpt in stages:
         field_ = sampling_field(load_model(ckpt).model, n, cfg.eval.guidance)
@@ -632,6 +659,9 @@ def reflow_sweep(cfg: ExperimentConfig, out: str, key: str, values: Sequence, *,
     the teacher spent, the teacher's dopri5 W2 and the noise floor."""
     from flowmatch.config import apply_overrides
 
+    if is_image_task(cfg.data):
+        raise FlowmatchError(f"reflow sweep reports W2 on toy tasks; {cfg.name} is an image task "
+                             f"(run flowmatch reflow run once per value instead)")
     if cfg.reflow.teacher:
         teacher = cfg.reflow.teacher
     else:

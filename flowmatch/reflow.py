@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from flowmatch.config import to_dict
-from flowmatch.data.task import build_task
+from flowmatch.data.task import build_source
 from flowmatch.data.pairs import PAIRS_FORMAT, PAIRS_VERSION, PairStoreError, read_manifest, shard_name
 from flowmatch.errors import ConfigError, FlowmatchError
 from flowmatch.models import ClassifierFreeGuidance
@@ -101,9 +101,8 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
             raise ConfigError(f"solver {solver!r} needs nfe, a positive multiple of {s.stages}; got {nfe}")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"pair generation precision must be fp32 or bf16, got {precision!r}")
-    task = build_task(cfg.data)
-    source = task.source
-    shape = list(task.shape)
+    source = build_source(cfg.data)  # the noise only: the target's images are not needed here
+    shape = list(getattr(source, "shape", None) or (cfg.data.dim,))
     classes = getattr(lm.model, "num_classes", None)
     num_shards = math.ceil(n / shard_size)
     plan = {

@@ -169,7 +169,8 @@ def test_image_scorer_floor_uses_held_out_images():
             return float(x.std()), 0.0
 
     sc = ImageScorer(Metrics(), torch.arange(10.0).reshape(10, 1, 1, 1))
-    assert sc.floor(4) == {"fd_floor": 1.5}
+    assert sc.floor(4) == {"fd_floor": 1.5, "fd_floor_n": 4}
+    assert sc.floor(50)["fd_floor_n"] == 10  # the held-out split has only 10
     assert sc(torch.ones(3, 1, 1, 1)) == {"fd": 1.0, "kid": 0.0}
 
 
@@ -194,7 +195,10 @@ def test_cli_reports_image_input_errors(tmp_path, capsys):
 
     cfg = os.path.join(os.path.dirname(__file__), "..", "experiments", "mnist", "mnist.yaml")
     missing = tmp_path / "no-such-root"
-    assert main(["train", cfg, "--set", f"data.root={missing}", "--out", str(tmp_path / "run")]) == 2
+    clf = tmp_path / "mnist_clf.pt"
+    clf.write_bytes(b"weights")  # present: the missing data root is what fails
+    assert main(["train", cfg, "--set", f"data.root={missing}", "--set", f"eval.classifier={clf}",
+                 "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "flowmatch: error:" in err and str(missing) in err
     assert not (tmp_path / "run").exists()  # nothing written
@@ -219,3 +223,42 @@ def test_missing_metric_weights_are_refused_before_training(tmp_path, capsys):
         assert main(["train", digits, "--set", f"{key}={missing}", "--out", str(tmp_path / "run")]) == 2
         assert f"{key}: no such weights file {missing}" in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_image_task_without_a_feature_classifier_is_refused_before_training(tmp_path):
+    from flowmatch.errors import FlowmatchError
+
+    cfg = _cfg(data={"target": "folder", "root": str(tmp_path / "imgs"), "image_size": 8, "channels": 1})
+    with pytest.raises(FlowmatchError, match="eval.classifier"):
+        train_from_config(cfg, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_samples_of_a_class_conditional_model_carry_their_labels(tmp_path):
+    from flowmatch.pipelines import sample_from_checkpoint
+
+    cfg = _cfg(model={"class_cond": True}, train={"steps": 2, "ckpt_every": 2}, eval={"n": 16, "guidance": 1.5})
+    s = train_from_config(cfg, str(tmp_path / "cond"), progress=False)
+    rec = sample_from_checkpoint(s.checkpoint, str(tmp_path / "s.pt"), n=12, nfe=2, batch_size=5, progress=False)
+    out = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert rec["guidance"] == 1.5 and out["y"].tolist() == [i % 10 for i in range(12)]
+    assert out["samples"].shape == (12, 1, 8, 8)
+
+
+def test_a_run_saved_before_new_config_keys_resumes(tmp_path):
+    """A checkpoint whose config lacks keys added later compares at their defaults."""
+    cfg = from_dict({"name": "old", "data": {"source": "gaussian", "target": "moons"},
+                     "model": {"hidden": 16, "depth": 2}, "tracking": {"mode": "disabled"},
+                     "train": {"steps": 4, "ckpt_every": 2, "log_every": 2, "device": "cpu"},
+                     "eval": {"n": 50, "solver": "euler", "nfe": 2, "plots": False}})
+    out = str(tmp_path / "run")
+    first = train_from_config(cfg, out, progress=False)
+    ck = torch.load(first.checkpoint, weights_only=True)
+    for section, key in (("data", "split"), ("model", "preset"), ("model", "class_cond"), ("train", "grad_accum"),
+                         ("eval", "guidance")):
+        del ck["config"][section][key]
+    torch.save(ck, first.checkpoint)
+    again = train_from_config(cfg, out, resume="auto", progress=False)
+    assert again.skipped  # the finished run is recognised as the same run
+    longer = train_from_config(apply_overrides(cfg, ["train.steps=6"]), out, resume=True, progress=False)
+    assert longer.step == 6

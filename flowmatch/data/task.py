@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from flowmatch.errors import ConfigError
 
-__all__ = ["TaskData", "build_task", "data_shape", "num_classes", "is_image_task", "FIXED_IMAGE_SHAPES"]
+__all__ = ["TaskData", "build_task", "build_source", "data_shape", "num_classes", "is_image_task",
+           "FIXED_IMAGE_SHAPES"]
 
 # (C, H, W) and class counts of the datasets whose shape is fixed (a folder's comes from the config)
 FIXED_IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist5k": (1, 28, 28), "mnist": (1, 28, 28),
@@ -83,3 +84,16 @@ def build_task(data_cfg, split: Optional[str] = None) -> TaskData:
                           f"the config says {data_shape(data_cfg)} (data.channels, data.image_size)")
     source = get_dataset("gaussian", shape=shape)
     return TaskData(source, target, shape, target.num_classes, True)
+
+
+def build_source(data_cfg):
+    """The source (t = 0) alone, without loading an image target: for images N(0, I) of
+    :func:`data_shape` (the same object, and random stream, as :func:`build_task`'s source)."""
+    from flowmatch.data.toy import get_dataset
+
+    if not is_image_task(data_cfg):
+        return get_dataset(data_cfg.source, data_cfg.dim)
+    if data_cfg.source != "gaussian":
+        raise ConfigError(f"image tasks start from data.source=gaussian (noise of the images' shape); "
+                          f"got data.source={data_cfg.source}")
+    return get_dataset("gaussian", shape=data_shape(data_cfg))

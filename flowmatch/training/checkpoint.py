@@ -67,8 +67,12 @@ def load_model(path: str, *, use_ema: bool = True, device: str | torch.device = 
         cfg = from_dict(ckpt["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path} holds an invalid config: {e}") from None
-    model = build_model(cfg.model, data_shape(cfg.data), num_classes(cfg.data) if cfg.model.class_cond else None)
     state = ckpt["ema"]["model"] if use_ema else ckpt["model"]
+    classes = None
+    if cfg.model.class_cond:  # from the weights (the class embedding has a row per class + the null one),
+        emb = state.get("class_embed.weight") if isinstance(state, dict) else None  # not by loading the data
+        classes = int(emb.shape[0]) - 1 if emb is not None else num_classes(cfg.data)
+    model = build_model(cfg.model, data_shape(cfg.data), classes)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -102,7 +102,8 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
         if not os.path.exists(ckpt_path):
             raise RunDirError(f"--resume: no checkpoint to resume from at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
-        diff = [k for k in config_diff(ckpt["config"], to_dict(cfg))
+        # through from_dict: a run saved before a config key existed compares at that key's default
+        diff = [k for k in config_diff(to_dict(from_dict(ckpt["config"])), to_dict(cfg))
                 if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
         if diff:
             raise RunDirError(f"--resume: the config differs from the run in {run_dir} at {', '.join(diff)}; "
