@@ -39,6 +39,7 @@ DEMO_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 DEMO_NFES = (1, 2, 4, 8, 16)
 STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
                  "straightness_rel", "seconds", "n")
+IMAGE_EVAL_BATCH = 2000  # images per solve in the end-of-training evaluation
 IMAGE_STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "fd", "fd_floor", "kid", "straightness",
                        "straightness_rel", "seconds", "n")
 
@@ -78,7 +79,8 @@ def evaluate_model(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, 
     """Sample ``cfg.eval.n`` points with the EMA ``model`` and score them against fresh target draws.
 
     Returns ``eval/w2``, ``eval/w2_floor``, ``eval/mmd``, ``eval/nfe``, ``eval/straightness`` (and
-    its relative and per-dimension forms). With ``out_dir``: ``samples.pt`` and, if
+    its relative and per-dimension forms); for images ``eval/fd``, ``eval/fd_floor``,
+    ``eval/fd_floor_n``, ``eval/kid`` instead of W2 and MMD (see :func:`_evaluate_images`). With ``out_dir``: ``samples.pt`` and, if
     ``cfg.eval.plots``, ``plots/samples.png``, ``plots/trajectories.png``, ``plots/loss_by_t.png``.
     """
     if is_image_task(cfg.data):
@@ -147,11 +149,21 @@ def _evaluate_images(model, cfg: ExperimentConfig, out_dir: Optional[str], *, tr
     x0 = task.source.sample(ec.n, generator=make_generator(ec.seed)).to(device)
     field_ = sampling_field(model, ec.n, ec.guidance)
     solver = get_solver(ec.solver, atol=ec.atol, rtol=ec.rtol)
-    traj = solve(field_, x0, solver, nfe=None if solver.adaptive else ec.nfe)
-    x1 = traj.x1.float().cpu()
+    # solved in chunks of IMAGE_EVAL_BATCH (a big UNet on eval.n images at once would not fit a GPU);
+    # an adaptive solver steps each chunk on its own, so NFE is the largest over chunks
+    from flowmatch.evaluation import LabeledField
+
+    chunks, nfe = [], 0
+    for start in range(0, ec.n, IMAGE_EVAL_BATCH):
+        stop = min(start + IMAGE_EVAL_BATCH, ec.n)
+        v = field_ if field_ is model else LabeledField(model, field_.labels[start:stop], field_.scale)
+        traj = solve(v, x0[start:stop], solver, nfe=None if solver.adaptive else ec.nfe)
+        chunks.append(traj.x1.float().cpu())
+        nfe = max(nfe, traj.nfe)
+    x1 = torch.cat(chunks)
     scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)
     st = straightness(field_, x0[: min(ec.n, 128)])
-    res = {**{f"eval/{k}": v for k, v in {**scorer(x1), **scorer.floor(ec.n)}.items()}, "eval/nfe": traj.nfe,
+    res = {**{f"eval/{k}": v for k, v in {**scorer(x1), **scorer.floor(ec.n)}.items()}, "eval/nfe": nfe,
            "eval/solver": solver.name, "eval/straightness": st.straightness,
            "eval/straightness_rel": st.straightness_rel, "eval/straightness_per_dim": st.straightness_per_dim}
     fid = inception_score_of(cfg, x1, device=device)
@@ -160,7 +172,7 @@ def _evaluate_images(model, cfg: ExperimentConfig, out_dir: Optional[str], *, tr
     if tracker is not None:
         tracker.log({k: v for k, v in res.items() if not isinstance(v, str)}, step or 0)
     if out_dir is not None:
-        atomic_save({"samples": x1, "x0": x0.cpu(), "solver": solver.name, "nfe": traj.nfe},
+        atomic_save({"samples": x1, "x0": x0.cpu(), "solver": solver.name, "nfe": nfe},
                     os.path.join(out_dir, "samples.pt"))
         if ec.plots:
             from flowmatch.viz import plot_image_trajectories, save_image_grid
@@ -168,7 +180,7 @@ def _evaluate_images(model, cfg: ExperimentConfig, out_dir: Optional[str], *, tr
             pd = os.path.join(out_dir, "plots")
             k = getattr(model, "num_classes", None) or 8
             paths = {"samples": save_image_grid(x1[:64], os.path.join(pd, "samples.png"), nrow=k if k <= 16 else 8,
-                                                title=f"{cfg.name}: {solver.name}, NFE {traj.nfe}")}
+                                                title=f"{cfg.name}: {solver.name}, NFE {nfe}")}
             xs = solve(field_, x0[:8], "rk4", num_steps=16, return_trajectory=True).xs
             paths["trajectories"] = plot_image_trajectories({cfg.name: xs}, os.path.join(pd, "trajectories.png"),
                                                             n=8, steps=9, title=f"{cfg.name}: RK4 trajectories")
@@ -518,7 +530,7 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     distillation of the last round's pairs. Every stage is benchmarked with the same bench.
 
     Writes ``OUT/stages.json`` (rows with ``task, stage, solver, nfe, w2, w2_floor, mmd,
-    straightness``, ...), ``stages.csv``, ``stages.md`` and plots under ``OUT/plots``. Stages
+    straightness``, ...; ``fd, fd_floor, kid`` in place of ``w2, w2_floor, mmd`` for images), ``stages.csv``, ``stages.md`` and plots under ``OUT/plots``. Stages
     already on disk are reused, so a killed chain resumes at the stage it reached.
     """
     from flowmatch.reflow import generate_pairs
