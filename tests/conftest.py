@@ -42,3 +42,18 @@ def tiny_cfg() -> ExperimentConfig:
 def make_cfg():
     """Factory: ``make_cfg("train.steps=40", ...)`` -> the tiny config with those overrides."""
     return make_tiny_cfg
+
+
+class ReplayLoss:
+    """A loss function that evaluates the given ``(x0, x1, t)`` batches in turn (cyclically) instead of
+    the drawn ones: trainers (or DDP ranks) can then be fed the same data in different micro-batches."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, 0
+
+    def __call__(self, model, path, x0, x1, t, **kw):
+        from flowmatch.training import cfm_loss
+
+        b = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return cfm_loss(model, path, *b, **kw)

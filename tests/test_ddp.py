@@ -20,10 +20,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import make_tiny_cfg
+from conftest import ReplayLoss, make_tiny_cfg
 from flowmatch.config import save_config
 from flowmatch.errors import FlowmatchError
-from flowmatch.training import build_trainer, cfm_loss, load_checkpoint, read_metrics, train
+from flowmatch.training import build_trainer, load_checkpoint, read_metrics, train
 from flowmatch.training import distributed as du
 from flowmatch.utils import make_generator
 
@@ -38,19 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Replay:
-    """A loss function that evaluates the given ``(x0, x1, t)`` batches in turn (cyclically) instead of
-    the drawn ones, so each rank can be handed its part of one fixed batch."""
-
-    def __init__(self, batches):
-        self.batches, self.calls = batches, 0
-
-    def __call__(self, model, path, x0, x1, t, **kw):
-        b = self.batches[self.calls % len(self.batches)]
-        self.calls += 1
-        return cfm_loss(model, path, *b, **kw)
 
 
 def _quarters() -> list:
@@ -79,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for fast in (False, True):
             # rank r's micro-batches are quarters 2r and 2r + 1 of the fixed batch
             tr = build_trainer(make_tiny_cfg(*BASE, "train.grad_accum=2", f"train.batch_size={QUARTER}"), fast=fast,
-                               loss_fn=_Replay([q[2 * rank], q[2 * rank + 1]]))
+                               loss_fn=ReplayLoss([q[2 * rank], q[2 * rank + 1]]))
             assert isinstance(tr.net, DistributedDataParallel) and tr.world_size == world
             loss, _ = tr.train_step.accumulate()
             res[f"loss_{fast}"] = loss.item()
@@ -153,7 +140,7 @@ def test_collectives_and_rank_info(ranks):
 def test_two_ranks_with_accumulation_equal_one_process_on_the_whole_batch(ranks, fast):
     q = _quarters()
     whole = tuple(torch.cat([part[i] for part in q]) for i in range(3))
-    ref = build_trainer(make_tiny_cfg(*BASE, f"train.batch_size={4 * QUARTER}"), fast=fast, loss_fn=_Replay([whole]))
+    ref = build_trainer(make_tiny_cfg(*BASE, f"train.batch_size={4 * QUARTER}"), fast=fast, loss_fn=ReplayLoss([whole]))
     assert ref.world_size == 1 and ref.net is ref.model
     loss, _ = ref.train_step.accumulate()
     grads = [p.grad.clone() for p in ref.model.parameters()]

@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowmatch.training.loop as loop_mod
+
+from conftest import ReplayLoss
 from flowmatch.config import TrainConfig, apply_overrides, from_dict
 from flowmatch.couplings import Coupling, IndependentCoupling
 from flowmatch.data.images import ImageDataset
@@ -583,19 +585,6 @@ def test_channels_last_leaves_flat_data_alone(make_cfg):
 # --------------------------------------------------------------------------- gradient accumulation
 
 
-class _Replay:
-    """A loss function that evaluates the given ``(x0, x1, t)`` batches in turn (cyclically) instead of
-    the drawn ones: two trainers can then be fed the same data in different micro-batches."""
-
-    def __init__(self, batches):
-        self.batches, self.calls = batches, 0
-
-    def __call__(self, model, path, x0, x1, t, **kw):
-        b = self.batches[self.calls % len(self.batches)]
-        self.calls += 1
-        return cfm_loss(model, path, *b, **kw)
-
-
 def _fixed_batches(n: int, b: int, dim: int = 2, seed: int = 11):
     g = make_generator(seed)
     return [(torch.randn(b, dim, generator=g), 2 + torch.randn(b, dim, generator=g), torch.rand(b, generator=g))
@@ -610,8 +599,8 @@ def test_grad_accum_two_halves_equals_one_double_batch(make_cfg, fast):
     whole = [tuple(torch.cat([h[i] for h in halves]) for i in range(3))]
     base = ("train.grad_clip=0.05", "train.weight_decay=0.01")  # a small clip: the clipped norm matters
     acc = build_trainer(make_cfg(*base, "train.grad_accum=2", "train.batch_size=16"), fast=fast,
-                        loss_fn=_Replay(halves))
-    one = build_trainer(make_cfg(*base, "train.batch_size=32"), fast=fast, loss_fn=_Replay([whole[0]]))
+                        loss_fn=ReplayLoss(halves))
+    one = build_trainer(make_cfg(*base, "train.batch_size=32"), fast=fast, loss_fn=ReplayLoss([whole[0]]))
     assert acc.plan.grad_accum == 2
     la, _ = acc.train_step.accumulate()
     lo, _ = one.train_step.accumulate()
