@@ -45,7 +45,13 @@ IMAGE_STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "fd", "fd_
 
 
 def stage_columns(rows: Sequence[dict]) -> tuple:
-    return IMAGE_STAGE_COLUMNS if rows and "fd" in rows[0] else STAGE_COLUMNS
+    """The stage table's columns: W2 (toy), FD (images), or both when one table holds both kinds."""
+    kinds = {"fd" in r for r in rows}
+    if kinds == {True}:
+        return IMAGE_STAGE_COLUMNS
+    if kinds == {True, False}:
+        return STAGE_COLUMNS[:8] + ("fd", "fd_floor", "kid") + STAGE_COLUMNS[8:]
+    return STAGE_COLUMNS
 
 
 @dataclass
@@ -308,7 +314,8 @@ def _load_task_models(ckpts: Sequence[str], dev, names: Optional[Sequence[str]])
     if not ckpts:
         raise FlowmatchError("bench needs at least one checkpoint")
     loaded = [load_model(c, device=dev) for c in ckpts]
-    tasks = {(m.config.data.source, m.config.data.target, m.config.data.dim, m.config.data.root) for m in loaded}
+    tasks = {(m.config.data.source, m.config.data.target, m.config.data.dim, m.config.data.root,
+              m.config.data.image_size, m.config.data.channels) for m in loaded}
     if len(tasks) > 1:
         raise FlowmatchError(f"bench compares checkpoints of one task; got {sorted(tasks)} "
                              f"(run bench once per task)")

@@ -262,3 +262,12 @@ def test_a_run_saved_before_new_config_keys_resumes(tmp_path):
     assert again.skipped  # the finished run is recognised as the same run
     longer = train_from_config(apply_overrides(cfg, ["train.steps=6"]), out, resume=True, progress=False)
     assert longer.step == 6
+
+
+def test_stage_columns_of_toy_image_and_mixed_tables():
+    from flowmatch.pipelines import STAGE_COLUMNS, stage_columns
+
+    toy, img = {"w2": 0.1}, {"fd": 1.0}
+    assert stage_columns([toy]) == STAGE_COLUMNS and stage_columns([img]) == IMAGE_STAGE_COLUMNS
+    both = stage_columns([toy, img])
+    assert {"w2", "w2_floor", "mmd", "fd", "fd_floor", "kid"} <= set(both) and len(both) == len(set(both))
