@@ -178,18 +178,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{res['seconds']:.0f} s; wrote {paths['json']} and {paths['md']}")
         return 0 if all(c["ok"] for c in res["checks"]) else 1
     if args.command == "reflow" and args.reflow_command == "generate":
-        import torch
-
         from flowmatch.reflow import dist_info, generate_pairs, init_distributed_from_env
+        from flowmatch.training.distributed import cleanup
 
         started = init_distributed_from_env()
+        ok = False
         try:
             m = generate_pairs(args.teacher, args.out, args.n, solver=args.solver, nfe=args.nfe, atol=args.atol,
                                rtol=args.rtol, shard_size=args.shard_size, seed=args.seed, device=args.device,
                                progress=not args.no_progress, guidance=args.guidance, precision=args.precision)
+            ok = True
         finally:
             if started:
-                torch.distributed.destroy_process_group()
+                cleanup(sync=ok)
         if dist_info()[0] == 0:
             print(f"{m['count']} pairs in {len(m['shards'])} shards at {args.out} "
                   f"({m['solver']['name']}, {m['nfe_per_sample']:.1f} NFE per sample)")

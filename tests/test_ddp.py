@@ -57,56 +57,63 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     assert du.init_distributed_from_env() is True
+    ok = False
     try:
-        res = {"info": du.dist_info(), "main": du.is_main(),
-               "mean": du.all_reduce_mean(torch.tensor([float(rank)])).item(),
-               "sum": du.all_reduce_sum(torch.tensor([rank + 1.0])).item(),
-               "bcast": du.broadcast_object({"from": rank}), "gather": du.all_gather_object(rank)}
-        q = _quarters()
-        for fast in (False, True):
-            # rank r's micro-batches are quarters 2r and 2r + 1 of the fixed batch
-            tr = build_trainer(make_tiny_cfg(*BASE, "train.grad_accum=2", f"train.batch_size={QUARTER}"), fast=fast,
-                               loss_fn=ReplayLoss([q[2 * rank], q[2 * rank + 1]]))
-            assert isinstance(tr.net, DistributedDataParallel) and tr.world_size == world
-            loss, _ = tr.train_step.accumulate()
-            res[f"loss_{fast}"] = loss.item()
-            res[f"grads_{fast}"] = [p.grad.clone() for p in tr.model.parameters()]
-            out = tr.step()
-            res[f"step_loss_{fast}"] = out.loss.item()
-            res[f"params_{fast}"] = [p.detach().clone() for p in tr.model.parameters()]
-            res[f"ema_{fast}"] = [p.detach().clone() for p in tr.ema.model.parameters()]
-        # exact resume: every rank takes its own generator back from the checkpoint payload
-        cfg = _resume_cfg()
-        a = build_trainer(cfg, fast=True)
-        a.run(4)
-        res["unbroken"] = a.sync()
-        _, counts = a.take_bins()
-        res["bin_count"] = counts.sum().item()
-        b = build_trainer(cfg, fast=True)
-        b.run(2)
-        first = b.sync()
-        state = b.state_dict()
-        c = build_trainer(cfg, fast=True)
-        c.load_state_dict(state)
-        c.run(2)
-        res["resumed"] = first + c.sync()
-        res["world_size"] = state["world_size"]
-        res["rank_generators"] = [r["generator"] for r in state["ranks"]]
-        res["main_generator"] = state["rng"]["generator"]
-        # rank 0 refuses a directory that holds another run; rank 1 stops with it instead of waiting
-        held = os.path.join(out_dir, "held")
-        if rank == 0:
-            os.makedirs(held)
-            open(os.path.join(held, "config.yaml"), "w").close()
-        du.barrier()
-        try:
-            train(make_tiny_cfg(), held, progress=False)
-            res["refused"] = None
-        except FlowmatchError as e:
-            res["refused"] = f"{type(e).__name__}: {e}"
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the trainers (and their DDP modules) live in _rank_results only: gone before the group is
+        torch.save(_rank_results(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
+        ok = True
     finally:
-        du.cleanup()
+        du.cleanup(sync=ok)
+
+
+def _rank_results(rank: int, out_dir: str) -> dict:
+    res = {"info": du.dist_info(), "main": du.is_main(),
+           "mean": du.all_reduce_mean(torch.tensor([float(rank)])).item(),
+           "sum": du.all_reduce_sum(torch.tensor([rank + 1.0])).item(),
+           "bcast": du.broadcast_object({"from": rank}), "gather": du.all_gather_object(rank)}
+    q = _quarters()
+    for fast in (False, True):
+        # rank r's micro-batches are quarters 2r and 2r + 1 of the fixed batch
+        tr = build_trainer(make_tiny_cfg(*BASE, "train.grad_accum=2", f"train.batch_size={QUARTER}"), fast=fast,
+                           loss_fn=ReplayLoss([q[2 * rank], q[2 * rank + 1]]))
+        assert isinstance(tr.net, DistributedDataParallel) and tr.world_size == WORLD
+        loss, _ = tr.train_step.accumulate()
+        res[f"loss_{fast}"] = loss.item()
+        res[f"grads_{fast}"] = [p.grad.clone() for p in tr.model.parameters()]
+        out = tr.step()
+        res[f"step_loss_{fast}"] = out.loss.item()
+        res[f"params_{fast}"] = [p.detach().clone() for p in tr.model.parameters()]
+        res[f"ema_{fast}"] = [p.detach().clone() for p in tr.ema.model.parameters()]
+    # exact resume: every rank takes its own generator back from the checkpoint payload
+    cfg = _resume_cfg()
+    a = build_trainer(cfg, fast=True)
+    a.run(4)
+    res["unbroken"] = a.sync()
+    _, counts = a.take_bins()
+    res["bin_count"] = counts.sum().item()
+    b = build_trainer(cfg, fast=True)
+    b.run(2)
+    first = b.sync()
+    state = b.state_dict()
+    c = build_trainer(cfg, fast=True)
+    c.load_state_dict(state)
+    c.run(2)
+    res["resumed"] = first + c.sync()
+    res["world_size"] = state["world_size"]
+    res["rank_generators"] = [r["generator"] for r in state["ranks"]]
+    res["main_generator"] = state["rng"]["generator"]
+    # rank 0 refuses a directory that holds another run; rank 1 stops with it instead of waiting
+    held = os.path.join(out_dir, "held")
+    if rank == 0:
+        os.makedirs(held)
+        open(os.path.join(held, "config.yaml"), "w").close()
+    du.barrier()
+    try:
+        train(make_tiny_cfg(), held, progress=False)
+        res["refused"] = None
+    except FlowmatchError as e:
+        res["refused"] = f"{type(e).__name__}: {e}"
+    return res
 
 
 def _spawn(out_dir: str, timeout: float = 120.0) -> list[dict]:

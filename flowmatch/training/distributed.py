@@ -19,6 +19,7 @@ processes, so single-process code calls them unconditionally.
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import os
 from typing import Any, Optional
@@ -89,9 +90,18 @@ def init_distributed_from_env(backend: Optional[str] = None) -> bool:
     return True
 
 
-def cleanup() -> None:
-    """Destroy the process group if one is running."""
+def cleanup(sync: bool = False) -> None:
+    """Destroy the process group if one is running.
+
+    Unreachable objects are collected first: a ``DistributedDataParallel`` module left in a
+    reference cycle (a trainer) would otherwise be freed after its group, at interpreter exit, and
+    gloo aborts the process there ("terminate called without an active exception"). With
+    ``sync=True`` every rank waits for the others before the group goes: pass it on the success
+    path only, where every rank arrives (a rank that failed never does)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
