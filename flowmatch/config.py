@@ -152,6 +152,9 @@ class TrainConfig:
     # torch.compile of the fast step's loss (forward + backward): "auto" (with the fast step on CUDA),
     # "off", "on" (mode "default") or a torch.compile mode ("reduce-overhead", "max-autotune", ...).
     compile: Union[str, bool] = "auto"
+    # The fused MLP step (flowmatch.training.fused_mlp), the fast step's CPU path for toy MLPs: "auto"
+    # (wherever it can run in the fast mode), "on" (required: an error where it cannot run) or "off".
+    fused: Union[str, bool] = "auto"
     # Mixed precision of the forward/backward: "auto" (bf16 autocast for image models on CUDA, fp32 elsewhere),
     # "fp32" or "bf16". Weights, optimiser state and EMA stay fp32.
     precision: str = "auto"
@@ -165,7 +168,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads a bare on / off as a boolean; keep the documented spelling.
-        for key in ("fast", "compile", "channels_last"):
+        for key in ("fast", "compile", "fused", "channels_last"):
             value = getattr(self, key)
             if isinstance(value, bool):
                 setattr(self, key, "on" if value else "off")

@@ -9,7 +9,8 @@ Sections (rows of :data:`SPEED_COLUMNS`; ``ratio`` is against the row's baseline
   step and moved to the device, the OT plan solved on the CPU, pairs and targets computed eagerly),
   ``plain`` (this package's loop: EMA, clipping, schedule, loss by t-bin, host reads every step)
   and ``fast`` (:mod:`flowmatch.training.fast`: data drawn on the device, no host synchronisation,
-  foreach/fused optimiser and EMA, compiled step; on CUDA minibatch OT by Sinkhorn on the device).
+  foreach/fused optimiser and EMA, compiled step; on CUDA minibatch OT by Sinkhorn on the device;
+  on the CPU the fused MLP step of :mod:`flowmatch.training.fused_mlp`).
 - ``sample``: 10,000 points (``full``) at NFE 16 with Euler: the captured solve
   (:class:`flowmatch.solvers.CapturedSolve`, a CUDA graph on a GPU), the python loop of
   :func:`flowmatch.solvers.solve`, ``torchdiffeq.odeint(method="euler")``, and the floor
@@ -59,11 +60,12 @@ class SpeedSizes:
     check_steps: int
     sample_width: int = 256  # the sampled model: MLP 3 x width (the toy experiments' size)
     unet_steps: int = 200  # timed steps of the UNet throughput section
+    train_rounds: int = 5  # timed rounds of each training loop, taken in turn (the median is reported)
 
 
 SIZES = {
     "full": SpeedSizes(train_steps=2000, train_warmup=50, sample_n=10_000, sample_nfe=16, sample_repeats=50,
-                       pairs_n=200_000, check_steps=30),
+                       pairs_n=200_000, check_steps=30, train_rounds=3),
     "small": SpeedSizes(train_steps=300, train_warmup=20, sample_n=2000, sample_nfe=16, sample_repeats=5,
                         pairs_n=10_000, check_steps=20, unet_steps=4),
 }
@@ -146,25 +148,38 @@ def _train_rows(dev: torch.device, sz: SpeedSizes, compile_mode: Optional[str]) 
     rows, checks = [], []
     for coupling, label in (("independent", "I-CFM"), ("ot", "OT-CFM")):
         cfg = _toy_config(coupling, dev)
-        ref_steps = max(20, sz.train_steps // (10 if coupling == "ot" else 4))
-        reference_train_loop(coupling, 5, device=dev)  # warm-up
-        _sync(dev)
-        t0 = time.perf_counter()
-        reference_train_loop(coupling, ref_steps, device=dev)
-        _sync(dev)
-        ref_sps = ref_steps / (time.perf_counter() - t0)
-        rows.append(_row("train", label, "reference", ref_sps, "steps/s", None, "", batch_n(cfg), dev))
-        for variant, fast, comp in (("plain", False, "off"), ("fast", True, compile_mode or "auto")):
-            trainer = build_trainer(cfg, fast=fast, compile=comp)
-            trainer.run(sz.train_warmup)
-            trainer.sync()
-            n = sz.train_steps if fast else max(20, sz.train_steps // 4)
-            t0 = time.perf_counter()
-            trainer.run(n)
-            trainer.sync()
-            sps = n / (time.perf_counter() - t0)
-            note = f"compile={trainer.plan.compile}" if hasattr(trainer, "plan") else ""
-            rows.append(_row("train", label, variant, sps, "steps/s", sps / ref_sps, "reference", batch_n(cfg), dev,
+        # the reference takes as many steps as the fast loop (a tenth with its CPU OT plan: ~100
+        # steps/s anywhere), the plain loop a quarter
+        n = {"reference": max(20, sz.train_steps // 10) if coupling == "ot" else sz.train_steps,
+             "plain": max(20, sz.train_steps // 4), "fast": sz.train_steps}
+        trainers = {v: build_trainer(cfg, fast=fast, compile=comp)
+                    for v, fast, comp in (("plain", False, "off"), ("fast", True, compile_mode or "auto"))}
+        reference_train_loop(coupling, sz.train_warmup, device=dev)  # warm-up
+        for tr in trainers.values():
+            tr.run(sz.train_warmup)
+            tr.sync()
+        # the loops take turns, round after round; each row is the median round (a busy machine
+        # slows one round, not one loop)
+        sps: dict[str, list[float]] = {v: [] for v in n}
+        for _ in range(sz.train_rounds):
+            for v in n:
+                _sync(dev)
+                t0 = time.perf_counter()
+                if v == "reference":
+                    reference_train_loop(coupling, n[v], device=dev)
+                else:
+                    trainers[v].run(n[v])
+                    trainers[v].sync()
+                _sync(dev)
+                sps[v].append(n[v] / (time.perf_counter() - t0))
+        ref_sps = statistics.median(sps["reference"])
+        rows.append(_row("train", label, "reference", ref_sps, "steps/s", None, "", batch_n(cfg), dev,
+                         note=f"median of {sz.train_rounds} rounds of {n['reference']} steps"))
+        for v, tr in trainers.items():
+            value = statistics.median(sps[v])
+            note = (f"median of {sz.train_rounds} rounds of {n[v]} steps; compile={tr.plan.compile}"
+                    + (", fused MLP step" if tr.fused_mlp else ""))
+            rows.append(_row("train", label, v, value, "steps/s", value / ref_sps, "reference", batch_n(cfg), dev,
                              note=note))
         # the fast path computes the plain path's numbers: same losses for the first steps
         a = build_trainer(cfg, fast=False, compile="off")

@@ -72,7 +72,9 @@ def test_fast_step_equals_plain_loop_exactly_on_cpu(make_cfg, tmp_path, pair_sto
     base = ("train.steps=30", "train.log_every=5", "train.ckpt_every=10", "train.weight_decay=0.01",
             "train.grad_clip=0.5", *_extra(kind, pair_store))
     plain = train(make_cfg(*base, "train.fast=off"), str(tmp_path / "plain"), progress=False)
-    fast = train(make_cfg(*base, "train.fast=on", "train.compile=off"), str(tmp_path / "fast"), progress=False)
+    # the autograd fast step (the fused MLP step agrees to rounding only: tests/test_fused_mlp.py)
+    fast = train(make_cfg(*base, "train.fast=on", "train.compile=off", "train.fused=off"), str(tmp_path / "fast"),
+                 progress=False)
     assert len(fast.losses) == 30 and all(isinstance(v, float) for v in fast.losses)
     assert fast.losses == plain.losses
     ca, cb = load_checkpoint(plain.checkpoint), load_checkpoint(fast.checkpoint)
@@ -229,7 +231,8 @@ def test_trainer_reports_nan_at_sync_with_its_step(make_cfg):
 @pytest.mark.parametrize("first,then", [("on", "on"), ("off", "on"), ("on", "off")],
                          ids=["fast-fast", "plain-then-fast", "fast-then-plain"])
 def test_fast_kill_and_resume_equals_unbroken_run(make_cfg, tmp_path, first, then):
-    base = ("train.steps=20", "train.ckpt_every=5", "train.log_every=4", "coupling.name=ot")
+    # the autograd fast step; the fused MLP step's resume: tests/test_fused_mlp.py
+    base = ("train.steps=20", "train.ckpt_every=5", "train.log_every=4", "coupling.name=ot", "train.fused=off")
     a = train(make_cfg(*base, "train.fast=on"), str(tmp_path / "a"), progress=False)
 
     run_b = str(tmp_path / "b")
@@ -511,7 +514,7 @@ def _dtypes_of(module: nn.Module, kind=nn.Linear) -> list:
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 def test_bf16_on_cpu_trains_close_to_fp32_with_fp32_state(make_cfg, fast):
-    ref = build_trainer(make_cfg(), fast=fast)
+    ref = build_trainer(make_cfg(), fast=fast, fused=False)  # the hooks see the module's forward
     tr = build_trainer(make_cfg("train.precision=bf16"), fast=fast)
     assert tr.plan.precision == "bf16" and ref.plan.precision == "fp32"
     seen32, seen16 = _dtypes_of(ref.model), _dtypes_of(tr.model)

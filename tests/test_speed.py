@@ -53,3 +53,23 @@ def test_unet_section_measures_plain_and_fast_images_per_second(monkeypatch):
     assert rows[0]["ratio"] is None and rows[1]["ratio"] == pytest.approx(rows[1]["value"] / rows[0]["value"])
     assert "M params" in rows[1]["note"] and "fast=True" in rows[1]["note"]
     assert real(torch.device("cpu")).model.preset == "small" and real(torch.device("cpu")).train.batch_size == 128
+
+
+def test_train_section_times_the_loops_in_turns_and_checks_the_fast_step():
+    """Tiny sizes: the rows and the check, not the speed. On the CPU the fast row is the fused MLP step."""
+    import dataclasses
+
+    import flowmatch.speed as speed
+
+    sz = dataclasses.replace(speed.SIZES["small"], train_steps=6, train_warmup=1, check_steps=3, train_rounds=2)
+    rows, checks = speed._train_rows(torch.device("cpu"), sz, None)
+    assert [(r["what"], r["variant"]) for r in rows] == [
+        (w, v) for w in ("I-CFM", "OT-CFM") for v in ("reference", "plain", "fast")]
+    assert all(r["unit"] == "steps/s" and r["value"] > 0 and r["n"] == 256 for r in rows)
+    for r in rows:
+        assert "median of 2 rounds" in r["note"]
+        if r["variant"] != "reference":
+            ref = next(x for x in rows if x["what"] == r["what"] and x["variant"] == "reference")
+            assert r["ratio"] == pytest.approx(r["value"] / ref["value"])
+    assert all("fused MLP step" in r["note"] for r in rows if r["variant"] == "fast")
+    assert [c["ok"] for c in checks] == [True, True] and all(c["value"] < 1e-3 for c in checks)

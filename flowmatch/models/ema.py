@@ -30,8 +30,7 @@ class EMA:
         """One EMA step towards ``model``'s weights. ``foreach=True`` does the same arithmetic with one
         multi-tensor ``torch._foreach_lerp_`` (a few kernel launches on a GPU instead of one per
         tensor; the numbers are those of the per-tensor loop)."""
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        d = self._next_decay()
         if foreach:
             ema_ps, ps = list(self.model.parameters()), [p.detach() for p in model.parameters()]
             if len(ema_ps) != len(ps):
@@ -42,6 +41,19 @@ class EMA:
             for ema_p, p in zip(self.model.parameters(), model.parameters()):
                 ema_p.lerp_(p.detach(), 1 - d)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def _next_decay(self) -> float:
+        self.num_updates += 1
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update_flat(self, shadow: torch.Tensor, params: torch.Tensor, buffers: list) -> None:
+        """:meth:`update` where the EMA's parameters are views into ``shadow`` and the model's into
+        ``params`` (flat buffers in the same order): one ``lerp_``, the same numbers. ``buffers``
+        lists the (EMA buffer, model buffer) pairs to copy."""
+        shadow.lerp_(params, 1 - self._next_decay())
+        for ema_b, b in buffers:
             ema_b.copy_(b)
 
     def state_dict(self) -> dict:

@@ -56,7 +56,8 @@ __all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "NUM_T_
 
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "train.fast",
-                  "train.compile", "train.precision", "train.channels_last", "eval.", "tracking.", "reflow.")
+                  "train.compile", "train.fused", "train.precision", "train.channels_last", "eval.", "tracking.",
+                  "reflow.")
 # the train.* keys of RESUMABLE_KEYS: a resumed run takes them from the caller's config
 _RESUMABLE_TRAIN = tuple(k.split(".", 1)[1] for k in RESUMABLE_KEYS if k.startswith("train."))
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")

@@ -1,0 +1,230 @@
+"""The fast step's CPU path for the toy MLP: its forward and backward written out, its weights flat.
+
+On a small CPU a toy step (:class:`~flowmatch.models.mlp.MLPVelocity` of width 64, batch 256)
+spends more time dispatching tensor operations than computing: autograd's graph, a module call per
+layer, and AdamW, clipping and the EMA launched once per parameter tensor cost about twice the
+arithmetic (``flowmatch speed --sections train``). This step does the same arithmetic in about 45
+operations:
+
+- the MLP's forward (``addmm`` and the activation per layer) and its backward (``mm`` for the
+  weight and input gradients, the activation's own ATen backward, a column sum for the bias), with
+  the gradient of the L2 flow-matching loss ``mean_i mean_d (v - u)^2`` in closed form,
+  ``2 (v - u) / (B D)``; everything runs under ``no_grad``, no graph is built;
+- the parameters, their gradients and the EMA's copies are views into one flat buffer each, so
+  clipping is one norm and one scale, the EMA one ``lerp_``, and AdamW is ``torch.optim.AdamW``
+  (``fused=True``) on one flat parameter.
+
+The draws (coupling, times, path noise), the time embedding, the per-sample loss and its t-bins,
+the schedule and the EMA's decay are the autograd step's own code, so a fused run sees the same
+batches; its numbers agree with the plain step's to float rounding (sums taken in another order,
+fused AdamW). Checkpoints keep the per-parameter AdamW state of the other modes (converted on save
+and on load), so a run moves between the modes on resume.
+
+:class:`~flowmatch.training.fast.Trainer` takes this path in the fast mode when
+:func:`fused_mlp_reason` finds nothing against it: the CPU, an ``MLPVelocity`` whose activation is
+in :data:`FUSED_ACTIVATIONS`, fp32, the ``l2`` loss and the library's loss function, one process,
+``grad_accum`` 1, no compilation, no class labels and no real-data mix. Anything else takes the
+autograd fast step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.optim.adamw import adamw as _adamw
+
+from flowmatch.types import LossOutput
+
+__all__ = ["FUSED_ACTIVATIONS", "fused_mlp_reason", "FlatMLP"]
+
+# the activations whose backward is written out here (the ATen op autograd itself calls)
+FUSED_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu"}
+
+
+def fused_mlp_reason(model: nn.Module, comp, tc, *, distributed: bool, precision: str, compile: Optional[str],
+                     class_cond: bool, default_loss: bool) -> Optional[str]:
+    """Why the fused step cannot train this run (``None``: it can)."""
+    from flowmatch.models.mlp import MLPVelocity
+
+    if comp.device.type != "cpu":
+        return f"it is a CPU path (device {comp.device})"
+    if not isinstance(model, MLPVelocity):
+        return f"the model is {type(model).__name__}, not the MLP"
+    layers = list(model.net)
+    for i, m in enumerate(layers):
+        if i % 2 == 0 and not isinstance(m, nn.Linear):
+            return f"layer {i} of the MLP is {type(m).__name__}, not Linear"
+        if i % 2 == 1 and type(m) not in FUSED_ACTIVATIONS:
+            return f"activation {type(m).__name__} has no written-out backward"
+    linear_params = {id(p) for m in layers[::2] for p in m.parameters()}
+    if {id(p) for p in model.parameters()} != linear_params or any(m.bias is None for m in layers[::2]):
+        return "the MLP has parameters outside its biased Linear layers"
+    if any(p.dtype != torch.float32 for p in model.parameters()) or precision != "fp32":
+        return "it is fp32 only"
+    if tc.loss != "l2" or not default_loss:
+        return f"it computes the l2 loss of cfm_loss only (loss {tc.loss!r})"
+    if distributed:
+        return "it runs in one process"
+    if int(tc.grad_accum) != 1:
+        return "it takes one micro-batch per step"
+    if compile is not None:
+        return "a compiled step was asked for"
+    if class_cond:
+        return "it has no class labels"
+    if comp.real_coupling is not None:
+        return "it has no real-data mix"
+    return None
+
+
+def _activation(kind: str, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The activation's forward, functional (the module's own call, without the module overhead)."""
+    if kind == "silu":
+        return torch.nn.functional.silu(a)
+    if kind == "relu":
+        return torch.relu(a)
+    if kind == "tanh":
+        return torch.tanh(a)
+    return torch.nn.functional.gelu(a, approximate=module.approximate)
+
+
+def _activation_backward(kind: str, module: nn.Module, grad: torch.Tensor, pre: torch.Tensor,
+                         post: torch.Tensor) -> torch.Tensor:
+    """The gradient at an activation's input from the gradient at its output (``pre`` its input,
+    ``post`` its output), by the ATen backward autograd calls for that activation."""
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    if kind == "relu":
+        return torch.ops.aten.threshold_backward(grad, post, 0)
+    if kind == "tanh":
+        return torch.ops.aten.tanh_backward(grad, post)
+    return torch.ops.aten.gelu_backward(grad, pre, approximate=module.approximate)
+
+
+class FlatMLP:
+    """An ``MLPVelocity`` and its EMA copy re-seated on flat buffers, with the step's forward and
+    backward (see the module docstring). ``param`` is the flat parameter the optimiser updates (its
+    ``grad`` the flat gradient); the model's own parameters and gradients are views into them, so
+    the module, its ``state_dict`` and ``load_state_dict`` work as before. ``ema`` is the EMA
+    model's flat buffer."""
+
+    def __init__(self, model: nn.Module, ema_model: nn.Module):
+        self.model = model
+        self.linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        self.acts = [(FUSED_ACTIVATIONS[type(m)], m) for m in list(model.net)[1::2]]
+        self.params = list(model.parameters())
+        ema_params = list(ema_model.parameters())
+        if len(ema_params) != len(self.params):
+            raise ValueError(f"the EMA holds {len(ema_params)} parameters, the model {len(self.params)}")
+        p0 = self.params[0]
+        n = sum(p.numel() for p in self.params)
+        self.param = nn.Parameter(torch.empty(n, dtype=p0.dtype, device=p0.device))
+        self.param.grad = torch.zeros_like(self.param)
+        self.ema = torch.empty(n, dtype=p0.dtype, device=p0.device)
+        # (EMA buffer, model buffer): the EMA copies buffers every step
+        self.buffers = list(zip(ema_model.buffers(), model.buffers()))
+        self.slices: list[slice] = []
+        o = 0
+        with torch.no_grad():
+            for p, q in zip(self.params, ema_params):
+                k = p.numel()
+                s = slice(o, o + k)
+                self.param[s].copy_(p.reshape(-1))
+                self.ema[s].copy_(q.reshape(-1))
+                p.data = self.param.data[s].view_as(p)
+                p.grad = self.param.grad[s].view_as(p)
+                q.data = self.ema[s].view_as(q)
+                self.slices.append(s)
+                o += k
+        # (weight, bias, weight gradient, bias gradient) of each layer: views into the flat buffers
+        self.layers = [(lin.weight.data, lin.bias.data, lin.weight.grad, lin.bias.grad) for lin in self.linears]
+
+    # ------------------------------------------------------------------ the step
+
+    def loss_and_grads(self, xt: torch.Tensor, t: torch.Tensor, ut: torch.Tensor) -> LossOutput:
+        """The L2 flow-matching loss of the model at ``(xt, t)`` against ``ut`` with its per-sample
+        values (as :func:`~flowmatch.training.losses.cfm_loss` returns them); the gradients are written
+        into the flat gradient (every element: nothing needs clearing first). Call it, and the other
+        methods of the step, under ``torch.no_grad()``."""
+        h = torch.cat([xt, self.model.time_embed(t).to(xt.dtype)], dim=1)
+        inputs, pres = [h], []
+        layers, acts = self.layers, self.acts
+        last = len(layers) - 1
+        for i, (w, b, _, _) in enumerate(layers):
+            a = torch.addmm(b, h, w.t())
+            if i == last:
+                h = a
+                break
+            pres.append(a)
+            h = _activation(acts[i][0], acts[i][1], a)
+            inputs.append(h)
+        err = (h - ut).reshape(h.shape[0], -1)
+        per_sample = err.pow(2).mean(dim=1)
+        loss = per_sample.mean()
+        g = err * (2.0 / err.numel())  # d loss / d v
+        for i in range(last, -1, -1):
+            w, _, gw, gb = layers[i]
+            torch.mm(g.t(), inputs[i], out=gw)
+            torch.sum(g, 0, out=gb)
+            if i > 0:
+                kind, module = acts[i - 1]
+                g = _activation_backward(kind, module, torch.mm(g, w), pres[i - 1], inputs[i])
+        return LossOutput(loss=loss, per_sample=per_sample)
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` on the flat gradient: scale it to norm ``max_norm`` when above; returns
+        the norm before clipping."""
+        g = self.param.grad
+        total = torch.linalg.vector_norm(g)
+        if math.isfinite(max_norm):
+            g.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    def adamw_step(self, opt: torch.optim.Optimizer) -> None:
+        """``opt.step()`` for the AdamW over :attr:`param`, by the function it calls
+        (``torch.optim.adamw.adamw``, fused) on its own state and group settings: the same update
+        without the optimiser's per-call bookkeeping. The first step (which creates the state) and
+        amsgrad go through ``opt.step()``."""
+        group = opt.param_groups[0]
+        st = opt.state.get(self.param)
+        if not st or group["amsgrad"] or len(opt.param_groups) != 1:
+            opt.step()
+            return
+        beta1, beta2 = group["betas"]
+        _adamw([self.param], [self.param.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]], fused=True,
+               amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+               eps=group["eps"], maximize=group["maximize"])
+
+    # ------------------------------------------------------------------ optimiser state
+
+    def optimizer_state_to_params(self, state: dict) -> dict:
+        """The flat optimiser's ``state_dict`` as the per-parameter one of the other modes."""
+        groups = [{**g, "params": list(range(len(self.params)))} for g in state["param_groups"]]
+        flat = state["state"].get(0)
+        per: dict = {}
+        if flat is not None:
+            for i, (p, s) in enumerate(zip(self.params, self.slices)):
+                per[i] = {k: (v[s].view_as(p) if torch.is_tensor(v) and v.shape == self.param.shape else
+                              (v.clone() if torch.is_tensor(v) else v)) for k, v in flat.items()}
+        return {"state": per, "param_groups": groups}
+
+    def optimizer_state_from_params(self, state: dict) -> dict:
+        """A per-parameter AdamW ``state_dict`` (any mode's checkpoint) as the flat optimiser's."""
+        if len(state["param_groups"]) != 1:
+            raise ValueError(f"expected one parameter group, got {len(state['param_groups'])}")
+        groups = [{**state["param_groups"][0], "params": [0]}]
+        per = state["state"]
+        if not per:
+            return {"state": {}, "param_groups": groups}
+        if len(per) != len(self.params):
+            raise ValueError(f"the optimiser state holds {len(per)} parameters, the model {len(self.params)}")
+        first = per[min(per)]
+        merged = {}
+        for k, v in first.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                merged[k] = torch.cat([per[i][k].reshape(-1) for i in sorted(per)])
+            else:
+                merged[k] = v.clone() if torch.is_tensor(v) else v
+        return {"state": {0: merged}, "param_groups": groups}
