@@ -208,6 +208,24 @@ def test_resume_with_different_model_config_names_the_key(make_cfg, tmp_path):
     assert _file_bytes(last_checkpoint(run)) == before
 
 
+def test_resume_accepts_the_same_file_by_another_path_only(make_cfg, tmp_path, monkeypatch):
+    """A path in the config (here train.init) given relatively once and absolutely the next time, or
+    through a symlink, is the same run; another file is not."""
+    init = train(make_cfg("train.steps=3"), str(tmp_path / "init"), progress=False).checkpoint
+    other = train(make_cfg("train.steps=3", "train.seed=1"), str(tmp_path / "other"), progress=False).checkpoint
+    os.symlink(os.path.dirname(init), str(tmp_path / "link"))
+    monkeypatch.chdir(tmp_path)
+    run = str(tmp_path / "run")
+    train(make_cfg("train.steps=4", f"train.init={os.path.abspath(init)}"), run, progress=False)
+    for same in (os.path.relpath(init), os.path.join("link", os.path.basename(init))):
+        more = train(make_cfg("train.steps=5", f"train.init={same}"), run, resume=True, progress=False)
+        assert more.step == 5
+        # the run keeps its own config
+        assert load_checkpoint(last_checkpoint(run))["config"]["train"]["init"] == os.path.abspath(init)
+    with pytest.raises(RunDirError, match="train.init"):
+        train(make_cfg("train.steps=6", f"train.init={other}"), run, resume=True, progress=False)
+
+
 def test_steps_can_be_extended_on_resume(make_cfg, tmp_path):
     full = train(make_cfg("train.steps=20"), str(tmp_path / "full"), progress=False)
     run = str(tmp_path / "run")

@@ -88,6 +88,21 @@ def _holds_run(run_dir: str) -> bool:
     return any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES)
 
 
+def _dotted(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _same_path(a, b) -> bool:
+    """Whether two config values name the same existing file or directory (a pair store given by a
+    relative path once and an absolute one the next time, or through a symlink)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> Optional[dict]:
     """Check the output directory; returns the checkpoint to resume from (or ``None``).
 
@@ -104,8 +119,10 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
             raise RunDirError(f"--resume: no checkpoint to resume from at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
         # through from_dict: a run saved before a config key existed compares at that key's default
-        diff = [k for k in config_diff(to_dict(from_dict(ckpt["config"])), to_dict(cfg))
-                if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
+        saved, given = to_dict(from_dict(ckpt["config"])), to_dict(cfg)
+        diff = [k for k in config_diff(saved, given)
+                if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
+                and not _same_path(_dotted(saved, k), _dotted(given, k))]
         if diff:
             raise RunDirError(f"--resume: the config differs from the run in {run_dir} at {', '.join(diff)}; "
                               f"resume with the run's own config ({os.path.join(run_dir, 'config.yaml')})")
