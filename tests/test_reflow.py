@@ -355,6 +355,16 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
     assert [r["w2"] for r in rows2 if r["stage"] != "2-RF+distill"] == \
            [r["w2"] for r in rows if r["stage"] != "2-RF+distill"]
 
+    # experiments/toy/paired_w2.py: the one-step student against its teacher on the same draws
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "paired_w2.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "chain"), "--student", "2-RF+distill", "--draws", "2",
+                    "--n", "200"], check=True, capture_output=True, timeout=300)
+    paired = json.loads((tmp_path / "chain" / "paired_w2.json").read_text())
+    s = paired["scores"]
+    assert len(s["teacher dopri5"]) == len(s["student euler 1"]) == 2 and paired["n"] == 200
+    diffs = [a - b for a, b in zip(s["student euler 1"], s["teacher dopri5"])]
+    assert paired["summary"]["student - teacher (paired)"]["mean"] == pytest.approx(sum(diffs) / 2)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
