@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ReplayLoss
+from test_training import _Interrupt  # the same kill-at-step callback as the plain loop's resume tests
 from flowmatch.errors import ConfigError
 from flowmatch.training import build_trainer, last_checkpoint, load_checkpoint, train
 from flowmatch.training.fused_mlp import FUSED_ACTIVATIONS
@@ -19,15 +20,6 @@ from flowmatch.training.fused_mlp import FUSED_ACTIVATIONS
 ACTS = sorted(FUSED_ACTIVATIONS.values())
 BASE = ("train.steps=30", "train.log_every=5", "train.ckpt_every=10", "train.weight_decay=0.01",
         "train.grad_clip=0.5")
-
-
-class _Interrupt:
-    def __init__(self, at: int):
-        self.at = at
-
-    def __call__(self, step: int, loss: float) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("act", ACTS)
