@@ -112,7 +112,7 @@ class FlatMLP:
 
     def __init__(self, model: nn.Module, ema_model: nn.Module):
         self.model = model
-        self.linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        linears = [m for m in model.net if isinstance(m, nn.Linear)]
         self.acts = [(FUSED_ACTIVATIONS[type(m)], m) for m in list(model.net)[1::2]]
         self.params = list(model.parameters())
         ema_params = list(ema_model.parameters())
@@ -139,7 +139,7 @@ class FlatMLP:
                 self.slices.append(s)
                 o += k
         # (weight, bias, weight gradient, bias gradient) of each layer: views into the flat buffers
-        self.layers = [(lin.weight.data, lin.bias.data, lin.weight.grad, lin.bias.grad) for lin in self.linears]
+        self.layers = [(lin.weight.data, lin.bias.data, lin.weight.grad, lin.bias.grad) for lin in linears]
 
     # ------------------------------------------------------------------ the step
 
