@@ -37,6 +37,9 @@ class SchedulerOutput:
 
 class Scheduler:
     name = ""
+    # True where ``d_alpha = 1`` and ``d_sigma = -1`` for every t: the path's target is ``x1 - x0``,
+    # computed as one subtraction (the same floats as ``1 * x1 + (-1) * x0``)
+    unit_speed = False
 
     def __call__(self, t: torch.Tensor) -> SchedulerOutput:
         raise NotImplementedError
@@ -44,6 +47,7 @@ class Scheduler:
 
 class LinearScheduler(Scheduler):
     name = "linear"
+    unit_speed = True
 
     def __call__(self, t: torch.Tensor) -> SchedulerOutput:
         one = torch.ones_like(t)
@@ -80,12 +84,16 @@ class AffinePath:
         if x0.shape != x1.shape:
             raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
         t = as_time(t, x1)
-        s = self.scheduler(t)
-        xt = _expand(s.alpha, x1) * x1 + _expand(s.sigma, x0) * x0
+        if self.scheduler.unit_speed:
+            te = _expand(t, x1)
+            xt = te * x1 + torch.rsub(te, 1) * x0  # rsub: 1 - te without the Python operator
+        else:
+            s = self.scheduler(t)
+            xt = _expand(s.alpha, x1) * x1 + _expand(s.sigma, x0) * x0
         if self.sigma > 0:
             eps = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
             xt = xt + self.sigma * eps
-        ut = _expand(s.d_alpha, x1) * x1 + _expand(s.d_sigma, x0) * x0
+        ut = x1 - x0 if self.scheduler.unit_speed else _expand(s.d_alpha, x1) * x1 + _expand(s.d_sigma, x0) * x0
         return PathSample(x0=x0, x1=x1, t=t, xt=xt, ut=ut)
 
     def __repr__(self) -> str:

@@ -172,6 +172,19 @@ def test_moons_closed_form_derivation_sanity():
     assert torch.allclose(mean, torch.tensor([0.5, -0.25], dtype=torch.float64))
 
 
+def test_moons_draws_are_the_two_moons_formula_on_the_generators_stream():
+    # the sampler's stream is part of every seeded result: angle, moon choice, noise, in this order
+    n = 300
+    g = gen(8)
+    theta = math.pi * torch.rand(n, generator=g)
+    lower = torch.rand(n, generator=g) < 0.5
+    noise = torch.randn(n, 2, generator=g)
+    up = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+    lo = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1)
+    expected = (torch.where(lower[:, None], lo, up) + 0.2 * noise) * 3 - 1
+    assert torch.equal(get_dataset("moons").sample(n, generator=gen(8)), expected)
+
+
 def test_moons_mean_and_covariance_match_closed_form():
     x = get_dataset("moons").sample(N_BIG, generator=gen(5), dtype=torch.float64)
     mean, cov = _moons_moments()

@@ -131,6 +131,38 @@ def test_weights_live_in_the_flat_buffers(make_cfg):
     assert not torch.all(params[0] == 0.25)
 
 
+def test_adamw_update_is_the_optimisers_own(make_cfg):
+    # the step calls the fused AdamW kernel directly: the same floats as opt.step() on a twin
+    cfg = make_cfg("train.weight_decay=0.05", "train.warmup_steps=3")
+    a, b = build_trainer(cfg, fast=True), build_trainer(cfg, fast=True)
+    a.run(1)
+    b.run(1)
+    for i in range(6):
+        with torch.no_grad():
+            for tr in (a, b):
+                tr.fused.param.grad.copy_(torch.randn(tr.fused.param.shape, generator=torch.Generator().manual_seed(i)))
+        a.fused.adamw_step(a.optimizer)
+        b.optimizer.step()
+        for tr in (a, b):
+            tr.scheduler.step()
+        assert torch.equal(a.fused.param, b.fused.param)
+    assert torch.equal(a.optimizer.state[a.fused.param]["step"], b.optimizer.state[b.fused.param]["step"])
+    assert not torch.equal(a.fused.param, build_trainer(cfg, fast=True).fused.param)
+
+
+def test_t_bins_are_the_plain_loops(make_cfg):
+    cfg = make_cfg("time.name=logit_normal")
+    fused, plain = build_trainer(cfg, fast=True), build_trainer(cfg)
+    assert fused.fused_mlp
+    for tr in (fused, plain):
+        tr.run(7)
+        tr.sync()
+    (fs, fc), (ps, pc) = fused.take_bins(), plain.take_bins()
+    assert torch.equal(fc, pc) and fc.sum().item() == 7 * cfg.train.batch_size
+    assert torch.allclose(fs, ps, rtol=1e-4)
+    assert fused.take_bins()[1].sum().item() == 0  # taking them resets them
+
+
 @pytest.mark.parametrize("extra,reason", [
     (("train.grad_accum=2",), "micro-batch"),
     (("train.loss=pseudo_huber",), "l2"),

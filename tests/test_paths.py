@@ -88,9 +88,17 @@ def test_ut_is_central_difference_of_xt(name):
 def test_linear_ut_is_x1_minus_x0_at_every_t():
     x0, x1 = pair(seed=5)
     t = torch.rand(16, generator=gen(6), dtype=torch.float64)
-    ps = get_path("linear").sample(x0, x1, t)
+    path = get_path("linear")
+    ps = path.sample(x0, x1, t)
     assert torch.allclose(ps.ut, x1 - x0, atol=1e-14)
     assert torch.allclose(ps.xt, t[:, None] * x1 + (1 - t[:, None]) * x0, atol=1e-14)
+    # the shortcut (one subtraction) is the general affine formula's floats, bit for bit, in fp32 too
+    for dt in (torch.float64, torch.float32):
+        a, b, tt = x0.to(dt), x1.to(dt), t.to(dt)
+        ps = path.sample(a, b, tt)
+        s = path.scheduler(tt)
+        assert torch.equal(ps.ut, s.d_alpha[:, None] * b + s.d_sigma[:, None] * a)
+        assert torch.equal(ps.xt, s.alpha[:, None] * b + s.sigma[:, None] * a)
 
 
 def test_cosine_is_variance_preserving():

@@ -134,7 +134,8 @@ class Moons(ToyDistribution):
         theta = math.pi * _rand(n, g, device, dtype)
         lower = torch.rand(n, generator=g, device=device) < 0.5
         upper_moon = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
-        lower_moon = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1)
+        # (1 - cos, 0.5 - sin), the upper moon mirrored and shifted
+        lower_moon = torch.tensor([1.0, 0.5], device=device, dtype=dtype) - upper_moon
         x = torch.where(lower[:, None], lower_moon, upper_moon)
         x = x + self.noise * _randn(n, 2, g, device, dtype)
         return x * 3 - 1

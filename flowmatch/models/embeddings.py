@@ -27,9 +27,14 @@ class SinusoidalEmbedding(nn.Module):
         self.scale = scale
         self.dim = dim
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def parts(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosine and sine halves of the features (in the features' dtype, fp32 by default):
+        ``forward(t)`` is their concatenation cast to ``t``'s dtype."""
         arg = (self.scale * t)[:, None].to(self.freqs.dtype) * self.freqs[None, :]
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).to(t.dtype)
+        return torch.cos(arg), torch.sin(arg)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.parts(t), dim=1).to(t.dtype)
 
 
 class FourierEmbedding(nn.Module):
@@ -43,9 +48,13 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("w", torch.randn(dim // 2) * scale)
         self.dim = dim
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def parts(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosine and sine halves of the features: ``forward(t)`` is their concatenation."""
         arg = 2 * math.pi * t[:, None] * self.w[None, :].to(t.dtype)
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+        return torch.cos(arg), torch.sin(arg)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.parts(t), dim=1)
 
 
 TIME_EMBEDDINGS = {"sinusoidal": SinusoidalEmbedding, "fourier": FourierEmbedding}

@@ -264,6 +264,10 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
     opt.load_state_dict({**state, "param_groups": groups})
 
 
+# the fast step bins its per-sample losses by t every this many micro-batches (see TrainStep._add_bins)
+_BIN_FLUSH = 64
+
+
 def _bin_sums(per_sample: torch.Tensor, t: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~flowmatch.training.losses.t_bin_sums` without its ``bincount`` (which reads the
     maximum index to the host on CUDA): counts by ``index_add_`` of ones, the same integers."""
@@ -407,6 +411,7 @@ class TrainStep:
         bins_dev = comp.device if self.fast else torch.device("cpu")
         self.bin_sum = torch.zeros(num_bins, dtype=torch.float64, device=bins_dev)
         self.bin_cnt = torch.zeros(num_bins, dtype=torch.float64, device=bins_dev)
+        self._bin_queue: list[tuple[torch.Tensor, torch.Tensor]] = []  # (per-sample losses, t) not yet binned
         self._compiled = None
         self._cudagraphs = compile in _CUDAGRAPH_MODES and comp.device.type == "cuda"
         if compile is not None:
@@ -527,8 +532,8 @@ class TrainStep:
                     if not math.isfinite(value):
                         raise NonFiniteLossError(step, value)
                 (loss if n == 1 else loss / n).backward()
-            if self._compiled is None:
-                s, c = (_bin_sums if self.fast else t_bin_sums)(per_sample, t, self.num_bins)
+            if self._compiled is None and not self.fast:
+                s, c = t_bin_sums(per_sample, t, self.num_bins)
             if self._cudagraphs:
                 # a CUDA-graph output is overwritten by the next replay: keep copies of the loss and,
                 # before the next micro-batch, of the gradients the first backward handed over
@@ -538,7 +543,9 @@ class TrainStep:
                         if p.grad is not None:
                             p.grad = p.grad.clone()
             total = loss.detach() if total is None else total + loss.detach()
-            if self.fast:
+            if self._compiled is None and self.fast:
+                self._add_bins(per_sample, t)
+            elif self.fast:
                 self.bin_sum += s
                 self.bin_cnt += c
             else:
@@ -555,10 +562,26 @@ class TrainStep:
         x0, x1, t, _ = self._draw(self.comp.coupling)
         ps = self.comp.path.sample(x0, x1, t, generator=self.gen)
         out = self.fused.loss_and_grads(ps.xt, ps.t, ps.ut)
-        s, c = _bin_sums(out.per_sample, t, self.num_bins)
-        self.bin_sum += s
-        self.bin_cnt += c
+        self._add_bins(out.per_sample, t)
         return out.loss
+
+    def _add_bins(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        """Queue a micro-batch's per-sample losses and times for the t-bins; every
+        ``_BIN_FLUSH`` micro-batches (and in :meth:`take_bins`) the queue is binned in one go, on
+        the device, with no host read (:func:`_bin_sums`' bins)."""
+        self._bin_queue.append((per_sample.detach(), t.detach()))
+        if len(self._bin_queue) >= _BIN_FLUSH:
+            self._flush_bins()
+
+    def _flush_bins(self) -> None:
+        if not self._bin_queue:
+            return
+        per_sample = torch.cat([p for p, _ in self._bin_queue])
+        t = torch.cat([t for _, t in self._bin_queue])
+        self._bin_queue.clear()
+        idx = (t * self.num_bins).long().clamp_(0, self.num_bins - 1)
+        self.bin_sum.index_add_(0, idx, per_sample.double())
+        self.bin_cnt.index_add_(0, idx, torch.ones(idx.shape, dtype=torch.float64, device=idx.device))
 
     def _plain(self, step: int) -> StepOutput:
         loss, value = self.accumulate(step)
@@ -591,6 +614,7 @@ class TrainStep:
     def take_bins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The t-bin loss sums and counts (CPU float64, ``[num_bins]``) since the last call, summed over
         the ranks (a collective under DDP: every rank calls it at the same steps); resets them."""
+        self._flush_bins()
         s, c = self.bin_sum.clone(), self.bin_cnt.clone()
         if self._ddp:
             dist_utils.all_reduce_sum(s)

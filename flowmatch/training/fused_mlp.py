@@ -3,16 +3,18 @@
 On a small CPU a toy step (:class:`~flowmatch.models.mlp.MLPVelocity` of width 64, batch 256)
 spends more time dispatching tensor operations than computing: autograd's graph, a module call per
 layer, and AdamW, clipping and the EMA launched once per parameter tensor cost about twice the
-arithmetic (``flowmatch speed --sections train``). This step does the same arithmetic in about 45
-operations:
+arithmetic (``flowmatch speed --sections train``). This step does the same arithmetic in about 80
+tensor operations, draws included:
 
 - the MLP's forward (``addmm`` and the activation per layer) and its backward (``mm`` for the
   weight and input gradients, the activation's own ATen backward, a column sum for the bias), with
   the gradient of the L2 flow-matching loss ``mean_i mean_d (v - u)^2`` in closed form,
-  ``2 (v - u) / (B D)``; everything runs under ``no_grad``, no graph is built;
+  ``2 (v - u) / (B D)``; everything runs under ``no_grad``, no graph is built; the activations
+  and their gradients are written into buffers made once per batch size (the same memory every
+  step), and the input ``[x, cos, sin]`` is one concatenation;
 - the parameters, their gradients and the EMA's copies are views into one flat buffer each, so
-  clipping is one norm and one scale, the EMA one ``lerp_``, and AdamW is ``torch.optim.AdamW``
-  (``fused=True``) on one flat parameter.
+  clipping is one norm and one scale, the EMA one ``lerp_``, and AdamW is the kernel of
+  ``torch.optim.AdamW(fused=True)`` called on one flat parameter.
 
 The draws (coupling, times, path noise), the time embedding, the per-sample loss and its t-bins,
 the schedule and the EMA's decay are the autograd step's own code, so a fused run sees the same
@@ -37,6 +39,10 @@ from torch import nn
 from torch.optim.adamw import adamw as _adamw
 
 from flowmatch.types import LossOutput
+
+# the kernel behind ``torch.optim.adamw.adamw(..., fused=True)``; where a torch lacks it, that
+# function is called instead
+_fused_adamw_op = getattr(torch, "_fused_adamw_", None)
 
 __all__ = ["FUSED_ACTIVATIONS", "fused_mlp_reason", "FlatMLP"]
 
@@ -79,28 +85,26 @@ def fused_mlp_reason(model: nn.Module, comp, tc, *, distributed: bool, precision
     return None
 
 
-def _activation(kind: str, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """The activation's forward, functional (the module's own call, without the module overhead)."""
-    if kind == "silu":
-        return torch.nn.functional.silu(a)
-    if kind == "relu":
-        return torch.relu(a)
-    if kind == "tanh":
-        return torch.tanh(a)
-    return torch.nn.functional.gelu(a, approximate=module.approximate)
+_aten = torch.ops.aten
 
 
-def _activation_backward(kind: str, module: nn.Module, grad: torch.Tensor, pre: torch.Tensor,
-                         post: torch.Tensor) -> torch.Tensor:
-    """The gradient at an activation's input from the gradient at its output (``pre`` its input,
-    ``post`` its output), by the ATen backward autograd calls for that activation."""
+def _activation_fns(kind: str, module: nn.Module):
+    """``(forward, backward)`` of an activation, each writing into a given tensor: ``forward(a, out)``
+    its output (the module's own op), ``backward(grad, pre, post)`` the gradient at its input ``pre``
+    from ``grad`` at its output ``post``, by the ATen backward autograd calls for it, written over
+    ``grad``."""
     if kind == "silu":
-        return torch.ops.aten.silu_backward(grad, pre)
-    if kind == "relu":
-        return torch.ops.aten.threshold_backward(grad, post, 0)
+        return (lambda a, out: _aten.silu.out(a, out=out),
+                lambda g, pre, post: _aten.silu_backward.grad_input(g, pre, grad_input=g))
+    if kind == "relu":  # ATen's relu is clamp_min(x, 0)
+        return (lambda a, out: torch.clamp_min(a, 0, out=out),
+                lambda g, pre, post: _aten.threshold_backward.grad_input(g, post, 0, grad_input=g))
     if kind == "tanh":
-        return torch.ops.aten.tanh_backward(grad, post)
-    return torch.ops.aten.gelu_backward(grad, pre, approximate=module.approximate)
+        return (lambda a, out: torch.tanh(a, out=out),
+                lambda g, pre, post: _aten.tanh_backward.grad_input(g, post, grad_input=g))
+    approximate = module.approximate
+    return (lambda a, out: _aten.gelu.out(a, approximate=approximate, out=out),
+            lambda g, pre, post: _aten.gelu_backward.grad_input(g, pre, approximate=approximate, grad_input=g))
 
 
 class FlatMLP:
@@ -113,7 +117,10 @@ class FlatMLP:
     def __init__(self, model: nn.Module, ema_model: nn.Module):
         self.model = model
         linears = [m for m in model.net if isinstance(m, nn.Linear)]
-        self.acts = [(FUSED_ACTIVATIONS[type(m)], m) for m in list(model.net)[1::2]]
+        # (forward, backward) of each activation
+        self.acts = [_activation_fns(FUSED_ACTIVATIONS[type(m)], m) for m in list(model.net)[1::2]]
+        # the time features' cosine and sine halves, concatenated with x in one step
+        self._time_parts = getattr(model.time_embed, "parts", None)
         self.params = list(model.parameters())
         ema_params = list(ema_model.parameters())
         if len(ema_params) != len(self.params):
@@ -138,8 +145,22 @@ class FlatMLP:
                 q.data = self.ema[s].view_as(q)
                 self.slices.append(s)
                 o += k
-        # (weight, bias, weight gradient, bias gradient) of each layer: views into the flat buffers
-        self.layers = [(lin.weight.data, lin.bias.data, lin.weight.grad, lin.bias.grad) for lin in linears]
+        # (weight, its transpose, bias, weight gradient, bias gradient) of each layer: views into the
+        # flat buffers, made once
+        self.layers = [(lin.weight.data, lin.weight.data.t(), lin.bias.data, lin.weight.grad, lin.bias.grad)
+                       for lin in linears]
+        self._work: Optional[tuple] = None  # the step's activation buffers, for one batch size
+
+    def _buffers(self, batch: int) -> tuple:
+        """``(batch, pre, post, grad)``: per hidden layer, its pre-activation, its output and the
+        gradient at its pre-activation, ``[batch, width]`` each; made once per batch size, so every
+        step writes to the same memory."""
+        if self._work is None or self._work[0] != batch:
+            w0 = self.layers[0][0]
+            made = [[torch.empty(batch, w.shape[0], dtype=w0.dtype, device=w0.device) for w, *_ in self.layers[:-1]]
+                    for _ in range(3)]
+            self._work = (batch, *made)
+        return self._work
 
     # ------------------------------------------------------------------ the step
 
@@ -148,29 +169,29 @@ class FlatMLP:
         values (as :func:`~flowmatch.training.losses.cfm_loss` returns them); the gradients are written
         into the flat gradient (every element: nothing needs clearing first). Call it, and the other
         methods of the step, under ``torch.no_grad()``."""
-        h = torch.cat([xt, self.model.time_embed(t).to(xt.dtype)], dim=1)
-        inputs, pres = [h], []
+        if self._time_parts is not None:
+            h = torch.cat([xt, *self._time_parts(t)], dim=1)
+        else:
+            h = torch.cat([xt, self.model.time_embed(t).to(xt.dtype)], dim=1)
         layers, acts = self.layers, self.acts
-        last = len(layers) - 1
-        for i, (w, b, _, _) in enumerate(layers):
-            a = torch.addmm(b, h, w.t())
-            if i == last:
-                h = a
-                break
-            pres.append(a)
-            h = _activation(acts[i][0], acts[i][1], a)
+        _, pres, posts, grads = self._buffers(h.shape[0])
+        inputs = [h]
+        for (_, wt, b, _, _), (forward, _), a, out in zip(layers, acts, pres, posts):
+            h = forward(torch.addmm(b, h, wt, out=a), out)
             inputs.append(h)
-        err = (h - ut).reshape(h.shape[0], -1)
+        _, wt, b, gw, gb = layers[-1]
+        v = torch.addmm(b, h, wt)
+        err = (v - ut).reshape(v.shape[0], -1)
         per_sample = err.pow(2).mean(dim=1)
         loss = per_sample.mean()
         g = err * (2.0 / err.numel())  # d loss / d v
-        for i in range(last, -1, -1):
-            w, _, gw, gb = layers[i]
+        torch.mm(g.t(), h, out=gw)
+        torch.sum(g, 0, out=gb)
+        for i in range(len(acts) - 1, -1, -1):
+            g = acts[i][1](torch.mm(g, layers[i + 1][0], out=grads[i]), pres[i], inputs[i + 1])
+            _, _, _, gw, gb = layers[i]
             torch.mm(g.t(), inputs[i], out=gw)
             torch.sum(g, 0, out=gb)
-            if i > 0:
-                kind, module = acts[i - 1]
-                g = _activation_backward(kind, module, torch.mm(g, w), pres[i - 1], inputs[i])
         return LossOutput(loss=loss, per_sample=per_sample)
 
     def clip_(self, max_norm: float) -> torch.Tensor:
@@ -179,7 +200,9 @@ class FlatMLP:
         g = self.param.grad
         total = torch.linalg.vector_norm(g)
         if math.isfinite(max_norm):
-            g.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+            # clip_grad_norm_'s max_norm / (total + 1e-6), which torch computes as the reciprocal times
+            # max_norm: the same operations, in place, without the Python operator
+            g.mul_((total + 1e-6).reciprocal_().mul_(max_norm).clamp_(max=1.0))
         return total
 
     def adamw_step(self, opt: torch.optim.Optimizer) -> None:
@@ -193,9 +216,17 @@ class FlatMLP:
             opt.step()
             return
         beta1, beta2 = group["betas"]
-        _adamw([self.param], [self.param.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]], fused=True,
-               amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-               eps=group["eps"], maximize=group["maximize"])
+        kw = dict(amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=group["maximize"])
+        if _fused_adamw_op is None:
+            _adamw([self.param], [self.param.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]],
+                   fused=True, **kw)
+            return
+        # what that function does for one CPU tensor, without its grouping by device and dtype:
+        # count the step, then the fused kernel
+        st["step"].add_(1)
+        _fused_adamw_op([self.param], [self.param.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]],
+                        grad_scale=None, found_inf=None, **kw)
 
     # ------------------------------------------------------------------ optimiser state
 
