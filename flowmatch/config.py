@@ -147,13 +147,15 @@ class TrainConfig:
     # checkpoint path (its EMA weights).
     init: str = "auto"
     # The fast step (flowmatch.training.fast): no host synchronisation inside a step, multi-tensor
-    # AdamW / clipping / EMA. "auto" (on with CUDA, off on the CPU), "on" or "off".
+    # AdamW / clipping / EMA. "auto" (on with CUDA; on the CPU, on where the fused MLP step can train
+    # the run, else off), "on" or "off".
     fast: Union[str, bool] = "auto"
     # torch.compile of the fast step's loss (forward + backward): "auto" (with the fast step on CUDA),
     # "off", "on" (mode "default") or a torch.compile mode ("reduce-overhead", "max-autotune", ...).
     compile: Union[str, bool] = "auto"
     # The fused MLP step (flowmatch.training.fused_mlp), the fast step's CPU path for toy MLPs: "auto"
-    # (wherever it can run in the fast mode), "on" (required: an error where it cannot run) or "off".
+    # (wherever it can run in the fast mode; train.fast=auto turns the fast mode on for it on the CPU),
+    # "on" (required: an error where it cannot run) or "off" (with train.fast=auto: the plain loop).
     fused: Union[str, bool] = "auto"
     # Mixed precision of the forward/backward: "auto" (bf16 autocast for image models on CUDA, fp32 elsewhere),
     # "fp32" or "bf16". Weights, optimiser state and EMA stay fp32.

@@ -131,6 +131,31 @@ def test_weights_live_in_the_flat_buffers(make_cfg):
     assert not torch.all(params[0] == 0.25)
 
 
+def test_fast_auto_takes_the_fused_step_on_the_cpu_where_it_can(make_cfg, tmp_path):
+    # train.fast=auto (the default): the fused MLP step for a toy MLP run on the CPU ...
+    auto = build_trainer(make_cfg())
+    assert auto.fast and auto.fused_mlp
+    # ... the plain loop wherever it cannot train the run, or when either switch says off
+    for extra in (("train.fast=off",), ("train.fused=off",), ("train.loss=pseudo_huber",), ("model.activation=elu",),
+                  ("train.grad_accum=2",)):
+        tr = build_trainer(make_cfg(*extra))
+        assert not tr.fast and not tr.fused_mlp, extra
+    # an explicit fast=... or a custom loss function keeps the caller's choice
+    assert not build_trainer(make_cfg(), fast=False).fast
+    replay = ReplayLoss([(torch.zeros(32, 2), torch.ones(32, 2), torch.rand(32))])
+    assert not build_trainer(make_cfg(), loss_fn=replay).fast
+    assert not build_trainer(make_cfg(), fused=False).fast
+    # the training loop resolves it the same way: its losses are the fused trainer's
+    cfg = make_cfg("train.steps=12", "train.log_every=4", "train.ckpt_every=6")
+    res = train(cfg, str(tmp_path / "run"), progress=False)
+    ref = build_trainer(cfg)
+    ref.run(12)
+    assert ref.fused_mlp and res.losses == ref.sync()
+    plain = train(make_cfg("train.steps=12", "train.log_every=4", "train.ckpt_every=6", "train.fast=off"),
+                  str(tmp_path / "plain"), progress=False)
+    assert plain.losses == pytest.approx(res.losses, rel=1e-4)
+
+
 def test_adamw_update_is_the_optimisers_own(make_cfg):
     # the step calls the fused AdamW kernel directly: the same floats as opt.step() on a twin
     cfg = make_cfg("train.weight_decay=0.05", "train.warmup_steps=3")

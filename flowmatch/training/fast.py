@@ -4,7 +4,8 @@ The step minimises ``mix * L(pairs) + (1 - mix) * L(real data)`` (``L`` the cond
 loss of :func:`~flowmatch.training.losses.cfm_loss`; ``L(coupling)`` alone without real data) with
 AdamW under a warm-up / cosine schedule, gradient clipping and an EMA of the weights.
 
-Two modes, chosen by ``train.fast`` (``auto``: on with CUDA, off on the CPU):
+Two modes, chosen by ``train.fast`` (``auto``: on with CUDA; on the CPU on where the fused MLP step
+below can train the run, else off; see :func:`auto_fused`):
 
 - **plain**: the historical loop. The loss is read to the host (``loss.item()``) every step and a
   non-finite loss raises :class:`~flowmatch.errors.NonFiniteLossError` before the update; the
@@ -19,7 +20,7 @@ Two modes, chosen by ``train.fast`` (``auto``: on with CUDA, off on the CPU):
 
   On the CPU, a toy MLP run takes the **fused MLP step** (:mod:`flowmatch.training.fused_mlp`;
   ``train.fused``: ``auto`` wherever it can run, ``on`` to require it, ``off`` for the autograd
-  step): the same draws, the MLP's forward and backward written out and the weights, gradients and
+  step, and with ``train.fast: auto`` the plain loop): the same draws, the MLP's forward and backward written out and the weights, gradients and
   EMA in flat buffers, about 2x the plain loop's steps/s on two CPU cores; its numbers agree with
   the plain step's to float rounding. It calls no module forward, so forward hooks do not run.
 
@@ -107,7 +108,7 @@ from flowmatch.utils import make_generator
 
 __all__ = ["FAST_MODES", "COMPILE_MODES", "PRECISIONS", "CHANNELS_LAST_MODES", "NUM_T_BINS", "SpeedPlan",
            "resolve_speed", "resolve_plan", "resolve_precision", "resolve_channels_last", "build_optimizer",
-           "load_optimizer_state", "StepOutput", "TrainStep", "Trainer", "build_trainer"]
+           "load_optimizer_state", "auto_fused", "StepOutput", "TrainStep", "Trainer", "build_trainer"]
 
 NUM_T_BINS = 10
 FAST_MODES = ("auto", "on", "off")
@@ -201,6 +202,22 @@ def resolve_speed(fast: str | bool = "auto", compile: str | bool = "auto",
     if not on or compile == "off" or (compile == "auto" and not cuda):
         return SpeedPlan(on, None, **rest)
     return SpeedPlan(True, "default" if compile in ("auto", "on") else compile, **rest)
+
+
+def auto_fused(plan: SpeedPlan, cfg: ExperimentConfig, comp: Components, *, distributed: bool = False,
+               loss_fn=None) -> SpeedPlan:
+    """``plan`` with the fast step switched on where ``train.fast: auto`` left it off on the CPU and
+    the fused MLP step can train the run (:func:`~flowmatch.training.fused_mlp.fused_mlp_reason`:
+    a toy MLP run, fp32, l2, one process, ...): there it is the faster step with the plain loop's
+    numbers to float rounding. ``train.fused: off`` or ``train.fast: off`` keep the plain loop;
+    ``loss_fn`` other than :func:`cfm_loss` (a test's or a script's) keeps it too."""
+    tc = cfg.train
+    if (plan.fast or _normal(tc.fast, "fast", FAST_MODES) != "auto" or _normal(tc.fused, "fused", FAST_MODES) == "off"
+            or comp.device.type != "cpu" or plan.compile is not None):
+        return plan
+    reason = fused_mlp_reason(comp.model, comp, tc, distributed=distributed, precision=plan.precision, compile=None,
+                              class_cond=cfg.model.class_cond, default_loss=loss_fn in (None, cfm_loss))
+    return plan if reason is not None else replace(plan, fast=True)
 
 
 def _check_class_dropout(p) -> float:
@@ -824,5 +841,8 @@ def build_trainer(cfg: ExperimentConfig, *, fast: Optional[bool] = None, compile
     resolve_plan(cfg_keys)  # refuse bad values before building anything
     comp = build_components(cfg, device)
     plan = resolve_plan(cfg_keys, comp.device, images=_is_image(comp))
+    if fast is None and fused is not False:
+        plan = auto_fused(plan, cfg, comp, loss_fn=loss_fn,
+                          distributed=dist_utils.is_distributed() if distributed is None else distributed)
     return Trainer(cfg, comp, fast=plan.fast, compile=plan.compile, loss_fn=loss_fn, precision=plan.precision,
                    channels_last=plan.channels_last, distributed=distributed, fused=fused)

@@ -47,7 +47,7 @@ from flowmatch.errors import FlowmatchError, NonFiniteLossError, RunDirError
 from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
-from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, _lr_lambda, resolve_plan  # noqa: F401 (_lr_lambda: re-export)
+from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, _lr_lambda, auto_fused, resolve_plan  # noqa: F401 (_lr_lambda: re-export)
 from flowmatch.training.losses import cfm_loss
 from flowmatch.training.tracking import Tracker, trim_metrics
 from flowmatch.utils import resolve_device
@@ -194,7 +194,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     if world > 1:  # one GPU per process: cuda becomes cuda:LOCAL_RANK
         device = dist_utils.local_device(resolve_device(tc.device))
     comp = build_components(cfg, device, init_weights=ckpt is None)
-    plan = resolve_plan(tc, comp.device, images=_is_image(comp))
+    plan = auto_fused(resolve_plan(tc, comp.device, images=_is_image(comp)), cfg, comp, distributed=world > 1,
+                      loss_fn=cfm_loss)
     if main:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
