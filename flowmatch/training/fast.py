@@ -20,9 +20,10 @@ below can train the run, else off; see :func:`auto_fused`):
 
   On the CPU, a toy MLP run takes the **fused MLP step** (:mod:`flowmatch.training.fused_mlp`;
   ``train.fused``: ``auto`` wherever it can run, ``on`` to require it, ``off`` for the autograd
-  step, and with ``train.fast: auto`` the plain loop): the same draws, the MLP's forward and backward written out and the weights, gradients and
-  EMA in flat buffers, about 2x the plain loop's steps/s on two CPU cores; its numbers agree with
-  the plain step's to float rounding. It calls no module forward, so forward hooks do not run.
+  step, and with ``train.fast: auto`` the plain loop): the same draws, the MLP's forward and
+  backward written out and the weights, gradients and EMA in flat buffers, about 2x the plain
+  loop's steps/s on two CPU cores at width 64 (1.3-1.4x at width 256, batch 512); its numbers agree
+  with the plain step's to float rounding. It calls no module forward, so forward hooks do not run.
 
   ``train.compile`` (``auto``: with the fast step on CUDA) wraps the loss computation from the drawn
   batch (model forward, distance, weighting, t-bins; the backward is compiled with it) in
