@@ -585,8 +585,8 @@ class TrainStep:
 
     def _add_bins(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """Queue a micro-batch's per-sample losses and times for the t-bins; every
-        ``_BIN_FLUSH`` micro-batches (and in :meth:`take_bins`) the queue is binned in one go, on
-        the device, with no host read (:func:`_bin_sums`' bins)."""
+        ``_BIN_FLUSH`` micro-batches (and in :meth:`take_bins`) the queue is binned in one go by
+        :func:`_bin_sums`, on the device, with no host read."""
         self._bin_queue.append((per_sample.detach(), t.detach()))
         if len(self._bin_queue) >= _BIN_FLUSH:
             self._flush_bins()
@@ -597,9 +597,9 @@ class TrainStep:
         per_sample = torch.cat([p for p, _ in self._bin_queue])
         t = torch.cat([t for _, t in self._bin_queue])
         self._bin_queue.clear()
-        idx = (t * self.num_bins).long().clamp_(0, self.num_bins - 1)
-        self.bin_sum.index_add_(0, idx, per_sample.double())
-        self.bin_cnt.index_add_(0, idx, torch.ones(idx.shape, dtype=torch.float64, device=idx.device))
+        sums, counts = _bin_sums(per_sample, t, self.num_bins)
+        self.bin_sum += sums
+        self.bin_cnt += counts
 
     def _plain(self, step: int) -> StepOutput:
         loss, value = self.accumulate(step)
