@@ -27,7 +27,8 @@ Sections (rows of :data:`SPEED_COLUMNS`; ``ratio`` is against the row's baseline
 Times are medians over repeats after warm-up, with the device synchronised around each timed
 region. The training loops take turns, round after round: a row's value is its median round, its
 ratio the median of the per-round ratios to the reference (each round's loops ran back to back),
-and ``rounds`` lists every round's steps/s. Sizes: ``full`` (for a GPU; at most a few minutes on an H100) or ``small`` (a CPU run).
+and ``rounds`` lists every round's steps/s. Sizes: ``full`` (for a GPU; at most a few minutes on an
+H100) or ``small`` (a CPU run).
 """
 
 from __future__ import annotations
