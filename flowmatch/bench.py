@@ -22,8 +22,9 @@ import io
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -47,25 +48,39 @@ BENCH_NFES = (1, 2, 3, 4, 6, 8, 16, 32)
 
 class ToyScorer:
     """Scores samples against fresh target draws: exact ``w2`` and ``mmd`` against ``n`` draws
-    (seed ``seed + 1``); ``w2_floor`` is the W2 between those and ``n`` more (seed ``seed + 2``)."""
+    (seed ``seed + 1``); ``w2_floor`` is the W2 between those and ``n`` more (seed ``seed + 2``).
+    The W2 runs in a second thread while the MMD runs in this one (POT's network simplex
+    releases the GIL), so a row costs the slower of the two rather than their sum; ``workers``
+    rows are scored at once by :func:`bench_suite`. The scores do not depend on either."""
 
     metric = "w2"
     scores = ("w2", "mmd")
 
-    def __init__(self, target, n: int, seed: int = 0):
+    def __init__(self, target, n: int, seed: int = 0, *, workers: Optional[int] = None):
         self.ref = target.sample(n, generator=make_generator(seed + 1), device="cpu")
         self.ref2 = target.sample(n, generator=make_generator(seed + 2), device="cpu")
         self._mmd: dict = {}
+        # rows :func:`bench_suite` scores at once, after its timed solves (default: torch's thread count, at most 4)
+        self.workers = max(1, min(4, torch.get_num_threads())) if workers is None else max(1, int(workers))
 
     def floor(self, m: int) -> dict:
-        self._mmd[m] = MMDReference(self.ref[:m])
-        return {"w2_floor": w2(self.ref[:m], self.ref2[:m])}
+        floor, self._mmd[m] = _at_once(lambda: w2(self.ref[:m], self.ref2[:m]), lambda: MMDReference(self.ref[:m]))
+        return {"w2_floor": floor}
 
     def __call__(self, x1: torch.Tensor) -> dict:
         m = x1.shape[0]
         if m not in self._mmd:
-            self.floor(m)
-        return {"w2": w2(x1, self.ref[:m]), "mmd": self._mmd[m](x1)}
+            self._mmd[m] = MMDReference(self.ref[:m])
+        dist, disc = _at_once(lambda: w2(x1, self.ref[:m]), lambda: self._mmd[m](x1))
+        return {"w2": dist, "mmd": disc}
+
+
+def _at_once(first: Callable, second: Callable) -> tuple:
+    """``(first(), second())``, ``first`` run in a second thread while ``second`` runs in this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(first)
+        b = second()
+        return pending.result(), b
 
 
 class ImageScorer:
@@ -149,7 +164,9 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
     model (skipped, with ``logp`` None, when the source has no ``log_prob``).
 
     ``scorer`` scores the samples of a row (default :class:`ToyScorer`: ``w2``, ``w2_floor``,
-    ``mmd``; images use :class:`ImageScorer`: ``fd``, ``fd_floor``, ``kid``).
+    ``mmd``; images use :class:`ImageScorer`: ``fd``, ``fd_floor``, ``kid``). A scorer with
+    ``workers > 1`` scores the rows after all solves, that many at once (no solve is timed while
+    rows are scored); others score each row after its solve.
     """
     device = torch.device(device)
     grids = [g for g in grids]
@@ -171,7 +188,10 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
     from tqdm.auto import tqdm  # lazy
 
     result = BenchResult(rows=[])
-    bar = tqdm(total=len(models) * len(settings), desc="bench", disable=None if progress else True, leave=False)
+    deferred = []  # (row, samples) scored after the solves
+    later = getattr(scorer, "workers", 1) > 1
+    bar = tqdm(total=len(models) * len(settings) * (2 if later else 1), desc="bench",
+               disable=None if progress else True, leave=False)
     for model_name, v in models.items():
         x0s = x0_all.to(device)
         st = straightness(v, x0s[:straightness_n])
@@ -205,21 +225,31 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
             seconds = time.perf_counter() - t0
             x1 = traj.x1.float().cpu()
             finite = bool(torch.isfinite(x1).all())
-            model_rows.append({
+            row = {
                 "model": model_name, "solver": s.name, "grid": grid,
                 "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "nfe": traj.nfe,
-                **(scorer(x1) if finite else dict.fromkeys(scorer.scores, float("nan"))), **floors[m],
+                **dict.fromkeys(scorer.scores, float("nan")), **floors[m],
                 "straightness": st.straightness, "straightness_rel": st.straightness_rel, "logp": info["logp"],
                 "seconds": seconds, "samples_per_sec": m / max(seconds, 1e-12), "n": m, "device": str(device),
-            })
-            bar.update(1)
-        for m in sizes:
-            front = pareto_front([r for r in model_rows if r["n"] == m], scorer.metric)
-            for r in model_rows:
-                if r["n"] == m:
-                    r["pareto"] = any(r is f for f in front)
-        result.rows += model_rows
+            }
+            if finite and later:
+                deferred.append((row, x1))
+            elif finite:
+                row.update(scorer(x1))
+            result.rows.append(row)
+            bar.update(1 + (later and not finite))
+    if deferred:
+        with ThreadPoolExecutor(max_workers=scorer.workers) as pool:
+            for (row, _), scores in zip(deferred, pool.map(lambda item: scorer(item[1]), deferred)):
+                row.update(scores)
+                bar.update(1)
     bar.close()
+    for model_name in models:
+        for m in sizes:
+            rows = [r for r in result.rows if r["model"] == model_name and r["n"] == m]
+            front = pareto_front(rows, scorer.metric)
+            for r in rows:
+                r["pareto"] = any(r is f for f in front)
     return result
 
 

@@ -18,13 +18,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite, benchmark, rows_to_markdown,
-                             write_bench, write_suite)
+from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, ToyScorer, bench_suite, benchmark,
+                             rows_to_markdown, write_bench, write_suite)
 from flowmatch.config import ExperimentConfig, config_diff, from_dict, load_config, to_dict
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.data.pairs import read_manifest
 from flowmatch.errors import ConfigError, FlowmatchError
-from flowmatch.metrics import mmd, straightness, w2
+from flowmatch.metrics import straightness
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_components, last_checkpoint,
                                 load_checkpoint, load_model, read_metrics, train)
@@ -96,13 +96,13 @@ def evaluate_model(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, 
     task = build_task(cfg.data)
     source, target = task.source, task.target
     x0 = source.sample(ec.n, generator=make_generator(ec.seed)).to(device)
-    ref = target.sample(ec.n, generator=make_generator(ec.seed + 1))
-    ref2 = target.sample(ec.n, generator=make_generator(ec.seed + 2))
+    scorer = ToyScorer(target, ec.n, ec.seed)  # fresh target draws: seeds ec.seed + 1 and + 2
     solver = get_solver(ec.solver, atol=ec.atol, rtol=ec.rtol)
     traj = solve(model, x0, solver, nfe=None if solver.adaptive else ec.nfe, return_trajectory=True)
     x1 = traj.x1.float().cpu()
     st = straightness(model, x0[: min(ec.n, 1000)])
-    res = {"eval/w2": w2(x1, ref), "eval/w2_floor": w2(ref, ref2), "eval/mmd": mmd(x1, ref), "eval/nfe": traj.nfe,
+    scores = {**scorer.floor(ec.n), **scorer(x1)}
+    res = {"eval/w2": scores["w2"], "eval/w2_floor": scores["w2_floor"], "eval/mmd": scores["mmd"], "eval/nfe": traj.nfe,
            "eval/solver": solver.name, "eval/straightness": st.straightness,
            "eval/straightness_rel": st.straightness_rel, "eval/straightness_per_dim": st.straightness_per_dim}
     if tracker is not None:
@@ -115,7 +115,7 @@ def evaluate_model(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, 
             pd = os.path.join(out_dir, "plots")
             paths = {
                 "samples": plot_samples({"source (t=0)": x0.cpu(), f"model ({solver.name}, NFE {traj.nfe})": x1,
-                                         "target": ref}, os.path.join(pd, "samples.png"), title=cfg.name),
+                                         "target": scorer.ref}, os.path.join(pd, "samples.png"), title=cfg.name),
                 "trajectories": plot_trajectories(traj.xs, os.path.join(pd, "trajectories.png"),
                                                   title=f"{cfg.name}: S/E|Z1-Z0|^2 = {st.straightness_rel:.3g}"),
             }

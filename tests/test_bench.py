@@ -248,3 +248,38 @@ def test_mmd_reference_equals_mmd():
     ref = MMDReference(y)
     assert ref(x) == pytest.approx(mmd(x, y), rel=1e-12, abs=1e-15)
     assert ref(y) == pytest.approx(mmd(y, y), abs=1e-12)
+
+
+def test_toy_scorer_scores_as_w2_and_mmd_do_one_after_the_other():
+    # the W2 runs in a second thread while the MMD runs: the scores must be those of the plain calls
+    from flowmatch.bench import ToyScorer
+    from flowmatch.metrics import w2
+
+    target = get_dataset("moons", 2)
+    scorer = ToyScorer(target, 300, seed=4)
+    x = get_dataset("gaussian", 2).sample(200, generator=torch.Generator().manual_seed(5))
+    ref = target.sample(300, generator=torch.Generator().manual_seed(5))
+    ref2 = target.sample(300, generator=torch.Generator().manual_seed(6))
+    assert scorer(x) == {"w2": w2(x, ref[:200]), "mmd": mmd(x, ref[:200])}
+    assert scorer.floor(300) == {"w2_floor": w2(ref, ref2)}
+    assert scorer(ref2)["w2"] == w2(ref2, ref)
+
+
+def test_suite_scored_rows_at_once_equal_rows_scored_one_by_one():
+    # a ToyScorer with workers > 1 scores the rows after the solves, several at once: same rows,
+    # same order, same pareto flags as one row after each solve
+    from flowmatch.bench import ToyScorer
+
+    src, tgt = get_dataset("gaussian", 2), get_dataset("moons", 2)
+
+    def run(workers):
+        return bench_suite({"const": const_field, "bend": bend}, src, tgt, solvers=("euler", "heun", "dopri5"),
+                           nfes=(1, 2, 4), grids=("uniform", "cosine"), n=120, grid_n=50, straightness_n=40,
+                           progress=False, scorer=ToyScorer(tgt, 120, 0, workers=workers)).rows
+
+    one, many = run(1), run(3)
+    assert [list(r) for r in one] == [list(r) for r in many]  # keys in the same order
+    strip = [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_sec")} for r in one]
+    assert strip == [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_sec")} for r in many]
+    assert len(one) == 2 * (2 * (3 + 2) + 1) and all(r["w2"] == r["w2"] for r in one)  # finite scores
+    assert {r["pareto"] for r in many} == {True, False}

@@ -151,6 +151,27 @@ def test_mmd_symmetry_and_self_distance():
     assert -2 * K / (n - 1) <= self_mmd <= 0.0
 
 
+@pytest.mark.parametrize("block", [1, 7 * 53, 10 ** 6])  # a row a block, uneven blocks, one block
+def test_mmd_by_blocks_equals_the_double_sum_over_pairs(monkeypatch, block):
+    import flowmatch.metrics.distances as distances
+
+    monkeypatch.setattr(distances, "_BLOCK_ENTRIES", block)
+    x = torch.randn(41, 2, generator=gen(21), dtype=F64)
+    y = torch.randn(53, 2, generator=gen(22), dtype=F64) + 0.4
+
+    def k(p, q):  # the kernel of each pair, one pair at a time
+        return sum(math.exp(-float(((a - b) ** 2).sum()) / (2 * s * s)) for a in p for b in q for s in DEFAULT_BANDWIDTHS)
+
+    def k_off(p):  # pairs i != j
+        return sum(math.exp(-float(((p[i] - p[j]) ** 2).sum()) / (2 * s * s))
+                   for i in range(len(p)) for j in range(len(p)) if i != j for s in DEFAULT_BANDWIDTHS)
+
+    n, m = len(x), len(y)
+    truth = k_off(x) / (n * (n - 1)) + k_off(y) / (m * (m - 1)) - 2 * k(x, y) / (n * m)
+    assert mmd(x, y) == pytest.approx(truth, rel=1e-10, abs=1e-14)
+    assert distances.MMDReference(y)(x) == pytest.approx(truth, rel=1e-10, abs=1e-14)
+
+
 def test_mmd_needs_two_points():
     with pytest.raises(ValueError):
         mmd(torch.zeros(1, 2), torch.zeros(5, 2))

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -62,38 +62,57 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_
     n, m = a.shape[0], b.shape[0]
     if n < 2 or m < 2:
         raise ValueError("mmd needs at least 2 points in each cloud")
-
-    kxx, kyy, kxy = (_kernel(p, q, bandwidths) for p, q in ((a, a), (b, b), (a, b)))
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return float(sxx + syy - 2 * kxy.mean())
+    sxx = _kernel_sum(a, None, bandwidths) / (n * (n - 1))
+    syy = _kernel_sum(b, None, bandwidths) / (m * (m - 1))
+    return float(sxx + syy - 2 * _kernel_sum(a, b, bandwidths) / (n * m))
 
 
 class MMDReference:
     """:func:`mmd` against one fixed reference cloud ``y`` (``[m, *D]``), its ``k(y, y)`` term
-    computed once: ``MMDReference(y)(x) == mmd(x, y)`` at a third of the cost per call."""
+    computed once: ``MMDReference(y)(x) == mmd(x, y)`` at about half the cost per call."""
 
     def __init__(self, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS):
         self.y, self.bandwidths = _flat64(y), tuple(bandwidths)
         m = self.y.shape[0]
         if m < 2:
             raise ValueError("mmd needs at least 2 points in each cloud")
-        kyy = _kernel(self.y, self.y, self.bandwidths)
-        self.syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        self.syy = _kernel_sum(self.y, None, self.bandwidths) / (m * (m - 1))
 
     def __call__(self, x: torch.Tensor) -> float:
         a = _flat64(x)
-        n = a.shape[0]
+        n, m = a.shape[0], self.y.shape[0]
         if n < 2:
             raise ValueError("mmd needs at least 2 points in each cloud")
-        kxx = _kernel(a, a, self.bandwidths)
-        sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-        return float(sxx + self.syy - 2 * _kernel(a, self.y, self.bandwidths).mean())
+        sxx = _kernel_sum(a, None, self.bandwidths) / (n * (n - 1))
+        return float(sxx + self.syy - 2 * _kernel_sum(a, self.y, self.bandwidths) / (n * m))
 
 
-def _kernel(p: torch.Tensor, q: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
-    d2 = torch.cdist(p, q).pow(2)
-    return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
+# entries of the kernel matrix computed at once (2 MiB of float64): blocks of rows that stay in
+# cache make the kernel sums ~5x faster at n = 5,000 than the whole n x m matrix (~200 MB a term)
+_BLOCK_ENTRIES = 1 << 18
+
+
+def _kernel_sum(p: torch.Tensor, q: Optional[torch.Tensor], bandwidths: Sequence[float]) -> torch.Tensor:
+    """``sum_ij k(p_i, q_j)`` (a float64 scalar), or with ``q`` None ``sum_{i != j} k(p_i, p_j)``,
+    where ``k(x, y) = sum_s exp(-||x - y||^2 / (2 s^2))``. Computed a block of rows at a time, so
+    the ``n x m`` kernel matrix is never held; with ``q`` None only the blocks on and above the
+    diagonal are computed (the kernel is symmetric)."""
+    own = q is None
+    q = p if own else q
+    n, m = p.shape[0], q.shape[0]
+    rows = max(1, _BLOCK_ENTRIES // max(m, 1))
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, n, rows):
+        r = min(rows, n - i)
+        d2 = torch.cdist(p[i:i + r], q[i:] if own else q).pow_(2)
+        k = torch.empty_like(d2)
+        for s in bandwidths:
+            torch.div(d2, -(2 * s * s), out=k).exp_()
+            if own:  # the square block on the diagonal, less its diagonal; the rest twice (the block below it)
+                total += k[:, :r].sum() - k[:, :r].diagonal().sum() + 2 * k[:, r:].sum()
+            else:
+                total += k.sum()
+    return total
 
 
 def gaussian_w2(mean1: torch.Tensor, std1: float, mean2: torch.Tensor, std2: float) -> float:
