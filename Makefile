@@ -35,7 +35,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install flowmatch with its dependencies
 
-demo: $(STAMP) ## train the toy experiments on CPU (~4 min), benchmark them, write runs/demo/report.md
+demo: $(STAMP) ## train the toy experiments on CPU (~3 min), benchmark them, write runs/demo/report.md
 	$(PY) -m flowmatch demo --out $(DEMO_OUT)
 
 # one intra-op thread: the tests' small tensors gain nothing from more, and on a busy 2-core machine
