@@ -51,7 +51,7 @@ class ToyScorer:
     (seed ``seed + 1``); ``w2_floor`` is the W2 between those and ``n`` more (seed ``seed + 2``).
     The W2 runs in a second thread while the MMD runs in this one (POT's network simplex
     releases the GIL), so a row costs the slower of the two rather than their sum; ``workers``
-    rows are scored at once by :func:`bench_suite`. The scores do not depend on either."""
+    rows are scored at once by :func:`bench_suite`. Neither changes a score."""
 
     metric = "w2"
     scores = ("w2", "mmd")

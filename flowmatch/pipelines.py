@@ -23,7 +23,7 @@ from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, ToyScorer, 
 from flowmatch.config import ExperimentConfig, config_diff, from_dict, load_config, to_dict
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.data.pairs import read_manifest
-from flowmatch.errors import ConfigError, FlowmatchError
+from flowmatch.errors import ConfigError, FlowmatchError, RunDirError
 from flowmatch.metrics import straightness
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_components, last_checkpoint,
@@ -557,8 +557,7 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
                                  f"{teacher.config.data.target}, not {cfg.data.source} -> {cfg.data.target}")
         stages = [("1-RF", rc.teacher)]
     else:
-        s1 = train_from_config(_stage_config(cfg, f"{cfg.name}-1RF"), os.path.join(out, "1-RF"), resume="auto",
-                               progress=progress)
+        s1 = _train_stage(_stage_config(cfg, f"{cfg.name}-1RF"), out, "1-RF", progress)
         stages = [("1-RF", s1.checkpoint)]
     for i, (label, stage_cfg, pairs) in enumerate(reflow_stage_configs(cfg, out, rounds, distill)):
         precision = rc.precision
@@ -567,7 +566,7 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
         generate_pairs(stages[-1][1], pairs, rc.num_pairs, solver=rc.solver, nfe=rc.nfe, atol=rc.atol, rtol=rc.rtol,
                        shard_size=rc.shard_size, seed=rc.seed + i, progress=progress, guidance=cfg.eval.guidance,
                        precision=precision)
-        s = train_from_config(stage_cfg, os.path.join(out, label), resume="auto", progress=progress)
+        s = _train_stage(stage_cfg, out, label, progress)
         stages.append((label, s.checkpoint))
     rows = bench_from_checkpoints([c for _, c in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
                                   n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, names=[lbl for lbl, _ in stages], tracking="disabled",
@@ -607,6 +606,16 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
             for p in (f"{metric}_vs_nfe", "straightness", "trajectories"):
                 tr.log_image(f"reflow/{p}", os.path.join(pd, f"{p}.png"))
     return rows
+
+
+def _train_stage(cfg: ExperimentConfig, out: str, label: str, progress: bool) -> TrainSummary:
+    """Train (or resume, or reuse) the chain's stage ``label`` in ``OUT/label``."""
+    try:
+        return train_from_config(cfg, os.path.join(out, label), resume="auto", progress=progress)
+    except RunDirError as e:  # a stage on disk made with another config: say what to remove
+        raise RunDirError(f"reflow chain {out}: stage {label} on disk was trained with another config ({e}). "
+                          f"Remove {os.path.join(out, label)} and every stage and pair store after it to retrain "
+                          f"from there, or give the chain another --out") from None
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 from flowmatch.config import to_dict
 from flowmatch.couplings import PairedCoupling
 from flowmatch.data.pairs import PairStore, PairStoreError, shard_name
+from flowmatch.errors import RunDirError
 from flowmatch.io import atomic_save, file_sha256
 from flowmatch.reflow import generate_pairs, shard_seed
 from flowmatch.training import load_model, train
@@ -357,6 +358,12 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
     assert ckpt.stat().st_mtime_ns == before  # finished stages are reused, not retrained
     assert [r["w2"] for r in rows2 if r["stage"] != "2-RF+distill"] == \
            [r["w2"] for r in rows if r["stage"] != "2-RF+distill"]
+
+    # the same chain directory with another distillation: refused, naming the stage to remove
+    changed = make_cfg(*CHAIN, "reflow.distill_lr=5e-4")
+    with pytest.raises(RunDirError, match=r"stage 2-RF\+distill .*train\.lr.*Remove .*2-RF\+distill"):
+        reflow_from_config(changed, str(tmp_path / "chain"), rounds=2, distill=True, progress=False)
+    assert ckpt.stat().st_mtime_ns == before
 
     # experiments/toy/paired_w2.py: the one-step student against its teacher on the same draws
     script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "paired_w2.py")
