@@ -82,7 +82,7 @@ MOONS_TEACHER := $(REFLOW_OUT)/noise_to_moons/1-RF/checkpoints/last.pt
 $(MOONS_TEACHER):
 	$(MAKE) reflow
 
-reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, teacher accuracy and the mix lambda -> runs/sweeps/ (~12 min)
+reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, teacher accuracy and the mix lambda -> runs/sweeps/ (~9 min)
 	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_noise_to_moons.yaml --key reflow.num_pairs \
 	  --values 10000,50000,200000 --set reflow.teacher=$(MOONS_TEACHER) --set reflow.bench_solvers=[euler] \
 	  --set reflow.bench_nfes=[1] --out runs/sweeps/num_pairs --no-progress
