@@ -47,9 +47,8 @@ def main() -> None:
     source, target = task.source, task.target
     scores: dict[str, list[float]] = {"teacher dopri5": [], "student euler 1": [], "floor": []}
     # the draws are solved here, one after the other, and scored in threads (POT's exact W2 releases the GIL)
-    pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
-    pending = []
-    with torch.no_grad():
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool, torch.no_grad():
+        pending = []
         for i in range(args.draws):
             g = torch.Generator().manual_seed(args.seed + i)
             x0 = source.sample(args.n, generator=g)
@@ -57,11 +56,10 @@ def main() -> None:
             teacher_x1 = solve(teacher.model.eval(), x0, "dopri5", atol=1e-5, rtol=1e-5).x1
             student_x1 = solve(student.model.eval(), x0, "euler", nfe=1).x1
             pending.append([pool.submit(w2, a, y) for a in (teacher_x1, student_x1, y2)])
-    for i, draw in enumerate(pending):
-        for key, score in zip(scores, draw):
-            scores[key].append(score.result())
-        print(f"draw {i}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), flush=True)
-    pool.shutdown()
+        for i, draw in enumerate(pending):
+            for key, score in zip(scores, draw):
+                scores[key].append(score.result())
+            print(f"draw {i}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), flush=True)
     diff = [s - t for s, t in zip(scores["student euler 1"], scores["teacher dopri5"])]
     summary = {k: {"mean": statistics.mean(v), "sd": statistics.stdev(v)} for k, v in scores.items()}
     summary["student - teacher (paired)"] = {"mean": statistics.mean(diff), "sd": statistics.stdev(diff)}
