@@ -550,8 +550,6 @@ class TrainStep:
                     if not math.isfinite(value):
                         raise NonFiniteLossError(step, value)
                 (loss if n == 1 else loss / n).backward()
-            if self._compiled is None and not self.fast:
-                s, c = t_bin_sums(per_sample, t, self.num_bins)
             if self._cudagraphs:
                 # a CUDA-graph output is overwritten by the next replay: keep copies of the loss and,
                 # before the next micro-batch, of the gradients the first backward handed over
@@ -561,12 +559,13 @@ class TrainStep:
                         if p.grad is not None:
                             p.grad = p.grad.clone()
             total = loss.detach() if total is None else total + loss.detach()
-            if self._compiled is None and self.fast:
-                self._add_bins(per_sample, t)
-            elif self.fast:
+            if self._compiled is not None:  # the compiled loss binned its own t's
                 self.bin_sum += s
                 self.bin_cnt += c
+            elif self.fast:
+                self._add_bins(per_sample, t)
             else:
+                s, c = t_bin_sums(per_sample, t, self.num_bins)
                 self.bin_sum += s.cpu()
                 self.bin_cnt += c.cpu()
         if n == 1:
