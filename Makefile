@@ -82,13 +82,14 @@ MOONS_TEACHER := $(REFLOW_OUT)/noise_to_moons/1-RF/checkpoints/last.pt
 $(MOONS_TEACHER):
 	$(MAKE) reflow
 
+# the sweeps' students train 5,000 steps a round (the moons chain's rounds train 15,000)
+SWEEP_SET := --set reflow.teacher=$(MOONS_TEACHER) --set reflow.steps=5000 --set reflow.bench_solvers=[euler]
+
 reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, teacher accuracy and the mix lambda -> runs/sweeps/ (~9 min)
 	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_noise_to_moons.yaml --key reflow.num_pairs \
-	  --values 10000,50000,200000 --set reflow.teacher=$(MOONS_TEACHER) --set reflow.bench_solvers=[euler] \
-	  --set reflow.bench_nfes=[1] --out runs/sweeps/num_pairs --no-progress
+	  --values 10000,50000,200000 $(SWEEP_SET) --set reflow.bench_nfes=[1] --out runs/sweeps/num_pairs --no-progress
 	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_noise_to_moons.yaml --key reflow.nfe --values 2,8,32 \
-	  --set reflow.solver=euler --set reflow.teacher=$(MOONS_TEACHER) --set reflow.bench_solvers=[euler] \
-	  --set reflow.bench_nfes=[1] --out runs/sweeps/teacher_euler_nfe --no-progress
+	  --set reflow.solver=euler $(SWEEP_SET) --set reflow.bench_nfes=[1] --out runs/sweeps/teacher_euler_nfe --no-progress
 	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_mix_noise_to_moons.yaml --key reflow.mix --values 1.0,0.7,0.5,0.3 \
 	  --set reflow.bench_nfes=[1] --out runs/sweeps/mix --no-progress
 

@@ -368,12 +368,23 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
     # experiments/toy/paired_w2.py: the one-step student against its teacher on the same draws
     script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "paired_w2.py")
     subprocess.run([sys.executable, script, str(tmp_path / "chain"), "--student", "2-RF+distill", "--draws", "2",
-                    "--n", "200"], check=True, capture_output=True, timeout=300)
+                    "--n", "200", "--also", "2-RF:euler:1", "--also", "1-RF:dopri5"],
+                   check=True, capture_output=True, timeout=300)
     paired = json.loads((tmp_path / "chain" / "paired_w2.json").read_text())
     s = paired["scores"]
-    assert len(s["teacher dopri5"]) == len(s["student euler 1"]) == 2 and paired["n"] == 200
+    assert list(s) == ["teacher dopri5", "student euler 1", "2-RF euler 1", "1-RF dopri5", "floor"]
+    assert all(len(v) == 2 for v in s.values()) and paired["n"] == 200
     diffs = [a - b for a, b in zip(s["student euler 1"], s["teacher dopri5"])]
     assert paired["summary"]["student - teacher (paired)"]["mean"] == pytest.approx(sum(diffs) / 2)
+    # the same draws for every entry: 1-RF's dopri5 scored again is the teacher's score to the bit, and
+    # 2-RF's one Euler step is the stage table's model (its first draw differs from the teacher's)
+    assert s["1-RF dopri5"] == s["teacher dopri5"] and paired["summary"]["1-RF dopri5 - teacher (paired)"]["mean"] == 0
+    assert s["2-RF euler 1"] != s["teacher dopri5"]
+    floor_diffs = [a - b for a, b in zip(s["floor"], s["teacher dopri5"])]
+    assert paired["summary"]["floor - teacher (paired)"]["mean"] == pytest.approx(sum(floor_diffs) / 2)
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "chain"), "--also", "2-RF:euler"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--also '2-RF:euler': give STAGE:ADAPTIVE or STAGE:SOLVER:NFE" in bad.stderr
 
 
 def _free_port() -> int:

@@ -2,11 +2,16 @@
 
 Scores a reflow chain's distilled one-step model (Euler, NFE 1) and its 1-RF teacher (dopri5) on the
 same source draws against the same fresh target draws, over several independent draws of n points,
-and prints each score, the spread between draws and the paired difference (student - teacher)::
+and prints each score, the spread between draws and the paired difference (each entry - teacher)::
 
     python experiments/toy/paired_w2.py runs/reflow/noise_to_moons --draws 10 --n 5000
+    python experiments/toy/paired_w2.py runs/reflow/noise_to_moons --also 2-RF:dopri5 --also 3-RF:euler:1
 
 The stage table scores one draw; between draws W2 moves by far more than the paired difference.
+The noise floor (a second target draw against the first) is scored alongside: "floor - teacher" is
+how far the teacher is from the best a model can score. ``--also`` adds other stages (or checkpoint
+files), each with its solver: an adaptive one at atol = rtol = 1e-5 (``2-RF:dopri5``) or a fixed-step
+solver and its NFE (``2-RF:euler:4``).
 Writes ``paired_w2.json`` next to the chain's stages.
 """
 
@@ -22,8 +27,21 @@ import torch
 
 from flowmatch.data.task import build_task
 from flowmatch.metrics.distances import w2
-from flowmatch.solvers import solve
+from flowmatch.solvers import FIXED_SOLVERS, is_adaptive, solve
 from flowmatch.training.checkpoint import load_model
+
+
+def _entry(spec: str) -> tuple[str, str, int | None]:
+    """``STAGE:ADAPTIVE`` (e.g. ``2-RF:dopri5``) or ``STAGE:SOLVER:NFE`` (``2-RF:euler:4``) -> (stage, solver, nfe)."""
+    parts = spec.split(":")
+    if len(parts) >= 2 and is_adaptive(parts[-1]):
+        stage, solver, nfe = ":".join(parts[:-1]), parts[-1], None
+    elif len(parts) >= 3 and parts[-2] in FIXED_SOLVERS and parts[-1].isdigit() and int(parts[-1]) > 0:
+        stage, solver, nfe = ":".join(parts[:-2]), parts[-2], int(parts[-1])
+    else:
+        raise SystemExit(f"--also {spec!r}: give STAGE:ADAPTIVE or STAGE:SOLVER:NFE, e.g. 2-RF:dopri5 or "
+                         f"2-RF:euler:4 (fixed-step solvers: {', '.join(FIXED_SOLVERS)})")
+    return stage, solver, nfe
 
 
 def main() -> None:
@@ -32,6 +50,8 @@ def main() -> None:
     p.add_argument("--student", default="3-RF+distill",
                    help="the one-step stage (default 3-RF+distill) or a checkpoint file")
     p.add_argument("--teacher", default="1-RF", help="the teacher's stage or a checkpoint file")
+    p.add_argument("--also", action="append", default=[], metavar="STAGE:SOLVER[:NFE]",
+                   help="another stage or checkpoint to score on the same draws (repeatable)")
     p.add_argument("--out", help="the JSON to write (default RUN/paired_w2.json)")
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--n", type=int, default=5000)
@@ -41,11 +61,14 @@ def main() -> None:
     def ckpt(stage: str) -> str:  # a stage of the chain, or a checkpoint file
         return stage if os.path.isfile(stage) else os.path.join(args.run, stage, "checkpoints", "last.pt")
 
-    teacher, student = load_model(ckpt(args.teacher)), load_model(ckpt(args.student))
-    cfg = teacher.config
-    task = build_task(cfg.data)
+    entries = [("teacher dopri5", args.teacher, "dopri5", None), ("student euler 1", args.student, "euler", 1)]
+    for stage, solver, nfe in map(_entry, args.also):
+        entries.append((f"{stage} {solver}" + (f" {nfe}" if nfe else ""), stage, solver, nfe))
+    models = {key: load_model(ckpt(stage)) for key, stage, _, _ in entries}
+    task = build_task(models["teacher dopri5"].config.data)
     source, target = task.source, task.target
-    scores: dict[str, list[float]] = {"teacher dopri5": [], "student euler 1": [], "floor": []}
+    scores: dict[str, list[float]] = {key: [] for key, *_ in entries}
+    scores["floor"] = []
     # the draws are solved here, one after the other, and scored in threads (POT's exact W2 releases the GIL)
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool, torch.no_grad():
         pending = []
@@ -53,21 +76,28 @@ def main() -> None:
             g = torch.Generator().manual_seed(args.seed + i)
             x0 = source.sample(args.n, generator=g)
             y, y2 = target.sample(args.n, generator=g), target.sample(args.n, generator=g)
-            teacher_x1 = solve(teacher.model.eval(), x0, "dopri5", atol=1e-5, rtol=1e-5).x1
-            student_x1 = solve(student.model.eval(), x0, "euler", nfe=1).x1
-            pending.append([pool.submit(w2, a, y) for a in (teacher_x1, student_x1, y2)])
+            outs = []
+            for key, _, solver, nfe in entries:
+                model = models[key].model.eval()
+                tol = {"atol": 1e-5, "rtol": 1e-5} if nfe is None else {"nfe": nfe}
+                outs.append(solve(model, x0, solver, **tol).x1)
+            pending.append([pool.submit(w2, a, y) for a in (*outs, y2)])
         for i, draw in enumerate(pending):
             for key, score in zip(scores, draw):
                 scores[key].append(score.result())
             print(f"draw {i}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), flush=True)
-    diff = [s - t for s, t in zip(scores["student euler 1"], scores["teacher dopri5"])]
     summary = {k: {"mean": statistics.mean(v), "sd": statistics.stdev(v)} for k, v in scores.items()}
-    summary["student - teacher (paired)"] = {"mean": statistics.mean(diff), "sd": statistics.stdev(diff)}
+    teacher = scores["teacher dopri5"]
+    for key, v in scores.items():
+        if key != "teacher dopri5":
+            name = "student - teacher (paired)" if key == "student euler 1" else f"{key} - teacher (paired)"
+            diff = [s - t for s, t in zip(v, teacher)]
+            summary[name] = {"mean": statistics.mean(diff), "sd": statistics.stdev(diff)}
     for k, v in summary.items():
-        print(f"{k}: mean {v['mean']:.4f}, sd {v['sd']:.4f}")
+        print(f"{k}: mean {v['mean']:+.5f}, sd {v['sd']:.5f}")
     out = args.out or os.path.join(args.run, "paired_w2.json")
     with open(out, "w") as f:
-        json.dump({"run": args.run, "student": args.student, "teacher": args.teacher, "n": args.n,
+        json.dump({"run": args.run, "student": args.student, "teacher": args.teacher, "also": args.also, "n": args.n,
                    "draws": args.draws, "seed": args.seed, "scores": scores, "summary": summary}, f, indent=2)
     print(f"wrote {out}")
 
