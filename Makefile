@@ -61,7 +61,7 @@ bench: $(STAMP) ## the few-step bench on the demo's and the reflow chains' check
 gpu-bench: $(if $(filter $(PY),$(VENV)/bin/python),$(STAMP)) ## speed of training, sampling and pair generation against baselines -> runs/gpu_bench/gpu_bench.json (full size on a GPU, small on the CPU)
 	WANDB_MODE=disabled $(PY) -m flowmatch speed --out $(GPU_BENCH_OUT)
 
-reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~12 min)
+reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~14 min)
 	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
 	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
 	  --out $(REFLOW_OUT) --no-progress
