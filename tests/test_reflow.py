@@ -368,7 +368,7 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
     # experiments/toy/paired_w2.py: the one-step student against its teacher on the same draws
     script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "paired_w2.py")
     subprocess.run([sys.executable, script, str(tmp_path / "chain"), "--student", "2-RF+distill", "--draws", "2",
-                    "--n", "200", "--also", "2-RF:euler:1", "--also", "1-RF:dopri5"],
+                    "--n", "200", "--also", "2-RF:euler:1", "--also", "1-RF:dopri5", "--also", "2-RF:euler:1"],
                    check=True, capture_output=True, timeout=300)
     paired = json.loads((tmp_path / "chain" / "paired_w2.json").read_text())
     s = paired["scores"]
@@ -380,6 +380,7 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
     # 2-RF's one Euler step is the stage table's model (its first draw differs from the teacher's)
     assert s["1-RF dopri5"] == s["teacher dopri5"] and paired["summary"]["1-RF dopri5 - teacher (paired)"]["mean"] == 0
     assert s["2-RF euler 1"] != s["teacher dopri5"]
+    assert s["floor"] != s["2-RF euler 1"]  # the repeated --also is scored once, not in the floor's place
     floor_diffs = [a - b for a, b in zip(s["floor"], s["teacher dopri5"])]
     assert paired["summary"]["floor - teacher (paired)"]["mean"] == pytest.approx(sum(floor_diffs) / 2)
     bad = subprocess.run([sys.executable, script, str(tmp_path / "chain"), "--also", "2-RF:euler"],

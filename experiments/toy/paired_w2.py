@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from flowmatch.data.task import build_task
+from flowmatch.io import atomic_write_text
 from flowmatch.metrics.distances import w2
 from flowmatch.solvers import FIXED_SOLVERS, is_adaptive, solve
 from flowmatch.training.checkpoint import load_model
@@ -57,12 +58,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--seed", type=int, default=10_000)
     args = p.parse_args()
+    if args.draws < 2:
+        p.error(f"--draws {args.draws}: give at least 2 (the spread between draws needs two)")
 
     def ckpt(stage: str) -> str:  # a stage of the chain, or a checkpoint file
         return stage if os.path.isfile(stage) else os.path.join(args.run, stage, "checkpoints", "last.pt")
 
     entries = [("teacher dopri5", args.teacher, "dopri5", None), ("student euler 1", args.student, "euler", 1)]
-    for stage, solver, nfe in map(_entry, args.also):
+    for stage, solver, nfe in map(_entry, dict.fromkeys(args.also)):  # a repeated --also is scored once
         entries.append((f"{stage} {solver}" + (f" {nfe}" if nfe else ""), stage, solver, nfe))
     models = {key: load_model(ckpt(stage)) for key, stage, _, _ in entries}
     task = build_task(models["teacher dopri5"].config.data)
@@ -96,9 +99,9 @@ def main() -> None:
     for k, v in summary.items():
         print(f"{k}: mean {v['mean']:+.5f}, sd {v['sd']:.5f}")
     out = args.out or os.path.join(args.run, "paired_w2.json")
-    with open(out, "w") as f:
-        json.dump({"run": args.run, "student": args.student, "teacher": args.teacher, "also": args.also, "n": args.n,
-                   "draws": args.draws, "seed": args.seed, "scores": scores, "summary": summary}, f, indent=2)
+    atomic_write_text(out, json.dumps({"run": args.run, "student": args.student, "teacher": args.teacher,
+                                       "also": args.also, "n": args.n, "draws": args.draws, "seed": args.seed,
+                                       "scores": scores, "summary": summary}, indent=2))
     print(f"wrote {out}")
 
 
