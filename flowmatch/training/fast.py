@@ -286,16 +286,6 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
 _BIN_FLUSH = 64
 
 
-def _bin_sums(per_sample: torch.Tensor, t: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~flowmatch.training.losses.t_bin_sums` without its ``bincount`` (which reads the
-    maximum index to the host on CUDA): counts by ``index_add_`` of ones, the same integers."""
-    idx = (t.detach() * num_bins).long().clamp_(0, num_bins - 1)
-    sums = torch.zeros(num_bins, dtype=torch.float64, device=t.device).index_add_(0, idx, per_sample.detach().double())
-    counts = torch.zeros(num_bins, dtype=torch.float64, device=t.device).index_add_(
-        0, idx, torch.ones(idx.shape, dtype=torch.float64, device=t.device))
-    return sums, counts
-
-
 def _loss_terms(model, distance, num_bins: int, xts: tuple, ts: tuple, uts: tuple, conds: tuple, weights: tuple,
                 amp_device: str, amp: bool):
     """The compiled part of a fast step: ``sum_k w_k mean_i d(v(xt_ki, t_ki, cond_ki), ut_ki)`` (the
@@ -316,7 +306,7 @@ def _loss_terms(model, distance, num_bins: int, xts: tuple, ts: tuple, uts: tupl
     else:
         loss = sum(w * p.mean() for w, p in zip(weights, per))
         per_sample, t = torch.cat(per), torch.cat(ts)
-    sums, counts = _bin_sums(per_sample, t, num_bins)
+    sums, counts = t_bin_sums(per_sample, t, num_bins)
     return loss, sums, counts
 
 
@@ -585,7 +575,7 @@ class TrainStep:
     def _add_bins(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """Queue a micro-batch's per-sample losses and times for the t-bins; every
         ``_BIN_FLUSH`` micro-batches (and in :meth:`take_bins`) the queue is binned in one go by
-        :func:`_bin_sums`, on the device, with no host read."""
+        :func:`~flowmatch.training.losses.t_bin_sums`, on the device, with no host read."""
         self._bin_queue.append((per_sample.detach(), t.detach()))
         if len(self._bin_queue) >= _BIN_FLUSH:
             self._flush_bins()
@@ -596,7 +586,7 @@ class TrainStep:
         per_sample = torch.cat([p for p, _ in self._bin_queue])
         t = torch.cat([t for _, t in self._bin_queue])
         self._bin_queue.clear()
-        sums, counts = _bin_sums(per_sample, t, self.num_bins)
+        sums, counts = t_bin_sums(per_sample, t, self.num_bins)
         self.bin_sum += sums
         self.bin_cnt += counts
 

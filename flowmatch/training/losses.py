@@ -55,8 +55,11 @@ def cfm_loss(model, path: AffinePath, x0: torch.Tensor, x1: torch.Tensor, t: tor
 
 
 def t_bin_sums(per_sample: torch.Tensor, t: torch.Tensor, num_bins: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of ``per_sample`` in ``num_bins`` equal bins of ``t`` on [0, 1] (each ``[num_bins]``)."""
+    """Sum and count of ``per_sample`` in ``num_bins`` equal bins of ``t`` on [0, 1] (each ``[num_bins]``,
+    float64). Counts are an ``index_add_`` of ones rather than a ``bincount``, which reads the maximum
+    index to the host on CUDA: no host read, so the fast step can bin inside its compiled loss."""
     idx = (t.detach() * num_bins).long().clamp_(0, num_bins - 1)
     sums = torch.zeros(num_bins, dtype=torch.float64, device=t.device).index_add_(0, idx, per_sample.detach().double())
-    counts = torch.bincount(idx, minlength=num_bins).to(torch.float64)
+    counts = torch.zeros(num_bins, dtype=torch.float64, device=t.device).index_add_(
+        0, idx, torch.ones(idx.shape, dtype=torch.float64, device=t.device))
     return sums, counts
