@@ -22,10 +22,10 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench gpu-bench reflow reflow-sweeps images gpu-mnist clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench reflow reflow-sweeps images gpu-mnist clean distclean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,19 @@ demo: $(STAMP) ## train the toy experiments on CPU (~3 min), benchmark them, wri
 TEST_THREADS ?= 1
 test: $(STAMP) ## run the tests and the notebooks (smoke mode), offline
 	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
+
+# A fresh machine may pick other CPU kernels (vector widths) than this one: the tests that compare two
+# code paths (marked crosspath) again under each ATEN_CPU_CAPABILITY this CPU has (~1.5 min each on
+# two cores; a capability the CPU lacks is skipped, saying so)
+CAPABILITIES ?= default avx2 avx512
+test-portability: $(STAMP) ## the tests that compare two code paths, under ATEN_CPU_CAPABILITY=default, avx2 and avx512 (where the CPU has it)
+	@for cap in $(CAPABILITIES); do \
+	  got=$$(ATEN_CPU_CAPABILITY=$$cap $(PY) -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
+	  if [ "$$got" != "$$cap" ]; then echo "test-portability: this CPU has no $$cap (torch runs $$got): skipped"; continue; fi; \
+	  echo "test-portability: ATEN_CPU_CAPABILITY=$$cap"; \
+	  ATEN_CPU_CAPABILITY=$$cap FLOWMATCH_SMOKE=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(TEST_THREADS) \
+	    $(PY) -m pytest -q -m crosspath tests $(PYTEST_ARGS) || exit 1; \
+	done
 
 TASKS := noise_to_moons noise_to_8gaussians 8gaussians_to_moons
 REFLOW_STAGES := 1-RF 2-RF 3-RF 3-RF+distill

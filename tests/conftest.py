@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import tempfile
+
 import pytest
+import torch
 
 from flowmatch.config import ExperimentConfig, apply_overrides
+
+# torch.compile's on-disk cache (inductor) is shared by every ATEN_CPU_CAPABILITY, but what it stores
+# is not: a graph compiled under one vector width and reloaded under another gave wrong numbers (a
+# captured Euler solve off by 0.2) and crashed the process (measured with torch 2.13 on an AVX-512 host,
+# ATEN_CPU_CAPABILITY=avx2 then =avx512). One cache directory per capability keeps the warm cache and
+# makes `make test-portability` (the same tests under each capability) trustworthy. Subprocesses
+# started by the tests inherit it. A cache directory chosen by the caller is left alone.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{torch.backends.cpu.get_cpu_capability().lower()}"))
+
+# Tolerance for the fused MLP step against the plain loop (the same draws; another implementation:
+# the backward written out, flat buffers, fused AdamW, one lerp for the EMA, so float32 sums are taken
+# in another order and vector-width tails fall elsewhere). Measured over 30 steps of the tests' toy
+# configs (independent, exact OT, sigma + logit-normal + tanh) under ATEN_CPU_CAPABILITY=default, avx2
+# and avx512: largest relative loss difference 2.0e-7, largest EMA weight difference 2.1e-7 of the
+# largest weight. 1e-5 leaves ~50x for other hosts and for growth with steps, and still catches a real
+# difference: an EMA whose decay is scaled by 0.999 fails tests/test_fused_mlp.py (checked by hand).
+FUSED_RTOL = 1e-5
 
 TINY_OVERRIDES = [
     "name=tiny",

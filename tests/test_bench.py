@@ -250,8 +250,11 @@ def test_mmd_reference_equals_mmd():
     assert ref(y) == pytest.approx(mmd(y, y), abs=1e-12)
 
 
+@pytest.mark.crosspath
 def test_toy_scorer_scores_as_w2_and_mmd_do_one_after_the_other():
-    # the W2 runs in a second thread while the MMD runs: the scores must be those of the plain calls
+    # the W2 runs in a second thread while the MMD runs: the scores must be those of the plain calls.
+    # Bit for bit on any host: a thread calls the same functions on the same tensors (POT's network
+    # simplex is single-threaded C++), and at these sizes no op is split across intra-op threads
     from flowmatch.bench import ToyScorer
     from flowmatch.metrics import w2
 
@@ -265,9 +268,11 @@ def test_toy_scorer_scores_as_w2_and_mmd_do_one_after_the_other():
     assert scorer(ref2)["w2"] == w2(ref2, ref)
 
 
+@pytest.mark.crosspath
 def test_suite_scored_rows_at_once_equal_rows_scored_one_by_one():
     # a ToyScorer with workers > 1 scores the rows after the solves, several at once: same rows,
-    # same order, same pareto flags as one row after each solve
+    # same order, same pareto flags as one row after each solve (bit for bit: the same kernels on the
+    # same tensors in another thread, as in the test above)
     from flowmatch.bench import ToyScorer
 
     src, tgt = get_dataset("gaussian", 2), get_dataset("moons", 2)

@@ -172,8 +172,12 @@ def test_moons_closed_form_derivation_sanity():
     assert torch.allclose(mean, torch.tensor([0.5, -0.25], dtype=torch.float64))
 
 
+@pytest.mark.crosspath
 def test_moons_draws_are_the_two_moons_formula_on_the_generators_stream():
-    # the sampler's stream is part of every seeded result: angle, moon choice, noise, in this order
+    # the sampler's stream is part of every seeded result: angle, moon choice, noise, in this order.
+    # Bit for bit on any host: cos and sin run on the same [n] tensor as in the sampler (same vector
+    # body and tail), and 1 - cos, 0.5 - sin are the same correctly rounded subtractions whether
+    # broadcast from [1.0, 0.5] (the sampler) or written apart (here); the rest is the same expression
     n = 300
     g = gen(8)
     theta = math.pi * torch.rand(n, generator=g)

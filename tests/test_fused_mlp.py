@@ -2,7 +2,13 @@
 backward are autograd's for every supported activation; a run agrees with the plain loop to float
 rounding and keeps the per-parameter checkpoint format; kill-and-resume is exact within the mode and
 works across modes; the model's weights live in the flat buffers; and every run it cannot train
-takes the autograd step (or, with ``train.fused=on``, is refused with the reason)."""
+takes the autograd step (or, with ``train.fused=on``, is refused with the reason).
+
+The fused step and the plain loop run different kernels (written-out backward, flat buffers, fused
+AdamW, one lerp over the flat EMA), so they are compared within ``FUSED_RTOL`` (tests/conftest.py says
+how it was measured); the fused step against itself (resume, state round trip, the loop against
+``build_trainer``) and its AdamW call against ``optimizer.step()`` run the same kernels and are
+compared bit for bit."""
 
 from __future__ import annotations
 
@@ -11,11 +17,13 @@ import os
 import pytest
 import torch
 
-from conftest import ReplayLoss
+from conftest import FUSED_RTOL, ReplayLoss
 from test_training import _Interrupt  # the same kill-at-step callback as the plain loop's resume tests
 from flowmatch.errors import ConfigError
 from flowmatch.training import build_trainer, last_checkpoint, load_checkpoint, train
 from flowmatch.training.fused_mlp import FUSED_ACTIVATIONS
+
+pytestmark = pytest.mark.crosspath
 
 ACTS = sorted(FUSED_ACTIVATIONS.values())
 BASE = ("train.steps=30", "train.log_every=5", "train.ckpt_every=10", "train.weight_decay=0.01",
@@ -49,13 +57,13 @@ def test_fused_run_agrees_with_plain_loop(make_cfg, tmp_path, extra):
     fused = train(make_cfg(*BASE, *extra, "train.fast=on", "train.fused=on"), str(tmp_path / "fused"),
                   progress=False)
     assert len(fused.losses) == 30
-    assert fused.losses == pytest.approx(plain.losses, rel=1e-4)
+    assert fused.losses == pytest.approx(plain.losses, rel=FUSED_RTOL)
     ca, cb = load_checkpoint(plain.checkpoint), load_checkpoint(fused.checkpoint)
     for key in ("model",):
         for k, v in ca[key].items():
-            torch.testing.assert_close(cb[key][k], v, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(cb[key][k], v, rtol=FUSED_RTOL, atol=FUSED_RTOL)
     for k, v in ca["ema"]["model"].items():
-        torch.testing.assert_close(cb["ema"]["model"][k], v, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(cb["ema"]["model"][k], v, rtol=FUSED_RTOL, atol=FUSED_RTOL)
     # the checkpoint holds the per-parameter AdamW state of the other modes, fused AdamW's flags
     oa, ob = ca["optimizer"], cb["optimizer"]
     assert ob["param_groups"][0]["fused"] is True and ob["param_groups"][0]["params"] == oa["param_groups"][0]["params"]
@@ -90,11 +98,11 @@ def test_fused_kill_and_resume_is_exact_and_moves_between_modes(make_cfg, tmp_pa
                   progress=False, on_step=_Interrupt(13))
         c = train(make_cfg(*BASE, "train.steps=20", "train.ckpt_every=5", f"train.fast={then}"), run,
                   resume=True, progress=False)
-        assert c.start_step == 10 and c.losses == pytest.approx(a.losses[10:], rel=1e-4)
+        assert c.start_step == 10 and c.losses == pytest.approx(a.losses[10:], rel=FUSED_RTOL)
         state = load_checkpoint(c.checkpoint)
         assert bool(state["optimizer"]["param_groups"][0]["fused"]) == (then == "on")
         for k, v in ca["model"].items():
-            torch.testing.assert_close(state["model"][k], v, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(state["model"][k], v, rtol=FUSED_RTOL, atol=FUSED_RTOL)
 
 
 def test_trainer_state_round_trip_continues_exactly(make_cfg):
@@ -153,7 +161,7 @@ def test_fast_auto_takes_the_fused_step_on_the_cpu_where_it_can(make_cfg, tmp_pa
     assert ref.fused_mlp and res.losses == ref.sync()
     plain = train(make_cfg("train.steps=12", "train.log_every=4", "train.ckpt_every=6", "train.fast=off"),
                   str(tmp_path / "plain"), progress=False)
-    assert plain.losses == pytest.approx(res.losses, rel=1e-4)
+    assert plain.losses == pytest.approx(res.losses, rel=FUSED_RTOL)
 
 
 def test_adamw_update_is_the_optimisers_own(make_cfg):
@@ -184,7 +192,7 @@ def test_t_bins_are_the_plain_loops(make_cfg):
         tr.sync()
     (fs, fc), (ps, pc) = fused.take_bins(), plain.take_bins()
     assert torch.equal(fc, pc) and fc.sum().item() == 7 * cfg.train.batch_size
-    assert torch.allclose(fs, ps, rtol=1e-4)
+    assert torch.allclose(fs, ps, rtol=FUSED_RTOL)
     assert fused.take_bins()[1].sum().item() == 0  # taking them resets them
 
 

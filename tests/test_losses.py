@@ -198,6 +198,7 @@ def test_cond_reaches_the_model_and_changes_the_loss():
     assert torch.isfinite(cfm_loss(two_args, get_path("linear"), x0, x1, t).loss)
 
 
+@pytest.mark.crosspath
 def test_low_precision_output_is_reduced_in_fp32():
     x0, x1, t = _data(shape=(32, 4), dtype=torch.float32)
     exact = AffineField()

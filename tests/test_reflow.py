@@ -80,7 +80,10 @@ def test_pairs_are_the_teachers_ode_endpoints(teacher, tmp_path):
     torch.testing.assert_close(x0, torch.randn(10, 2, generator=make_generator(shard_seed(0, 0))))
 
 
+@pytest.mark.crosspath
 def test_pairs_identical_across_worker_counts(teacher, tmp_path):
+    # bit for bit on any host: a shard is one solve of the same rows from its own seed, whichever
+    # worker makes it, so every worker count runs the same kernels on the same tensors
     _gen(teacher, tmp_path / "one", n=45, shard_size=10)
     for rank in (2, 1, 0):  # three workers; rank 0 writes the manifest once all shards exist
         _gen(teacher, tmp_path / "three", n=45, shard_size=10, rank=rank, world_size=3)
@@ -265,6 +268,7 @@ def test_student_of_an_analytic_linear_teacher_reproduces_its_map(tmp_path, make
     assert err < 0.01 * spread, f"one-step map error {err:.4f} vs target spread {spread:.2f}"
 
 
+@pytest.mark.crosspath
 def test_mix_zero_is_plain_flow_matching(teacher, tmp_path, make_cfg):
     _gen(teacher, tmp_path / "p", n=20, shard_size=10)
     # both in the plain loop (train.fast=off): the same arithmetic, so the same floats (the fused MLP
@@ -394,7 +398,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.crosspath
 def test_torchrun_two_gloo_processes_make_the_same_store(teacher, tmp_path):
+    # bit for bit: each shard is the same solve in whichever process (as across worker counts above)
     _gen(teacher, tmp_path / "one", n=50, shard_size=10)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

@@ -541,6 +541,7 @@ def _mlp_field(seed=0):
     return lambda x, t: net(torch.cat([x, t[:, None]], dim=1))
 
 
+@pytest.mark.crosspath  # eager capture calls the solver's own steps: the same kernels
 @pytest.mark.parametrize("name", ["euler", "heun", "ab2"])
 def test_captured_eager_solve_equals_plain(name):
     v = _mlp_field()
@@ -557,6 +558,7 @@ def test_captured_eager_solve_equals_plain(name):
     assert c.nfe == ref.nfe
 
 
+@pytest.mark.crosspath  # inductor's kernels: within atol
 def test_captured_compiled_solve_matches_plain():
     v = _mlp_field(1)
     x0 = torch.randn(32, 2, generator=gen(18))

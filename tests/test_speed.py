@@ -19,6 +19,7 @@ def test_reference_loop_learns(coupling):
     assert reference_train_loop(coupling, 5, seed=0) == losses[:5]  # seeded
 
 
+@pytest.mark.crosspath  # eager capture vs the Python loop: the same kernels
 def test_speed_sample_section_checks_and_writes(tmp_path):
     res = speed_bench(device="cpu", size="small", sections=("sample",), capture_mode="eager")
     rows = res["rows"]

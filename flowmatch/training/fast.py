@@ -16,7 +16,9 @@ below can train the run, else off; see :func:`auto_fused`):
   reported, with the step it happened at, at the next log or checkpoint step at the latest, and
   before any checkpoint is written). AdamW is ``fused`` on CUDA and ``foreach`` elsewhere, clipping
   is ``clip_grad_norm_(..., foreach=True)`` and the EMA is one ``torch._foreach_lerp_``. On the CPU,
-  without compilation, its numbers equal the plain step's exactly.
+  without compilation, its numbers equal the plain step's exactly, on any host: torch's CPU
+  ``_foreach_*`` ops run the per-tensor kernels tensor by tensor, and foreach AdamW does the
+  per-tensor AdamW's arithmetic in the same order.
 
   On the CPU, a toy MLP run takes the **fused MLP step** (:mod:`flowmatch.training.fused_mlp`;
   ``train.fused``: ``auto`` wherever it can run, ``on`` to require it, ``off`` for the autograd

@@ -19,7 +19,9 @@ tensor operations, draws included:
 The draws (coupling, times, path noise), the time embedding, the per-sample loss and its t-bins,
 the schedule and the EMA's decay are the autograd step's own code, so a fused run sees the same
 batches; its numbers agree with the plain step's to float rounding (sums taken in another order,
-fused AdamW). Checkpoints keep the per-parameter AdamW state of the other modes (converted on save
+fused AdamW; over 30 steps of the tests' toy runs the losses differ by at most 2e-7 relative under
+ATEN_CPU_CAPABILITY=default, avx2 and avx512, and which steps differ depends on the host's vector
+width: never compare the two bit for bit). Checkpoints keep the per-parameter AdamW state of the other modes (converted on save
 and on load), so a run moves between the modes on resume.
 
 :class:`~flowmatch.training.fast.Trainer` takes this path in the fast mode when
