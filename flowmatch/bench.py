@@ -28,7 +28,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from flowmatch.config import check_file_name, check_int
 from flowmatch.data import ToyDistribution
+from flowmatch.errors import ConfigError
 from flowmatch.metrics import straightness, w2
 from flowmatch.metrics.distances import MMDReference
 from flowmatch.solvers import get_solver, parse_grid, solve
@@ -168,23 +170,35 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
     row whose samples hold a NaN or an inf (a diverged solve) NaN, with a warning. A scorer with
     ``workers > 1`` scores the rows after all solves, that many at once (no solve is timed while
     rows are scored); others score each row after its solve.
+
+    Every argument is checked before any work: ``nfes`` integers >= 1, ``n``, ``grid_n`` and
+    ``straightness_n`` >= 1, ``likelihood_n`` >= 0, tolerances > 0, known solvers and grids, and at
+    least one row to run.
     """
     device = torch.device(device)
     grids = [g for g in grids]
     if not grids:
-        raise ValueError("bench needs at least one time grid")
+        raise ConfigError("bench needs at least one time grid")
+    for i, k in enumerate(nfes):
+        check_int(f"nfes[{i}]", k, 1)
+    n, straightness_n = check_int("n", n, 1), check_int("straightness_n", straightness_n, 1)
+    grid_n, likelihood_n = check_int("grid_n", grid_n, 1, optional=True), check_int("likelihood_n", likelihood_n, 0)
     for g in grids:
         parse_grid(g)  # unknown grids fail before any work
     for name in solvers:
-        get_solver(name)  # unknown names fail before any work
-    grid_n = n if grid_n is None else int(grid_n)
+        get_solver(name, atol=atol, rtol=rtol)  # unknown names and bad tolerances fail before any work
+    settings = _settings(solvers, nfes, grids, atol, rtol)
+    if not settings:
+        per_step = ", ".join(f"{s.name} {s.stages}" for s in map(get_solver, solvers))
+        raise ConfigError(f"bench: no row to run: no NFE of [{', '.join(map(str, nfes))}] is a multiple of the "
+                          f"evaluations per step of a solver ({per_step or 'no solver given'})")
+    grid_n = n if grid_n is None else grid_n
     sizes = sorted({n, grid_n})
     big = max(sizes)
     x0_all = source.sample(big, generator=make_generator(seed), device="cpu")
     if scorer is None:
         scorer = ToyScorer(target, big, seed)
     floors = {m: scorer.floor(m) for m in sizes}
-    settings = _settings(solvers, nfes, grids, atol, rtol)
 
     from tqdm.auto import tqdm  # lazy
 
@@ -333,9 +347,11 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
     """Write ``{name}.json`` (every key), ``{name}.csv`` and ``{name}.md`` (``columns``, default
     :data:`BENCH_COLUMNS`) and (``plot``) ``{name}_w2_vs_nfe.png``.
 
-    Returns the paths written.
+    Returns the paths written. ``name`` is a bare file name (no path separator).
     """
     from flowmatch.training.checkpoint import atomic_write_text
+
+    check_file_name("name", name)
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "csv": os.path.join(out_dir, f"{name}.csv"),
@@ -359,6 +375,7 @@ def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: s
     ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``."""
     from flowmatch.training.checkpoint import atomic_write_text
 
+    check_file_name("name", name)
     metric = row_metric(result.rows)
     cols = tuple(bench_columns(metric)) + ("pareto",)
     paths = write_bench(result.rows, out_dir, plot=False, name=name, columns=cols)
