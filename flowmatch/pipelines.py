@@ -437,6 +437,8 @@ def run_demo(out: str = "runs/demo", configs: Optional[Sequence[str]] = None, *,
     """Train every toy config (``experiments/toy/*.yaml`` but the ``reflow_*`` chains, by default), benchmark each task's models on
     ``solvers`` x ``nfes`` and write ``OUT/report.md`` with tables and plots. Finished runs are reused,
     unfinished ones resumed. Returns the report's path."""
+    check_output_path("out", out)
+    check_int("n", n, 1)  # before the training, not after it
     if configs is None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         configs = sorted(p for p in glob.glob(os.path.join(here, "experiments", "toy", "*.yaml"))

@@ -212,6 +212,14 @@ def test_bench_bad_numbers_are_one_line_errors(run, tmp_path, capsys, args, need
     assert not os.path.exists(out)
 
 
+def test_demo_checks_n_and_out_before_training(run, tmp_path, capsys):
+    one_line_error(main(["demo", "--configs", run["cfg"], "--n", "0", "--out", str(tmp_path / "demo"),
+                         "--no-progress"]), capsys, "n = 0: must be an integer >= 1")
+    one_line_error(main(["demo", "--configs", run["cfg"], "--out", os.path.join(run["file"], "demo"),
+                         "--no-progress"]), capsys, "is a file, not a directory")
+    assert not os.path.exists(tmp_path / "demo")
+
+
 def test_pareto_plot_of_no_rows(tmp_path):
     from flowmatch.viz import plot_pareto
 
