@@ -372,10 +372,10 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
 def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: str = "bench") -> dict:
     """Write :func:`write_bench`'s files for ``result.rows`` (with a ``pareto`` column), plus
     ``models.json``/``.md`` (per-model straightness, curvature peak, log-likelihood),
-    ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``."""
+    ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``
+    (``name`` is checked by :func:`write_bench`, the first writer)."""
     from flowmatch.training.checkpoint import atomic_write_text
 
-    check_file_name("name", name)
     metric = row_metric(result.rows)
     cols = tuple(bench_columns(metric)) + ("pareto",)
     paths = write_bench(result.rows, out_dir, plot=False, name=name, columns=cols)

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
+from flowmatch.config import check_int
 from flowmatch.errors import ConfigError
 from flowmatch.solvers.adaptive import TORCHDIFFEQ_ADAPTIVE, TorchdiffeqSolver
-from flowmatch.config import check_int
 from flowmatch.solvers.base import CountedField, Solver, SolverError
 from flowmatch.solvers.captured import CAPTURE_MODES, CapturedSolve
 from flowmatch.solvers.fixed import RK4, Euler, Heun, Midpoint
