@@ -28,7 +28,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from flowmatch.config import check_file_name, check_int
 from flowmatch.data import ToyDistribution
+from flowmatch.errors import ConfigError
 from flowmatch.metrics import straightness, w2
 from flowmatch.metrics.distances import MMDReference
 from flowmatch.solvers import get_solver, parse_grid, solve
@@ -164,26 +166,39 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
     model (skipped, with ``logp`` None, when the source has no ``log_prob``).
 
     ``scorer`` scores the samples of a row (default :class:`ToyScorer`: ``w2``, ``w2_floor``,
-    ``mmd``; images use :class:`ImageScorer`: ``fd``, ``fd_floor``, ``kid``). A scorer with
+    ``mmd``; images use :class:`ImageScorer`: ``fd``, ``fd_floor``, ``kid``); the metrics score a
+    row whose samples hold a NaN or an inf (a diverged solve) NaN, with a warning. A scorer with
     ``workers > 1`` scores the rows after all solves, that many at once (no solve is timed while
     rows are scored); others score each row after its solve.
+
+    Every argument is checked before any work: ``nfes`` integers >= 1, ``n``, ``grid_n`` and
+    ``straightness_n`` >= 1, ``likelihood_n`` >= 0, tolerances > 0, known solvers and grids, and at
+    least one row to run.
     """
     device = torch.device(device)
     grids = [g for g in grids]
     if not grids:
-        raise ValueError("bench needs at least one time grid")
+        raise ConfigError("bench needs at least one time grid")
+    for i, k in enumerate(nfes):
+        check_int(f"nfes[{i}]", k, 1)
+    n, straightness_n = check_int("n", n, 1), check_int("straightness_n", straightness_n, 1)
+    grid_n, likelihood_n = check_int("grid_n", grid_n, 1, optional=True), check_int("likelihood_n", likelihood_n, 0)
     for g in grids:
         parse_grid(g)  # unknown grids fail before any work
     for name in solvers:
-        get_solver(name)  # unknown names fail before any work
-    grid_n = n if grid_n is None else int(grid_n)
+        get_solver(name, atol=atol, rtol=rtol)  # unknown names and bad tolerances fail before any work
+    settings = _settings(solvers, nfes, grids, atol, rtol)
+    if not settings:
+        per_step = ", ".join(f"{s.name} {s.stages}" for s in map(get_solver, solvers))
+        raise ConfigError(f"bench: no row to run: no NFE of [{', '.join(map(str, nfes))}] is a multiple of the "
+                          f"evaluations per step of a solver ({per_step or 'no solver given'})")
+    grid_n = n if grid_n is None else grid_n
     sizes = sorted({n, grid_n})
     big = max(sizes)
     x0_all = source.sample(big, generator=make_generator(seed), device="cpu")
     if scorer is None:
         scorer = ToyScorer(target, big, seed)
     floors = {m: scorer.floor(m) for m in sizes}
-    settings = _settings(solvers, nfes, grids, atol, rtol)
 
     from tqdm.auto import tqdm  # lazy
 
@@ -224,7 +239,6 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             x1 = traj.x1.float().cpu()
-            finite = bool(torch.isfinite(x1).all())
             row = {
                 "model": model_name, "solver": s.name, "grid": grid,
                 "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "nfe": traj.nfe,
@@ -232,12 +246,14 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
                 "straightness": st.straightness, "straightness_rel": st.straightness_rel, "logp": info["logp"],
                 "seconds": seconds, "samples_per_sec": m / max(seconds, 1e-12), "n": m, "device": str(device),
             }
-            if finite and later:
+            # a diverged solve (a NaN or inf sample) is scored NaN by the metrics themselves
+            # (flowmatch.metrics.guard), with a warning
+            if later:
                 deferred.append((row, x1))
-            elif finite:
+            else:
                 row.update(scorer(x1))
             result.rows.append(row)
-            bar.update(1 + (later and not finite))
+            bar.update(1)
     if deferred:
         with ThreadPoolExecutor(max_workers=scorer.workers) as pool:
             for (row, _), scores in zip(deferred, pool.map(lambda item: scorer(item[1]), deferred)):
@@ -331,9 +347,11 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
     """Write ``{name}.json`` (every key), ``{name}.csv`` and ``{name}.md`` (``columns``, default
     :data:`BENCH_COLUMNS`) and (``plot``) ``{name}_w2_vs_nfe.png``.
 
-    Returns the paths written.
+    Returns the paths written. ``name`` is a bare file name (no path separator).
     """
     from flowmatch.training.checkpoint import atomic_write_text
+
+    check_file_name("name", name)
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "csv": os.path.join(out_dir, f"{name}.csv"),
@@ -354,7 +372,8 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
 def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: str = "bench") -> dict:
     """Write :func:`write_bench`'s files for ``result.rows`` (with a ``pareto`` column), plus
     ``models.json``/``.md`` (per-model straightness, curvature peak, log-likelihood),
-    ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``."""
+    ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``
+    (``name`` is checked by :func:`write_bench`, the first writer)."""
     from flowmatch.training.checkpoint import atomic_write_text
 
     metric = row_metric(result.rows)

@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(pipelines.describe_config(cfg), end="")
             return 0
-        out = args.out or os.path.join("runs", cfg.name)
+        out = args.out if args.out is not None else os.path.join("runs", cfg.name)
         summary = pipelines.train_from_config(cfg, out, resume=args.resume, overwrite=args.overwrite,
                                               progress=not args.no_progress)
         ev = summary.eval

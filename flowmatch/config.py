@@ -3,17 +3,27 @@
 Unknown keys are errors that list the valid keys; values are type-checked (an ``int`` is accepted
 where a ``float`` is expected, nothing else is coerced). Names (datasets, paths, couplings, ...)
 are checked when the objects are built, against their registries.
+
+Ranges are checked here, once, when a section is built (its ``__post_init__``, so a config made in
+Python is checked as one read from YAML or changed by ``--set``): a bad value is a
+:class:`~flowmatch.errors.ConfigError` naming the key, the value and the valid range, e.g.
+``eval.nfe = 0: must be an integer >= 1``. :func:`check_int`, :func:`check_float` and
+:func:`check_file_name` are the helpers the solver and grid constructors and the bench use for their
+own arguments; :func:`check_output_path` checks an output path before anything is computed.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
@@ -36,7 +46,113 @@ __all__ = [
     "save_config",
     "apply_overrides",
     "config_diff",
+    "check_int",
+    "check_float",
+    "check_file_name",
+    "check_output_path",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Range checks (the one place that words them)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_int(key: str, value: Any, low: int = 1, high: Optional[int] = None, *, optional: bool = False) -> Any:
+    """``value`` if it is an integer in ``[low, high]`` (``None`` too when ``optional``), else a
+    :class:`ConfigError` ``"{key} = {value!r}: must be an integer >= {low}"`` (or ``in [low, high]``)."""
+    if value is None and optional:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value > high)):
+        want = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{key} = {value!r}: must be an integer {want}{' or null' if optional else ''}")
+    return int(value)
+
+
+def check_float(key: str, value: Any, *, gt: Optional[float] = None, ge: Optional[float] = None,
+                lt: Optional[float] = None, le: Optional[float] = None, finite: bool = True,
+                optional: bool = False) -> Any:
+    """``float(value)`` if it is a number (not NaN; finite unless ``finite=False``) with ``value > gt``,
+    ``>= ge``, ``< lt`` and ``<= le`` (those given), else a :class:`ConfigError` naming ``key``, the
+    value and the range, e.g. ``"eval.atol = 0.0: must be a finite number > 0"``."""
+    if value is None and optional:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and not math.isnan(value)
+    ok = ok and (not finite or math.isfinite(value))
+    ok = ok and (gt is None or value > gt) and (ge is None or value >= ge)
+    ok = ok and (lt is None or value < lt) and (le is None or value <= le)
+    if not ok:
+        low = f"[{ge:g}" if ge is not None else f"({gt:g}" if gt is not None else None
+        high = f"{le:g}]" if le is not None else f"{lt:g})" if lt is not None else None
+        if low and high:
+            want = f"a number in {low}, {high}"
+        else:
+            bound = (f"> {gt:g}" if gt is not None else f">= {ge:g}" if ge is not None
+                     else f"< {lt:g}" if lt is not None else f"<= {le:g}" if le is not None else "")
+            want = f"a {'finite ' if finite else ''}number {bound}".rstrip()
+        raise ConfigError(f"{key} = {value!r}: must be {want}{' or null' if optional else ''}")
+    return float(value)
+
+
+def check_file_name(key: str, value: Any) -> str:
+    """``value`` if it is a bare file name (non-empty, no path separator, not ``.`` or ``..``), else a
+    :class:`ConfigError`: such names become one component of a path the package writes to."""
+    seps = [c for c in (os.sep, os.altsep, "/", "\\") if c]
+    if (not isinstance(value, str) or not value.strip() or value in (".", "..") or "\0" in value
+            or any(c in value for c in seps)):
+        raise ConfigError(f"{key} = {value!r}: must be a non-empty file name without a path separator "
+                          f"(not '.' or '..')")
+    return value
+
+
+def check_output_path(key: str, path: Any, *, kind: str = "dir") -> str:
+    """``path`` if something of ``kind`` (``dir`` or ``file``) can be written there, else a
+    :class:`ConfigError` naming ``key``, the path and why: empty, a regular file where a directory is
+    needed (the path itself, or a parent), a directory where a file is needed. Reads the file system;
+    writes nothing."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigError(f"{key} = {path!r}: must be a non-empty path")
+    path = os.fspath(path)
+    if kind == "file" and (path.endswith(("/", os.sep)) or os.path.isdir(path)):
+        raise ConfigError(f"{key} = {path!r}: must be a file path, not a directory")
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{key} = {path!r}: is a file, not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{key} = {path!r}: {parent} is a file, not a directory")
+    return path
+
+
+def _check_ranges(cfg: Any, rules: dict) -> None:
+    """Apply ``rules`` (key -> checker of ``(qualified key, value)``) to section ``cfg``."""
+    for key, rule in rules.items():
+        rule(f"{cfg._section}.{key}" if cfg._section else key, getattr(cfg, key))
+
+
+def _int(low: int = 1, high: Optional[int] = None, optional: bool = False):
+    return lambda k, v: check_int(k, v, low, high, optional=optional)
+
+
+def _float(**kw):
+    return lambda k, v: check_float(k, v, **kw)
+
+
+def _ints(low: int = 1, optional: bool = False):
+    def rule(k, v):
+        if v is None and optional:
+            return
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{k} = {v!r}: must be a non-empty list of integers >= {low}"
+                              f"{' or null' if optional else ''}")
+        for i, item in enumerate(v):
+            check_int(f"{k}[{i}]", item, low)
+    return rule
+
+
+_PROBABILITY = dict(ge=0.0, le=1.0)
 
 
 @dataclass
@@ -57,6 +173,12 @@ class DataConfig:
     channels: Optional[int] = None
     split: str = "train"
 
+    _section: ClassVar[str] = "data"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"dim": _int(1), "image_size": _int(1, optional=True),
+                             "channels": _int(1, optional=True)})
+
 
 @dataclass
 class PathConfig:
@@ -65,6 +187,11 @@ class PathConfig:
 
     name: str = "linear"
     sigma: float = 0.0
+
+    _section: ClassVar[str] = "path"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"sigma": _float(ge=0.0)})
 
 
 @dataclass
@@ -87,6 +214,11 @@ class CouplingConfig:
     mix: float = 1.0
     real: str = "independent"
 
+    _section: ClassVar[str] = "coupling"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"reg": _float(gt=0.0), "num_iters": _int(1), "mix": _float(**_PROBABILITY)})
+
 
 @dataclass
 class TimeConfig:
@@ -98,6 +230,12 @@ class TimeConfig:
     scale: float = 1.0
     a: float = 4.0
     value: float = 0.0
+
+    _section: ClassVar[str] = "time"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"loc": _float(), "scale": _float(gt=0.0), "a": _float(gt=0.0),
+                             "value": _float(**_PROBABILITY)})
 
 
 @dataclass
@@ -125,6 +263,16 @@ class ModelConfig:
     dropout: Optional[float] = None
     num_heads: Optional[int] = None
     class_cond: bool = False
+
+    _section: ClassVar[str] = "model"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"hidden": _int(1), "depth": _int(1), "time_dim": _int(2),
+                             "time_scale": _float(gt=0.0), "fourier_scale": _float(gt=0.0),
+                             "base_channels": _int(2, optional=True), "channel_mult": _ints(1, optional=True),
+                             "num_res_blocks": _int(1, optional=True),
+                             "attention_resolutions": lambda k, v: v is None or v == [] or _ints(1)(k, v),
+                             "dropout": _float(ge=0.0, lt=1.0, optional=True), "num_heads": _int(1, optional=True)})
 
 
 @dataclass
@@ -168,12 +316,19 @@ class TrainConfig:
     # probability of dropping a class label in training (classifier-free guidance); class_cond only
     class_dropout: float = 0.1
 
+    _section: ClassVar[str] = "train"
+
     def __post_init__(self) -> None:
         # YAML 1.1 reads a bare on / off as a boolean; keep the documented spelling.
         for key in ("fast", "compile", "fused", "channels_last"):
             value = getattr(self, key)
             if isinstance(value, bool):
                 setattr(self, key, "on" if value else "off")
+        _check_ranges(self, {"steps": _int(1), "batch_size": _int(1), "lr": _float(gt=0.0),
+                             "weight_decay": _float(ge=0.0), "warmup_steps": _int(0),
+                             "lr_min_ratio": _float(**_PROBABILITY), "grad_clip": _float(ge=0.0, finite=False),
+                             "ema_decay": _float(ge=0.0, lt=1.0), "ckpt_every": _int(1), "log_every": _int(1),
+                             "grad_accum": _int(1), "class_dropout": _float(**_PROBABILITY)})
 
 
 @dataclass
@@ -194,6 +349,12 @@ class EvalConfig:
     classifier: Optional[str] = None
     inception: Optional[str] = None
     guidance: float = 1.0
+
+    _section: ClassVar[str] = "eval"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"n": _int(1), "nfe": _int(1), "atol": _float(gt=0.0), "rtol": _float(gt=0.0),
+                             "guidance": _float()})
 
 
 @dataclass
@@ -235,6 +396,15 @@ class ReflowConfig:
     bench_solvers: list[str] = field(default_factory=lambda: ["euler", "dopri5"])
     bench_nfes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
 
+    _section: ClassVar[str] = "reflow"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"rounds": _int(1), "num_pairs": _int(1), "nfe": _int(1, optional=True),
+                             "atol": _float(gt=0.0), "rtol": _float(gt=0.0), "shard_size": _int(1),
+                             "steps": _int(1), "lr": _float(gt=0.0), "mix": _float(**_PROBABILITY),
+                             "distill_steps": _int(1), "distill_lr": _float(gt=0.0), "bench_n": _int(1),
+                             "bench_nfes": _ints(1)})
+
 
 @dataclass
 class ExperimentConfig:
@@ -248,6 +418,11 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     reflow: ReflowConfig = field(default_factory=ReflowConfig)
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_file_name("name", self.name)  # a run's directory is runs/<name>, a chain's stage OUT/<name>
 
 
 class _Loader(yaml.SafeLoader):
@@ -318,7 +493,13 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: "
                           f"{', '.join(names)}")
     kwargs = {k: _check_value(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section nested under another name (reflow.time): say where it is
+        own = getattr(cls, "_section", None)
+        if own and where and where != own and str(e).startswith(f"{own}."):
+            raise ConfigError(f"{where}{str(e)[len(own):]}") from None
+        raise
 
 
 def from_dict(data: dict | None, cls: type = ExperimentConfig) -> Any:

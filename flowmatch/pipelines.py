@@ -20,7 +20,8 @@ import torch
 
 from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, ToyScorer, bench_suite, benchmark,
                              rows_to_markdown, write_bench, write_suite)
-from flowmatch.config import ExperimentConfig, config_diff, from_dict, load_config, to_dict
+from flowmatch.config import (ExperimentConfig, check_int, check_output_path, config_diff, from_dict, load_config,
+                              to_dict)
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.data.pairs import read_manifest
 from flowmatch.errors import ConfigError, FlowmatchError, RunDirError
@@ -214,6 +215,7 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
     ``resume="auto"`` reuses a finished run (same config, ``summary.json`` present), resumes an
     unfinished one, or starts a new one.
     """
+    check_output_path("out", out)
     summary_path = os.path.join(out, "summary.json")
     if resume == "auto":
         if os.path.exists(summary_path) and os.path.exists(last_checkpoint(out)):
@@ -259,8 +261,8 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
     The source draws are made at once (so the samples do not depend on ``batch_size``) and solved in
     batches of ``batch_size``; ``nfe`` is the evaluations per sample (for adaptive solvers, the
     largest over batches, each batch listed in ``nfe_per_batch``)."""
-    if n < 1 or batch_size < 1:
-        raise FlowmatchError(f"sample needs n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    n, batch_size = check_int("n", n, 1), check_int("batch_size", batch_size, 1)
+    check_output_path("out", out, kind="file")  # before any work: a bad path would lose the samples
     dev = resolve_device(device)
     lm = load_model(ckpt, use_ema=use_ema, device=dev)
     cfg = lm.config
@@ -345,6 +347,8 @@ def bench_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
     """The full bench (:func:`flowmatch.bench.bench_suite`) on checkpoints of one task (same source,
     target and dimension). With ``out``: :func:`flowmatch.bench.write_suite`'s files, and a wandb
     table, W2 scalars and the plots unless ``tracking`` is ``disabled``."""
+    if out is not None:
+        check_output_path("out", out)
     dev = resolve_device(device)
     models, cfg, guidance = _load_task_models(ckpts, dev, names)
     from flowmatch.evaluation import make_scorer
@@ -433,6 +437,8 @@ def run_demo(out: str = "runs/demo", configs: Optional[Sequence[str]] = None, *,
     """Train every toy config (``experiments/toy/*.yaml`` but the ``reflow_*`` chains, by default), benchmark each task's models on
     ``solvers`` x ``nfes`` and write ``OUT/report.md`` with tables and plots. Finished runs are reused,
     unfinished ones resumed. Returns the report's path."""
+    check_output_path("out", out)
+    check_int("n", n, 1)  # before the training, not after it
     if configs is None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         configs = sorted(p for p in glob.glob(os.path.join(here, "experiments", "toy", "*.yaml"))

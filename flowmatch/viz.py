@@ -157,8 +157,8 @@ def plot_pareto(rows: Sequence[dict], path: str, *, metric: str = "w2", title: O
     Pareto front (rows flagged ``pareto``) circled."""
     plt = _plt()
     models = list(dict.fromkeys(r["model"] for r in rows))
-    cols = min(4, len(models))
-    nrows = (len(models) + cols - 1) // cols
+    cols = max(1, min(4, len(models)))  # no rows: one empty panel
+    nrows = max(1, (len(models) + cols - 1) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
     grids = list(dict.fromkeys(r["grid"] for r in rows if r["grid"] != "adaptive"))
     for ax, model in zip(axes.flat, models):

@@ -2,10 +2,12 @@
 Fréchet distance / KID in a small classifier's feature space."""
 
 from flowmatch.metrics.distances import DEFAULT_BANDWIDTHS, gaussian_w2, mmd, w2
+from flowmatch.metrics.guard import NonFiniteInputWarning
 from flowmatch.metrics.likelihood import LikelihoodResult, exact_divergence, hutchinson_divergence, log_likelihood
 from flowmatch.metrics.straightness import StraightnessResult, straightness
 
 __all__ = ["DEFAULT_BANDWIDTHS", "gaussian_w2", "mmd", "w2", "StraightnessResult", "straightness"]
+__all__ += ["NonFiniteInputWarning"]
 __all__ += ["LikelihoodResult", "log_likelihood", "exact_divergence", "hutchinson_divergence"]
 from flowmatch.metrics.frechet import (ImageFeatureMetrics, MetricError, frechet_distance, gaussian_frechet,
                                       inception_fid, kernel_distance, load_feature_classifier)

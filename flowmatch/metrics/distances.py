@@ -8,6 +8,8 @@
   ``k(x, y) = sum_s exp(-||x - y||^2 / (2 s^2))`` over bandwidths ``s`` (unbiased U-statistic,
   Gretton et al. 2012, eq. 3).
 - :func:`gaussian_w2`: closed form between isotropic Gaussians (a reference for tests).
+
+Non-finite input: every function here returns NaN and warns (:mod:`flowmatch.metrics.guard`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 from typing import Optional, Sequence
 
 import torch
+
+from flowmatch.metrics.guard import finite_inputs
 
 __all__ = ["w2", "mmd", "MMDReference", "gaussian_w2", "DEFAULT_BANDWIDTHS"]
 
@@ -29,11 +33,17 @@ def _flat64(x: torch.Tensor) -> torch.Tensor:
 def w2(x: torch.Tensor, y: torch.Tensor, *, method: str = "auto") -> float:
     """Exact W2 between ``x`` and ``y`` (``[n, *D]`` each, same n, uniform weights).
 
-    ``method``: ``auto`` (POT if importable, else scipy), ``pot`` or ``scipy``.
+    ``method``: ``auto`` (POT if importable, else scipy), ``pot`` or ``scipy``. A NaN or inf in
+    ``x`` or ``y``: NaN and a :class:`~flowmatch.metrics.guard.NonFiniteInputWarning` (POT would
+    clamp the cost to 0.0, a perfect score).
     """
     a, b = _flat64(x), _flat64(y)
     if a.shape != b.shape:
         raise ValueError(f"w2 needs two clouds of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if method not in ("auto", "pot", "scipy"):
+        raise ValueError(f"unknown w2 method {method!r}; valid: auto, pot, scipy")
+    if not finite_inputs("w2", x=a, y=b):
+        return float("nan")
     cost = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
     if method in ("auto", "pot"):
         try:
@@ -57,11 +67,14 @@ def w2(x: torch.Tensor, y: torch.Tensor, *, method: str = "auto") -> float:
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS) -> float:
-    """Unbiased squared MMD between ``x`` ``[n, *D]`` and ``y`` ``[m, *D]`` with a multi-bandwidth RBF kernel."""
+    """Unbiased squared MMD between ``x`` ``[n, *D]`` and ``y`` ``[m, *D]`` with a multi-bandwidth RBF
+    kernel. A NaN or inf in ``x`` or ``y``: NaN and a warning (:mod:`flowmatch.metrics.guard`)."""
     a, b = _flat64(x), _flat64(y)
     n, m = a.shape[0], b.shape[0]
     if n < 2 or m < 2:
         raise ValueError("mmd needs at least 2 points in each cloud")
+    if not finite_inputs("mmd", x=a, y=b):
+        return float("nan")
     sxx = _kernel_sum(a, None, bandwidths) / (n * (n - 1))
     syy = _kernel_sum(b, None, bandwidths) / (m * (m - 1))
     return float(sxx + syy - 2 * _kernel_sum(a, b, bandwidths) / (n * m))
@@ -69,20 +82,24 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_
 
 class MMDReference:
     """:func:`mmd` against one fixed reference cloud ``y`` (``[m, *D]``), its ``k(y, y)`` term
-    computed once: ``MMDReference(y)(x) == mmd(x, y)`` at about half the cost per call."""
+    computed once: ``MMDReference(y)(x) == mmd(x, y)`` at about half the cost per call. As with
+    :func:`mmd`, a non-finite ``y`` (warned about once, here) or ``x`` gives NaN."""
 
     def __init__(self, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS):
         self.y, self.bandwidths = _flat64(y), tuple(bandwidths)
         m = self.y.shape[0]
         if m < 2:
             raise ValueError("mmd needs at least 2 points in each cloud")
-        self.syy = _kernel_sum(self.y, None, self.bandwidths) / (m * (m - 1))
+        self.finite = finite_inputs("mmd", y=self.y)
+        self.syy = _kernel_sum(self.y, None, self.bandwidths) / (m * (m - 1)) if self.finite else None
 
     def __call__(self, x: torch.Tensor) -> float:
         a = _flat64(x)
         n, m = a.shape[0], self.y.shape[0]
         if n < 2:
             raise ValueError("mmd needs at least 2 points in each cloud")
+        if not self.finite or not finite_inputs("mmd", x=a):
+            return float("nan")
         sxx = _kernel_sum(a, None, self.bandwidths) / (n * (n - 1))
         return float(sxx + self.syy - 2 * _kernel_sum(a, self.y, self.bandwidths) / (n * m))
 
@@ -116,6 +133,9 @@ def _kernel_sum(p: torch.Tensor, q: Optional[torch.Tensor], bandwidths: Sequence
 
 
 def gaussian_w2(mean1: torch.Tensor, std1: float, mean2: torch.Tensor, std2: float) -> float:
-    """W2 between ``N(mean1, std1^2 I)`` and ``N(mean2, std2^2 I)``: ``sqrt(|m1 - m2|^2 + d (s1 - s2)^2)``."""
+    """W2 between ``N(mean1, std1^2 I)`` and ``N(mean2, std2^2 I)``: ``sqrt(|m1 - m2|^2 + d (s1 - s2)^2)``.
+    A NaN or inf among the parameters: NaN and a warning (:mod:`flowmatch.metrics.guard`)."""
+    if not finite_inputs("gaussian_w2", mean1=mean1, std1=std1, mean2=mean2, std2=std2):
+        return float("nan")
     d = mean1.numel()
     return math.sqrt(float((mean1 - mean2).pow(2).sum()) + d * (std1 - std2) ** 2)

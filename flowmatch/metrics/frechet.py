@@ -18,6 +18,9 @@
   dataset with one classifier; they are not Inception FIDs and not comparable with published ones.
 - :func:`inception_fid`: the Inception FID through torchmetrics or torch-fidelity (``pip install
   'flowmatch[fid]'``), from a local Inception weights file; nothing is downloaded.
+
+Non-finite input (a NaN or inf in an image, a feature set or a Gaussian's parameters): every metric
+here returns NaN (KID: ``(nan, nan)``) and warns (:mod:`flowmatch.metrics.guard`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from flowmatch.data.task import FIXED_IMAGE_SHAPES
 from flowmatch.errors import FlowmatchError
+from flowmatch.metrics.guard import finite_inputs
 from flowmatch.models.classifier import FeatureClassifier
 from flowmatch.training.classifier import CLASSIFIER_FORMAT, CLASSIFIER_FORMAT_VERSION
 from flowmatch.utils import make_generator, resolve_device
@@ -84,24 +88,34 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
 def gaussian_frechet(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
     """Squared Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)`` (``mu`` ``[F]``, ``cov``
     ``[F, F]``), in float64: ``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^{1/2} S2 S1^{1/2})^{1/2})``.
-    Round-off below zero is reported as 0."""
+    Round-off below zero is reported as 0. A NaN or inf in a parameter: NaN and a warning."""
     mu1, mu2 = (torch.as_tensor(m).detach().to("cpu", torch.float64).reshape(-1) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(c).detach().to("cpu", torch.float64) for c in (cov1, cov2))
     f = mu1.shape[0]
     if mu2.shape != (f,) or s1.shape != (f, f) or s2.shape != (f, f):
         raise ValueError(f"gaussian_frechet: shapes do not agree: mu1 {list(mu1.shape)}, cov1 {list(s1.shape)}, "
                          f"mu2 {list(mu2.shape)}, cov2 {list(s2.shape)}")
+    if not finite_inputs("gaussian_frechet", mu1=mu1, cov1=s1, mu2=mu2, cov2=s2):
+        return float("nan")
+    return _frechet(mu1, s1, mu2, s2)
+
+
+def _frechet(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+    """:func:`gaussian_frechet` on checked float64 CPU parameters (no shape or finiteness checks)."""
     cross = torch.linalg.svdvals(_sqrt_psd(s1) @ _sqrt_psd(s2)).sum()  # tr((S1^1/2 S2 S1^1/2)^1/2)
     value = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross
     return max(float(value), 0.0)
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """Frechet distance between the Gaussians fitted to feature sets ``f1`` ``[N1, F]`` and ``f2`` ``[N2, F]``."""
+    """Frechet distance between the Gaussians fitted to feature sets ``f1`` ``[N1, F]`` and ``f2`` ``[N2, F]``.
+    A NaN or inf in a feature: NaN and a warning."""
     a, b = _as_features(f1, "f1"), _as_features(f2, "f2")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"frechet_distance: feature sizes differ: {a.shape[1]} and {b.shape[1]}")
-    return gaussian_frechet(*_mean_cov(a), *_mean_cov(b))
+    if not finite_inputs("frechet_distance", f1=a, f2=b):
+        return float("nan")
+    return _frechet(*_mean_cov(a), *_mean_cov(b))
 
 
 def _cubic_kernel(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -116,8 +130,16 @@ def kernel_distance(f1: torch.Tensor, f2: torch.Tensor, *, num_subsets: int = 10
     ``k(x, y) = (x . y / F + 1)^3``. Each draw takes ``m = min(subset_size, N1, N2)`` rows of each set
     without replacement; ``std`` is the population standard deviation of the draws. ``generator``
     picks the subsets; ``None`` means a fixed seed (0), so the result is reproducible. Sets of up to
-    4,096 rows have their kernel matrices computed once for all subsets."""
-    a, b = _as_features(f1, "f1"), _as_features(f2, "f2")
+    4,096 rows have their kernel matrices computed once for all subsets. A NaN or inf in a feature:
+    ``(nan, nan)`` and a warning."""
+    return _kernel_distance(_as_features(f1, "f1"), _as_features(f2, "f2"), num_subsets=num_subsets,
+                            subset_size=subset_size, generator=generator, guard=True)
+
+
+def _kernel_distance(a: torch.Tensor, b: torch.Tensor, *, num_subsets: int, subset_size: int,
+                     generator: Optional[torch.Generator], guard: bool) -> tuple[float, float]:
+    """:func:`kernel_distance` on float64 feature sets; ``guard=False`` when the caller has checked
+    that the inputs the features come from are finite."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"kernel_distance: feature sizes differ: {a.shape[1]} and {b.shape[1]}")
     if num_subsets < 1:
@@ -125,6 +147,8 @@ def kernel_distance(f1: torch.Tensor, f2: torch.Tensor, *, num_subsets: int = 10
     m = min(int(subset_size), a.shape[0], b.shape[0])
     if m < 2:
         raise ValueError(f"kernel_distance: subset_size must be >= 2, got {subset_size}")
+    if guard and not finite_inputs("kernel_distance", stacklevel=4, f1=a, f2=b):
+        return float("nan"), float("nan")
     g = generator if generator is not None else make_generator(0)
     na, nb, off = a.shape[0], b.shape[0], m * (m - 1)
     draws = [(torch.randperm(na, generator=g, device=g.device)[:m].cpu(),
@@ -229,7 +253,8 @@ class ImageFeatureMetrics:
 
     The reference features (``ref_features`` ``[N, F]``, float64, CPU) and their mean and covariance
     are computed once. ``fd(x)`` and ``kid(x)`` compare ``x`` ``[M, C, H, W]`` with them; calling the
-    object returns ``{"fd", "kid", "kid_std"}``.
+    object returns ``{"fd", "kid", "kid_std"}``. Non-finite images (in ``x``, or in the reference, warned
+    about once when the object is built) give NaN scores and a warning, as every metric does.
     """
 
     def __init__(self, dataset: str, reference: torch.Tensor, *, classifier: Optional[FeatureClassifier] = None,
@@ -242,17 +267,27 @@ class ImageFeatureMetrics:
         if classifier is None:
             classifier = load_feature_classifier(dataset, path, device=self.device)
         self.classifier = classifier.to(self.device).eval().requires_grad_(False)
+        self._check_shape(reference)
+        self.finite = finite_inputs(f"{dataset} feature metrics", reference=reference)
         self.ref_features = self.features(reference)
         if self.ref_features.shape[0] < 2:
             raise ValueError("ImageFeatureMetrics needs a reference set of at least 2 images")
         self.ref_mean, self.ref_cov = _mean_cov(self.ref_features)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Classifier features of images ``x`` ``[M, C, H, W]`` -> ``[M, F]`` (float64, CPU)."""
+    def _check_shape(self, x: torch.Tensor) -> None:
         want = tuple(self.classifier.input_shape)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise MetricError(f"the {self.dataset} feature classifier takes images of shape [B, "
                               f"{', '.join(map(str, want))}]; got {list(x.shape)}")
+
+    def _scorable(self, metric: str, x: torch.Tensor) -> bool:
+        """False (with a warning about ``x``) when ``x`` or the reference holds a NaN or an inf."""
+        self._check_shape(x)
+        return self.finite and finite_inputs(metric, stacklevel=4, x=x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Classifier features of images ``x`` ``[M, C, H, W]`` -> ``[M, F]`` (float64, CPU)."""
+        self._check_shape(x)
         out = []
         with torch.no_grad():
             for i in range(0, x.shape[0], self.batch_size):
@@ -261,20 +296,28 @@ class ImageFeatureMetrics:
         return torch.cat(out) if out else torch.empty(0, self.classifier.feature_dim, dtype=torch.float64)
 
     def fd(self, x: torch.Tensor) -> float:
-        """Frechet distance between ``x``'s features and the reference's."""
+        """Frechet distance between ``x``'s features and the reference's (NaN for non-finite images)."""
+        if not self._scorable("fd", x):
+            return float("nan")
         f = _as_features(self.features(x), "x")
-        return gaussian_frechet(*_mean_cov(f), self.ref_mean, self.ref_cov)
+        return _frechet(*_mean_cov(f), self.ref_mean, self.ref_cov)
 
     def kid(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, *, num_subsets: int = 100,
             subset_size: int = 1000) -> tuple[float, float]:
-        """KID ``(mean, std)`` between ``x``'s features and the reference's (:func:`kernel_distance`)."""
-        return kernel_distance(self.features(x), self.ref_features, num_subsets=num_subsets,
-                               subset_size=subset_size, generator=generator)
+        """KID ``(mean, std)`` between ``x``'s features and the reference's (:func:`kernel_distance`;
+        ``(nan, nan)`` for non-finite images)."""
+        if not self._scorable("kid", x):
+            return float("nan"), float("nan")
+        return _kernel_distance(_as_features(self.features(x), "x"), self.ref_features, num_subsets=num_subsets,
+                                subset_size=subset_size, generator=generator, guard=False)
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict:
+        if not self._scorable("fd and kid", x):
+            return {"fd": float("nan"), "kid": float("nan"), "kid_std": float("nan")}
         f = _as_features(self.features(x), "x")
-        kid, kid_std = kernel_distance(f, self.ref_features, generator=generator)
-        return {"fd": gaussian_frechet(*_mean_cov(f), self.ref_mean, self.ref_cov), "kid": kid, "kid_std": kid_std}
+        kid, kid_std = _kernel_distance(f, self.ref_features, num_subsets=100, subset_size=1000, generator=generator,
+                                        guard=False)
+        return {"fd": _frechet(*_mean_cov(f), self.ref_mean, self.ref_cov), "kid": kid, "kid_std": kid_std}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,8 +343,8 @@ def inception_fid(x: torch.Tensor, y: torch.Tensor, weights_path: str, *, batch_
     file (``weights-inception-2015-12-05-*.pth``); nothing is downloaded. The backends unpickle that
     file fully, so it must come from a trusted source.
 
-    Only the error paths (missing weights file, neither package installed) are tested here: no
-    Inception weights are available offline.
+    Non-finite images in ``x`` or ``y``: NaN and a warning. Only the error paths (missing weights
+    file, neither package installed) are tested here: no Inception weights are available offline.
     """
     weights_path = os.fspath(weights_path)
     if not os.path.isfile(weights_path):
@@ -310,6 +353,8 @@ def inception_fid(x: torch.Tensor, y: torch.Tensor, weights_path: str, *, batch_
     for name, t in (("x", x), ("y", y)):
         if t.ndim != 4 or t.shape[1] not in (1, 3) or t.shape[0] < 2:
             raise MetricError(f"inception_fid takes image sets [N >= 2, 1 or 3, H, W]; {name} is {list(t.shape)}")
+    if not finite_inputs("inception_fid", x=x, y=y):
+        return float("nan")
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:

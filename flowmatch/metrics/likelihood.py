@@ -28,6 +28,10 @@ The divergence ``div v = sum_i d v_i / d x_i`` is either
   ``num_probes`` independent probes are averaged. The resulting ``logp`` is an unbiased estimate
   of the model's ``log p1(x1)`` up to solver error.
 
+A data point with a NaN or an inf gets ``logp`` NaN (and so do ``mean``, ``std`` and
+``bits_per_dim``), with a warning saying how many (:mod:`flowmatch.metrics.guard`); the finite
+points are solved as usual and keep their values.
+
 Both assume the model treats batch rows independently (no batch statistics): row ``i`` of the
 output may depend only on row ``i`` of the input. The computation is an evaluation metric: it runs
 without building a graph through the solve (each divergence is computed under its own
@@ -43,6 +47,7 @@ from typing import Callable, Optional
 import torch
 
 from flowmatch.errors import ConfigError
+from flowmatch.metrics.guard import finite_inputs
 from flowmatch.solvers import Solver, get_solver, time_grid
 from flowmatch.utils import lookup
 
@@ -170,6 +175,9 @@ def log_likelihood(v: Callable, x1: torch.Tensor, source_log_prob, *, solver: st
     (exact when ``D <= 8``). Hutchinson probes (``probe`` = ``"rademacher"`` or ``"gaussian"``,
     ``num_probes`` averaged) are drawn from ``generator`` (on ``x1``'s device) and held fixed during
     each solve. ``chunk_size`` splits the batch into independent solves to bound memory.
+
+    Rows of ``x1`` holding a NaN or an inf are not solved: their ``logp``, ``prior_logp`` and ``x0``
+    are NaN, as are ``mean``, ``std`` and ``bits_per_dim``, and a warning gives their count.
     """
     x1 = _check_data(x1)
     div_name = lookup({d: d for d in DIVERGENCES}, divergence, "divergence")
@@ -202,11 +210,14 @@ def log_likelihood(v: Callable, x1: torch.Tensor, source_log_prob, *, solver: st
         num_steps = int(num_steps)
         grid = time_grid(num_steps, device=x1.device, dtype=x1.dtype).flip(0)  # 1 -> 0
 
+    finite = finite_inputs("log_likelihood", x1=x1)
+    keep = torch.isfinite(x1.reshape(b, -1)).all(dim=1) if not finite else None
+    xs1 = x1 if finite else x1[keep]
     step = b if chunk_size is None else chunk_size
     x0s, deltas, nfe = [], [], 0
     with torch.no_grad():
-        for start in range(0, b, step):
-            xc = x1[start:start + step]
+        for start in range(0, xs1.shape[0], step):
+            xc = xs1[start:start + step]
             probes = None
             if div_name == "hutchinson":
                 probes = draw_probes(xc.shape, num_probes, probe, generator=generator, device=x1.device,
@@ -218,14 +229,22 @@ def log_likelihood(v: Callable, x1: torch.Tensor, source_log_prob, *, solver: st
             x0s.append(z0[:, :d].reshape(xc.shape))
             deltas.append(z0[:, d])
             nfe += traj.nfe
-    x0 = torch.cat(x0s)
-    delta = torch.cat(deltas).double()  # delta(0) = -int_0^1 div v dt
+    x0 = torch.cat(x0s) if x0s else x1.new_empty((0, *shape))
+    delta = torch.cat(deltas).double() if deltas else x1.new_empty(0, dtype=torch.float64)  # -int_0^1 div v dt
     prior = log_p0(x0)
-    if not isinstance(prior, torch.Tensor) or prior.shape != (b,):
+    nb = x0.shape[0]
+    if not isinstance(prior, torch.Tensor) or prior.shape != (nb,):
         got = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
-        raise ValueError(f"source log_prob must return one value per point, shape [{b}], got {got}; "
+        raise ValueError(f"source log_prob must return one value per point, shape [{nb}], got {got}; "
                          f"sum over the non-batch dimensions (e.g. torch.distributions.Independent)")
     prior = prior.detach().double()
+    if not finite:  # the rows that were not solved: NaN
+        full_x0 = torch.full_like(x1, float("nan"))
+        full_x0[keep] = x0.to(x1.dtype)
+        full_prior = torch.full((b,), float("nan"), dtype=torch.float64, device=prior.device)
+        full_delta = torch.full((b,), float("nan"), dtype=torch.float64, device=delta.device)
+        full_prior[keep.to(prior.device)], full_delta[keep.to(delta.device)] = prior, delta
+        x0, prior, delta = full_x0, full_prior, full_delta
     logp = prior + delta
     mean = float(logp.mean())
     std = float(logp.std()) if b > 1 else 0.0
@@ -268,9 +287,6 @@ def _check_data(x1) -> torch.Tensor:
         raise ValueError(f"x1 must have shape [B, *D] with B >= 1 and D >= 1, got {tuple(x1.shape)}")
     if not x1.is_floating_point():
         raise TypeError(f"x1 must be floating point, got {x1.dtype}")
-    if not torch.isfinite(x1).all():
-        bad = int((~torch.isfinite(x1)).reshape(x1.shape[0], -1).any(dim=1).sum())
-        raise ValueError(f"x1 has non-finite values in {bad} of {x1.shape[0]} rows")
     return x1.detach()
 
 

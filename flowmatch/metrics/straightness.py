@@ -12,6 +12,9 @@ Where along the path the trajectories bend is reported per grid time: ``per_t`` 
 ``E || (Z_1 - Z_0) - v(Z_t, t) ||^2`` of the velocity from the chord, and ``accel_per_t`` the mean
 squared acceleration ``E || d v(Z_t, t) / dt ||^2`` along the trajectory (finite differences of
 the same velocities, at the midpoints ``accel_ts``). Both are 0 for a straight flow at constant speed.
+
+Non-finite start points: every number of the result is NaN, nothing is solved, and a warning says how
+many rows of ``x0`` hold a NaN or an inf (:mod:`flowmatch.metrics.guard`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from flowmatch.metrics.guard import finite_inputs
 from flowmatch.solvers import get_solver, time_grid
 
 __all__ = ["StraightnessResult", "straightness"]
@@ -46,11 +50,18 @@ class StraightnessResult:
 @torch.no_grad()
 def straightness(v, x0: torch.Tensor, *, solver: str = "rk4", num_steps: int = 64) -> StraightnessResult:
     """Straightness of ``v`` on trajectories starting at ``x0`` (``[B, *D]``), solved with a
-    fixed-step ``solver`` on a uniform grid of ``num_steps``."""
+    fixed-step ``solver`` on a uniform grid of ``num_steps``. A NaN or inf in ``x0``: a result of
+    NaN (``nfe`` 0) and a warning."""
     s = get_solver(solver)
     if s.adaptive:
         raise ValueError("straightness needs a fixed-step solver (the integral is taken on its grid)")
     grid = time_grid(num_steps, device=x0.device, dtype=x0.dtype)
+    if not finite_inputs("straightness", x0=x0):
+        nan = float("nan")
+        return StraightnessResult(straightness=nan, straightness_per_dim=nan, straightness_rel=nan,
+                                  per_t=[nan] * grid.numel(), ts=grid.tolist(), accel_per_t=[nan] * num_steps,
+                                  accel_ts=(0.5 * (grid[1:] + grid[:-1])).tolist(), solver=s.name,
+                                  num_steps=num_steps, nfe=0, n=x0.shape[0])
     traj = s.integrate(v, x0, grid, return_trajectory=True)
     xs = traj.xs  # [K+1, B, *D]
     disp = (traj.x1 - x0).reshape(x0.shape[0], -1)

@@ -6,9 +6,15 @@ from typing import Callable, Optional
 
 import torch
 
+from flowmatch.errors import FlowmatchError
 from flowmatch.types import Trajectory
 
-__all__ = ["Solver", "CountedField", "Field"]
+__all__ = ["Solver", "CountedField", "Field", "SolverError"]
+
+
+class SolverError(FlowmatchError):
+    """An ODE solve could not go on (e.g. an adaptive solver's step size underflowed because the
+    field blows up); the message names the solver, the time reached and what to try."""
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
