@@ -106,17 +106,10 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     get_solver(cfg.eval.solver)
     lookup({m: m for m in TRACKING_MODES}, cfg.tracking.mode, "tracking mode")
     lookup({m: m for m in ("constant", "cosine")}, cfg.train.lr_schedule, "lr schedule")
-    t = cfg.train
-    for key, value, low in (("train.steps", t.steps, 1), ("train.batch_size", t.batch_size, 1),
-                            ("train.ckpt_every", t.ckpt_every, 1), ("train.log_every", t.log_every, 1),
-                            ("eval.n", cfg.eval.n, 1)):
-        if value < low:
-            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    # numeric ranges (train.steps, batch_size, lr, eval.n, ...) are checked once, by the config sections
     for key, value in (("eval.classifier", cfg.eval.classifier), ("eval.inception", cfg.eval.inception)):
         if value and not os.path.isfile(value):  # found before training, not after it
             raise ConfigError(f"{key}: no such weights file {value}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, task.shape, task.num_classes)
     init_from = _init_weights(model, cfg, manifest) if init_weights else None
