@@ -6,10 +6,17 @@ manifest says ``labeled`` (a class-conditional teacher), ``y`` (``[count]``, the
 the teacher checkpoint's hash and config, the solver, the NFE per sample as measured, the seed, the
 dtype, the data shape, and each shard's count and SHA-256. :class:`PairStore` refuses a store that
 does not match what the caller expects, naming what is wrong.
+
+Since stores carry a plan (``plan.json``, written before the first shard), each shard also holds
+``index``, ``seed``, ``count``, ``plan`` (the plan's id, also the manifest's ``plan_id``) and
+``data_sha256`` (:func:`shard_data_sha256` of its tensors, computed when it was written), so a shard
+proves which generation it belongs to and that its data are the ones written. Stores written
+before then (no ``plan_id``) are read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -20,7 +27,7 @@ from flowmatch.errors import FlowmatchError
 from flowmatch.io import file_sha256
 
 __all__ = ["PAIRS_FORMAT", "PAIRS_VERSION", "PairStoreError", "PairStore", "ShardedTensor", "read_manifest",
-           "shard_name", "IN_MEMORY_BYTES"]
+           "shard_name", "shard_data_sha256", "IN_MEMORY_BYTES"]
 
 # Stores up to this size are concatenated in memory; larger ones stay memory-mapped shard by shard.
 IN_MEMORY_BYTES = 1 << 30
@@ -35,6 +42,18 @@ class PairStoreError(FlowmatchError):
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.pt"
+
+
+def shard_data_sha256(shard: dict) -> str:
+    """Hex SHA-256 of a shard's tensors ``x0``, ``x1`` and (when present) ``y``: names, dtypes, shapes and
+    bytes, so it does not depend on how the file around them is laid out."""
+    h = hashlib.sha256()
+    for k in ("x0", "x1", "y"):
+        if k in shard:
+            t = shard[k].detach().cpu().contiguous()
+            h.update(f"{k}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def read_manifest(path: str) -> dict:
@@ -119,6 +138,15 @@ class PairStore:
                 d = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - any load failure is a corrupt shard
                 raise PairStoreError(f"pair store {path}: shard {sh['file']} cannot be read ({e})") from None
+            if not isinstance(d, dict) or not all(torch.is_tensor(d.get(k)) for k in ("x0", "x1")):
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} holds a {type(d).__name__}, not a shard "
+                                     f"(a dict with tensors x0 and x1)")
+            if "plan_id" in m and d.get("plan") != m["plan_id"]:
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} belongs to another generation "
+                                     f"(plan {str(d.get('plan'))[:12]}, the manifest's is {m['plan_id'][:12]})")
+            if "plan_id" in m and d.get("index") != len(x0s):
+                raise PairStoreError(f"pair store {path}: shard {sh['file']} is shard {d.get('index')} of its "
+                                     f"generation, not shard {len(x0s)}")
             if list(d["x0"].shape) != [sh["count"], *shape] or d["x1"].shape != d["x0"].shape:
                 raise PairStoreError(f"pair store {path}: shard {sh['file']} holds {list(d['x0'].shape)}, "
                                      f"the manifest says {[sh['count'], *shape]}")

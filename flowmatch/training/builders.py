@@ -71,9 +71,10 @@ def _init_weights(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[di
         return None
     path = manifest["teacher_path"] if init == "auto" else init
     ckpt = load_checkpoint(path)
-    if init == "auto" and file_sha256(path) != manifest["teacher"]["sha256"]:
-        raise PairStoreError(f"the teacher checkpoint {path} changed since its pairs were made (hash mismatch); "
-                             f"set train.init=random or a checkpoint path")
+    if init == "auto" and (sha := file_sha256(path)) != (recorded := str(manifest["teacher"]["sha256"])):
+        raise PairStoreError(f"the pair manifest records teacher hash {recorded[:16]}..., but the teacher checkpoint "
+                             f"{path} hashes to {sha[:16]}... (the file or the manifest is not the one the pairs "
+                             f"were made with); set train.init=random or a checkpoint path")
     # through from_dict, so a checkpoint written before a model key existed compares at its default
     diff = config_diff(to_dict(from_dict(ckpt["config"]).model), to_dict(cfg.model))
     if diff:
