@@ -12,9 +12,51 @@ import tempfile
 import pytest
 import torch
 
-from flowmatch.errors import CheckpointError, FlowmatchError
+from flowmatch.errors import CheckpointError, ConfigError, FlowmatchError
 from flowmatch.io import TMP_PREFIX, remove_temporaries, safe_load
 from flowmatch.training import load_checkpoint
+from flowmatch.training.tracking import check_tracking, wandb_login_found
+
+
+@pytest.fixture
+def no_login(tmp_path, monkeypatch):
+    """No wandb credentials anywhere (env, ~/.netrc, wandb's settings file), and a wandb.init that fails
+    the test if it is ever called (no network in tests)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
+    wandb = pytest.importorskip("wandb")
+
+    def never(*a, **k):
+        raise AssertionError("wandb.init was called")
+
+    monkeypatch.setattr(wandb, "init", never)
+    return home
+
+
+def test_login_is_found_where_wandb_looks_for_it(no_login, monkeypatch):
+    assert not wandb_login_found()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_login_found()
+    check_tracking("online")  # passes: a key is there
+    monkeypatch.delenv("WANDB_API_KEY")
+    netrc = no_login / ".netrc"
+    netrc.write_text("machine example.org login user password other\n")
+    netrc.chmod(0o600)
+    assert not wandb_login_found()  # an entry for another host
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert wandb_login_found()
+    netrc.unlink()
+    (no_login / "wandb-config").mkdir()
+    (no_login / "wandb-config" / "settings").write_text("[default]\napi_key = " + "k" * 40 + "\n")
+    assert wandb_login_found()
+    check_tracking("offline")
+    with pytest.raises(ConfigError, match="disabled"):
+        check_tracking("cloud")
+
 
 
 def _leave_temporary(directory: str, name: str) -> str:
