@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "RunDirError",
+    "ConfigMismatchError",
     "NonFiniteLossError",
     "UnknownNameError",
     "DatasetError",
@@ -43,6 +44,10 @@ class DatasetError(FlowmatchError):
 
 class RunDirError(FlowmatchError):
     """An output directory cannot be used (holds another run, or no run to resume)."""
+
+
+class ConfigMismatchError(RunDirError):
+    """A run on disk was made with another config than the one given to resume it."""
 
 
 class NonFiniteLossError(FlowmatchError, FloatingPointError):

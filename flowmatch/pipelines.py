@@ -24,11 +24,13 @@ from flowmatch.config import (ExperimentConfig, check_int, check_output_path, co
                               to_dict)
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.data.pairs import read_manifest
-from flowmatch.errors import ConfigError, FlowmatchError, RunDirError
+from flowmatch.errors import ConfigError, ConfigMismatchError, FlowmatchError
+from flowmatch.io import remove_temporaries
 from flowmatch.metrics import straightness
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_components, last_checkpoint,
                                 load_checkpoint, load_model, read_metrics, train)
+from flowmatch.training.loop import holds_run
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["TrainSummary", "describe_config", "evaluate_model", "train_from_config", "sample_from_checkpoint",
@@ -213,7 +215,7 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
     """Train ``cfg`` into ``out`` and evaluate it; writes ``summary.json``.
 
     ``resume="auto"`` reuses a finished run (same config, ``summary.json`` present), resumes an
-    unfinished one, or starts a new one.
+    unfinished one (one stopped before its first checkpoint is restarted), or starts a new one.
     """
     check_output_path("out", out)
     summary_path = os.path.join(out, "summary.json")
@@ -227,7 +229,7 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
                     data = json.load(f)
                 data["skipped"] = True
                 return TrainSummary(**data)
-        resume = os.path.exists(last_checkpoint(out))
+        resume = holds_run(out)
     if evaluate and is_image_task(cfg.data):
         _check_image_metric(cfg)
     result = train(cfg, out, resume=bool(resume), overwrite=overwrite, progress=progress, finish_tracker=False)
@@ -549,6 +551,8 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     from flowmatch.reflow import generate_pairs
     from flowmatch.viz import plot_straightness_by_stage, plot_trajectory_grid, plot_w2_vs_nfe
 
+    for d in (out, os.path.join(out, "plots")):  # a killed chain's own temporaries (the stage tables, plots)
+        remove_temporaries(d)
     rc = cfg.reflow
     if rc.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"reflow.precision must be auto, fp32 or bf16; got {rc.precision!r}")
@@ -618,10 +622,10 @@ def _train_stage(cfg: ExperimentConfig, out: str, label: str, progress: bool) ->
     """Train (or resume, or reuse) the chain's stage ``label`` in ``OUT/label``."""
     try:
         return train_from_config(cfg, os.path.join(out, label), resume="auto", progress=progress)
-    except RunDirError as e:  # a stage on disk made with another config: say what to remove
-        raise RunDirError(f"reflow chain {out}: stage {label} on disk was trained with another config ({e}). "
-                          f"Remove {os.path.join(out, label)} and every stage and pair store after it to retrain "
-                          f"from there, or give the chain another --out") from None
+    except ConfigMismatchError as e:  # a stage on disk trained with another config: say what to remove
+        raise ConfigMismatchError(f"reflow chain {out}: stage {label} on disk was trained with another config ({e}). "
+                                  f"Remove {os.path.join(out, label)} and every stage and pair store after it to "
+                                  f"retrain from there, or give the chain another --out") from None
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from flowmatch.data.pairs import (PAIRS_FORMAT, PAIRS_VERSION, PairStoreError, r
                                    shard_name)
 from flowmatch.errors import ConfigError, FlowmatchError
 from flowmatch.models import ClassifierFreeGuidance
-from flowmatch.io import atomic_save, atomic_write_text, file_sha256, remove_stale_temporaries
+from flowmatch.io import atomic_save, atomic_write_text, file_sha256, remove_temporaries
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 from flowmatch.training.distributed import dist_info, init_distributed_from_env  # noqa: F401 (re-exported)
@@ -205,10 +205,10 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
     elif rank == 0:
         atomic_write_text(plan_path, json.dumps(plan, indent=1))
     if rank == 0:  # before the barrier: no other rank of this run writes until rank 0 has passed it
-        stale = remove_stale_temporaries(out_dir, older_than=started)
+        stale = remove_temporaries(out_dir, older_than=started)
         if stale:
             print(f"pairs: removed {len(stale)} temporary file(s) of an interrupted writer from {out_dir}: "
-                  f"{', '.join(stale)}", file=sys.stderr, flush=True)
+                  f"{', '.join(os.path.basename(p) for p in stale)}", file=sys.stderr, flush=True)
     # a finished store's manifest (of this plan) records each shard's file: a shard must still be that file
     recorded = {}
     try:

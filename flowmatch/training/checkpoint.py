@@ -7,14 +7,13 @@ is rebuilt from ``config`` (never unpickled).
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any
 
 import torch
 
 from flowmatch.config import ExperimentConfig, from_dict
 from flowmatch.errors import CheckpointError, ConfigError
-from flowmatch.io import atomic_save, atomic_write_text, file_sha256
+from flowmatch.io import atomic_save, atomic_write_text, file_sha256, safe_load
 from flowmatch.data.task import data_shape, num_classes
 from flowmatch.models import build_model
 
@@ -32,16 +31,11 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load and validate a checkpoint; every failure is a one-line :class:`CheckpointError`."""
+    """Load and validate a checkpoint; every failure is a one-line :class:`CheckpointError` (a file that
+    is not a readable torch file, and one holding pickled objects, which are refused, are told apart)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or not a torch file ({msg})") from None
-    except Exception as e:  # the unpickler refusing a foreign object raises its own types
-        raise CheckpointError(f"checkpoint {path} could not be loaded safely: {str(e).splitlines()[0]}") from None
+    ckpt = safe_load(path, "checkpoint", error=CheckpointError, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flowmatch checkpoint (no format={FORMAT!r} entry)")
     missing = [k for k in REQUIRED if k not in ckpt]

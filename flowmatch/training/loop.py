@@ -9,6 +9,10 @@ Run directory layout::
 
 Resuming restores the model, EMA, optimiser, scheduler and the data generator's state, so on the
 CPU a resumed run's loss sequence equals the unbroken run's exactly.
+Resuming also removes the temporaries that a killed atomic write left in the run directory, and a
+run with no step left drops the evaluation rows at its last step (its caller evaluates it again). A
+run stopped before its first checkpoint (killed, or failed to start) holds nothing worth keeping:
+resuming it restarts it from step 0, saying so in one line on stderr.
 
 Each optimiser step is a :class:`~flowmatch.training.fast.TrainStep`, plain or fast (``train.fast``,
 ``train.compile``; see :mod:`flowmatch.training.fast`), in the configured precision, memory layout
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -43,16 +48,17 @@ from typing import Callable, Optional
 import torch
 
 from flowmatch.config import ExperimentConfig, config_diff, from_dict, save_config, to_dict
-from flowmatch.errors import FlowmatchError, NonFiniteLossError, RunDirError
+from flowmatch.errors import ConfigMismatchError, FlowmatchError, NonFiniteLossError, RunDirError
+from flowmatch.io import remove_temporaries
 from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
 from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, _lr_lambda, auto_fused, resolve_plan  # noqa: F401 (_lr_lambda: re-export)
 from flowmatch.training.losses import cfm_loss
-from flowmatch.training.tracking import Tracker, trim_metrics
+from flowmatch.training.tracking import Tracker, check_tracking, trim_metrics
 from flowmatch.utils import resolve_device
 
-__all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "NUM_T_BINS", "RESUMABLE_KEYS"]
+__all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "holds_run", "NUM_T_BINS", "RESUMABLE_KEYS"]
 
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "train.fast",
@@ -61,6 +67,10 @@ RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.d
 # the train.* keys of RESUMABLE_KEYS: a resumed run takes them from the caller's config
 _RESUMABLE_TRAIN = tuple(k.split(".", 1)[1] for k in RESUMABLE_KEYS if k.startswith("train."))
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
+# what a run writes before its first checkpoint: removed when a run without a checkpoint is restarted
+_STUB_FILES = RUN_FILES + ("wandb_id.txt", "wandb")
+# where a run writes atomically: a killed write's temporaries there are removed on resume
+_WRITE_DIRS = (".", "checkpoints", "plots")
 
 
 @dataclass
@@ -88,6 +98,19 @@ def _holds_run(run_dir: str) -> bool:
     return any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES)
 
 
+def holds_run(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a run (finished, unfinished, or killed before its first checkpoint)."""
+    return os.path.isdir(run_dir) and _holds_run(run_dir)
+
+
+def _note(msg: str) -> None:
+    print(f"flowmatch: {msg}", file=sys.stderr, flush=True)
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+
+
 def _dotted(d: dict, key: str):
     for part in key.split("."):
         d = d.get(part) if isinstance(d, dict) else None
@@ -107,7 +130,10 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
     """Check the output directory; returns the checkpoint to resume from (or ``None``).
 
     A directory that holds another run is refused unless ``resume`` or ``overwrite``; ``resume``
-    needs a checkpoint and a config that matches the saved one (up to :data:`RESUMABLE_KEYS`).
+    needs a config that matches the saved one (up to :data:`RESUMABLE_KEYS`; else
+    :class:`ConfigMismatchError`) and removes the temporaries a killed write left in the run. A run
+    stopped before its first checkpoint holds nothing worth keeping: ``resume`` restarts it (says so
+    on stderr and returns ``None``). ``resume`` without any run in ``run_dir`` is refused.
     """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other")
@@ -116,7 +142,18 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
     if resume:
         ckpt_path = last_checkpoint(run_dir)
         if not os.path.exists(ckpt_path):
-            raise RunDirError(f"--resume: no checkpoint to resume from at {ckpt_path}")
+            if not holds_run(run_dir):
+                raise RunDirError(f"--resume: no checkpoint to resume from at {ckpt_path}")
+            # killed (or failed to start) before its first checkpoint: nothing in it is worth keeping
+            for name in _STUB_FILES:
+                if os.path.lexists(os.path.join(run_dir, name)):
+                    _remove(os.path.join(run_dir, name))
+            remove_temporaries(run_dir)
+            _note(f"{run_dir} holds a run stopped before its first checkpoint: restarting it from step 0")
+            return None
+        stale = [p for d in _WRITE_DIRS for p in remove_temporaries(os.path.join(run_dir, d))]
+        if stale:
+            _note(f"removed {len(stale)} temporary file(s) left in {run_dir} by a killed write")
         ckpt = load_checkpoint(ckpt_path)
         # through from_dict: a run saved before a config key existed compares at that key's default
         saved, given = to_dict(from_dict(ckpt["config"])), to_dict(cfg)
@@ -124,27 +161,29 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
                 if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
                 and not _same_path(_dotted(saved, k), _dotted(given, k))]
         if diff:
-            raise RunDirError(f"--resume: the config differs from the run in {run_dir} at {', '.join(diff)}; "
-                              f"resume with the run's own config ({os.path.join(run_dir, 'config.yaml')})")
+            raise ConfigMismatchError(f"--resume: the config differs from the run in {run_dir} at {', '.join(diff)}; "
+                                      f"resume with the run's own config ({os.path.join(run_dir, 'config.yaml')})")
         return ckpt
-    if os.path.isdir(run_dir) and _holds_run(run_dir):
+    if holds_run(run_dir):
         if not overwrite:
-            raise RunDirError(f"output directory {run_dir} already holds a run; pass --resume to continue it "
+            what = "a run" if os.path.exists(last_checkpoint(run_dir)) else "a run stopped before its first checkpoint"
+            raise RunDirError(f"output directory {run_dir} already holds {what}; pass --resume to continue it "
                               f"or --overwrite to replace it")
         for name in os.listdir(run_dir):
-            p = os.path.join(run_dir, name)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+            _remove(os.path.join(run_dir, name))
     return None
 
 
 def _prepare_on_main(run_dir: str, cfg: ExperimentConfig, *, resume: bool, overwrite: bool,
-                     main: bool) -> Optional[dict]:
+                     main: bool, check: Optional[Callable[[], None]] = None) -> Optional[dict]:
     """:func:`prepare_run_dir` on rank 0; the other ranks wait for its decision (resume or not) and
-    then load the same checkpoint. A refusal on rank 0 is raised there and, naming it, on every
-    other rank, so none is left waiting in a collective."""
+    then load the same checkpoint. A refusal on rank 0 (by ``check()`` first, if given) is raised there
+    and, naming it, on every other rank, so none is left waiting in a collective."""
     ckpt, error = None, None
     if main:
         try:
+            if check is not None:
+                check()
             ckpt = prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
         except Exception as e:  # every kind: the other ranks must hear of it
             error = e
@@ -183,7 +222,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         raise FlowmatchError(f"WORLD_SIZE={world} but no process group is running; start distributed "
                              f"training with torchrun")
     main = rank == 0
-    ckpt = _prepare_on_main(run_dir, cfg, resume=resume, overwrite=overwrite, main=main)
+    ckpt = _prepare_on_main(run_dir, cfg, resume=resume, overwrite=overwrite, main=main,
+                            check=(lambda: check_tracking(cfg.tracking.mode)) if tracker is None else None)
     if ckpt is not None:  # the run's own config, with the resumable keys taken from the caller
         cfg = from_dict({**ckpt["config"], "train": {**ckpt["config"]["train"],
                                                        **{k: getattr(cfg.train, k) for k in _RESUMABLE_TRAIN}},
@@ -207,8 +247,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         start = trainer.global_step
-    if main:
-        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
+    if main:  # no step is logged twice; a run with no step left is evaluated again at its last step
+        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start, drop_eval_from=start if start == tc.steps else None)
 
     own_tracker = tracker is None and main
     if own_tracker:
