@@ -37,7 +37,7 @@ from flowmatch.data.pairs import (PAIRS_FORMAT, PAIRS_VERSION, PairStoreError, r
                                    shard_name)
 from flowmatch.errors import ConfigError, FlowmatchError
 from flowmatch.models import ClassifierFreeGuidance
-from flowmatch.io import atomic_save, atomic_write_text, file_sha256, remove_temporaries
+from flowmatch.io import atomic_save, atomic_write_text, file_sha256, remove_temporaries, safe_load
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 from flowmatch.training.distributed import dist_info, init_distributed_from_env  # noqa: F401 (re-exported)
@@ -67,10 +67,9 @@ def _check_shard(path: str, *, index: int, count: int, shape: list, seed: int, p
     if not os.path.lexists(path):
         return None, None
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - an unreadable shard is moved aside and regenerated
-        first = str(e).splitlines()[0][:120] if str(e) else ""
-        return None, f"cannot be read ({type(e).__name__}{': ' + first if first else ''})"
+        d = safe_load(path, "shard", mmap=True)
+    except FlowmatchError as e:  # an unreadable shard is moved aside and regenerated
+        return None, f"cannot be loaded ({e})"
     if not isinstance(d, dict):
         return None, f"holds a {type(d).__name__}, not a shard"
     if "plan" not in d:

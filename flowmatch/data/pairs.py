@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from flowmatch.errors import FlowmatchError
-from flowmatch.io import file_sha256
+from flowmatch.io import file_sha256, safe_load
 
 __all__ = ["PAIRS_FORMAT", "PAIRS_VERSION", "PairStoreError", "PairStore", "ShardedTensor", "read_manifest",
            "shard_name", "shard_data_sha256", "IN_MEMORY_BYTES"]
@@ -134,10 +134,7 @@ class PairStore:
             if verify and file_sha256(f) != sh["sha256"]:
                 raise PairStoreError(f"pair store {path}: shard {sh['file']} is corrupt or truncated "
                                      f"(checksum mismatch)")
-            try:
-                d = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 - any load failure is a corrupt shard
-                raise PairStoreError(f"pair store {path}: shard {sh['file']} cannot be read ({e})") from None
+            d = safe_load(f, "pair shard", error=PairStoreError, mmap=True)
             if not isinstance(d, dict) or not all(torch.is_tensor(d.get(k)) for k in ("x0", "x1")):
                 raise PairStoreError(f"pair store {path}: shard {sh['file']} holds a {type(d).__name__}, not a shard "
                                      f"(a dict with tensors x0 and x1)")

@@ -35,6 +35,7 @@ import torch
 
 from flowmatch.data.task import FIXED_IMAGE_SHAPES
 from flowmatch.errors import FlowmatchError
+from flowmatch.io import safe_load
 from flowmatch.metrics.guard import finite_inputs
 from flowmatch.models.classifier import FeatureClassifier
 from flowmatch.training.classifier import CLASSIFIER_FORMAT, CLASSIFIER_FORMAT_VERSION
@@ -205,16 +206,7 @@ def load_feature_classifier(dataset: str, path: Optional[str] = None, *,
                                    f"--dataset {dataset} --out {path}`")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is truncated or foreign
         raise MetricError(f"feature classifier file {path} is truncated or not a torch file (not a zip archive)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MetricError(f"feature classifier file {path} is truncated or not a torch file ({msg})") from None
-    except Exception as e:  # the weights-only unpickler refuses foreign objects with its own error types
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        why = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0])
-        raise MetricError(f"feature classifier file {path} could not be loaded safely (weights only; it holds "
-                          f"more than tensors and plain values): {why[:300]}") from None
+    blob = safe_load(path, "feature classifier file", error=MetricError)
     if not isinstance(blob, dict) or blob.get("format") != CLASSIFIER_FORMAT:
         raise MetricError(f"{path} is not a flowmatch feature classifier (no format={CLASSIFIER_FORMAT!r} entry)")
     if blob.get("format_version") != CLASSIFIER_FORMAT_VERSION:
