@@ -147,3 +147,13 @@ def test_a_process_tree_is_killed_when_its_temporary_appears(rf, tmp_path):
     assert not rf._alive(int((tmp_path / "grandchild.pid").read_text()))
     assert rf.leftover_tmps(str(tmp_path / "out")) == [os.path.join("checkpoints", ".tmp-abcd1234-last.pt")]
     shutil.rmtree(tmp_path / "out")
+
+
+def test_what_a_kill_left_on_disk_is_described(rf, tmp_path):
+    _run_dir(tmp_path / "run")
+    torch.save({"x0": torch.zeros(1)}, tmp_path / "run" / "pairs" / "shard_00001.pt")
+    (tmp_path / "run" / "pairs" / "shard_00002.pt").write_bytes(b"torn")  # not complete: not counted
+    done = rf.readable_artifacts(str(tmp_path / "run"))
+    assert done == ["checkpoints/last.pt", "pairs/manifest.json", "pairs/shard_00000.pt", "pairs/shard_00001.pt"]
+    assert rf.describe_state(str(tmp_path / "run"), done) == ".: checkpoint at step 20; pairs: 2 shards, manifest"
+    assert rf.describe_state(str(tmp_path / "run"), []) == "no checkpoint, shard or manifest"

@@ -257,6 +257,23 @@ def readable_artifacts(root: str) -> list[str]:
     return ok
 
 
+def describe_state(root: str, artifacts: list[str]) -> str:
+    """What a killed run left complete on disk, e.g. ``1-RF: step 200; pairs-1RF: 2 shards``."""
+    parts: dict[str, list[str]] = {}
+    for rel in artifacts:
+        kind = write_kind(rel)
+        d = os.path.dirname(os.path.dirname(rel) if kind == "checkpoint" else rel) or "."
+        if kind == "checkpoint":
+            step = _load(os.path.join(root, rel)).get("step")
+            parts.setdefault(d, []).append(f"checkpoint at step {step}")
+        elif kind == "manifest":
+            parts.setdefault(d, []).append("manifest")
+    for d in {os.path.dirname(rel) or "." for rel in artifacts if write_kind(rel) == "shard"}:
+        n = sum(write_kind(rel) == "shard" and (os.path.dirname(rel) or ".") == d for rel in artifacts)
+        parts.setdefault(d, []).insert(0, f"{n} shards")
+    return "; ".join(f"{d}: {', '.join(v)}" for d, v in sorted(parts.items())) or "no checkpoint, shard or manifest"
+
+
 # --- running and killing -----------------------------------------------------------------------------
 
 @dataclass
@@ -552,7 +569,9 @@ def write_outputs(out: str, rows: list[dict], records: list[dict], meta: dict) -
     from flowmatch.io import atomic_write_text
 
     md = [to_markdown(rows), ""]
-    md += [f"- {r['scenario']}, {r['kind']} ({r['where']}): {r['outcome'] if r['injected'] else 'not injected'}"
+    md += [f"- {r['scenario']}, {r['kind']} ({r['where']}"
+           + (f"; on disk: {r['on_disk_after_kill']}" if r.get("on_disk_after_kill") else "")
+           + f"): {r['outcome'] if r['injected'] else 'not injected'}"
            + (f"; {r['note']}" if r.get("note") else "") for r in records]
     atomic_write_text(os.path.join(out, "faults.md"), "\n".join(md) + "\n")
     atomic_write_text(os.path.join(out, "faults.json"), json.dumps({"rows": rows, "faults": records, **meta}, indent=1))
@@ -583,6 +602,7 @@ def inject(scn: Scenario, fault: Fault, ref_dir: str, work: str, env: dict, time
         rec["in_write"] = (any(write_kind(p) == fault.kind for p in leftover_tmps(out_dir))
                            if fault.kind != "metrics" else None)
     after_kill = readable_artifacts(out_dir) if os.path.isdir(out_dir) else []
+    rec["on_disk_after_kill"] = describe_state(out_dir, after_kill)
     resumed = run_command(scn.argv(out_dir) + list(scn.resume_args), out_dir, log, env, None, timeout, watch=False)
     rec["resume_rc"] = resumed.rc
     cmp = compare_runs(ref_dir, out_dir) if resumed.rc == 0 else None
@@ -654,7 +674,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for j, fault in enumerate(plan_faults(scn, ref, n_random, args.seed)):
             rec = inject(scn, fault, ref_dir, os.path.join(work, slug, f"fault{j:02d}"), env, args.timeout)
             records.append(rec)
-            print(f"  {fault.kind} ({rec['where']}): {rec['outcome'] or 'not injected'}"
+            print(f"  {fault.kind} ({rec['where']}; on disk: {rec.get('on_disk_after_kill', '-')}): "
+                  f"{rec['outcome'] or 'not injected'}"
                   + (f" -- {rec['note']}" if rec["note"] else ""), flush=True)
     if refs.get("reflow generate, 1 worker") and refs.get("reflow generate, 2 workers"):
         c = compare_runs(os.path.join(work, "generate-1", "reference"), os.path.join(work, "generate-2", "reference"))
