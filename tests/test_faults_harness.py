@@ -133,7 +133,8 @@ def test_a_process_tree_is_killed_when_its_temporary_appears(rf, tmp_path):
     # the child starts a grandchild in a session of its own (as torchrun does), then begins a checkpoint write
     child = textwrap.dedent(f"""
         import os, subprocess, sys, time
-        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--out", {str(tmp_path / 'out')!r}],
+                             start_new_session=True)
         open({str(tmp_path / 'grandchild.pid')!r}, "w").write(str(g.pid))
         time.sleep(0.3)
         os.makedirs({str(tmp_path / 'out' / 'checkpoints')!r}, exist_ok=True)
@@ -157,3 +158,47 @@ def test_what_a_kill_left_on_disk_is_described(rf, tmp_path):
     assert done == ["checkpoints/last.pt", "pairs/manifest.json", "pairs/shard_00000.pt", "pairs/shard_00001.pt"]
     assert rf.describe_state(str(tmp_path / "run"), done) == ".: checkpoint at step 20; pairs: 2 shards, manifest"
     assert rf.describe_state(str(tmp_path / "run"), []) == "no checkpoint, shard or manifest"
+
+
+@pytest.mark.parametrize("use_inotify", [True, False])
+def test_the_watcher_sees_temporaries_and_metrics_rows(rf, tmp_path, use_inotify):
+    out = tmp_path / "out"
+    w = rf.Watcher(str(out), use_inotify=use_inotify)
+    events = []
+
+    def drain():
+        for _ in range(20):
+            events.extend(w.wait(0.005, 0.0))
+
+    os.makedirs(out / "checkpoints")
+    (out / "checkpoints" / ".tmp-abcd1234-last.pt").write_bytes(b"partial")  # in a directory made just now
+    drain()
+    (out / "metrics.jsonl").write_text('{"step": 5}\n')
+    drain()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10}\n')
+    drain()
+    tmp = out / "checkpoints" / ".tmp-efgh5678-last.pt"
+    tmp.write_bytes(b"whole")
+    if w.method == "inotify":  # a temporary renamed away before anyone looked is still seen
+        os.replace(tmp, out / "checkpoints" / "last.pt")
+    drain()
+    w.close()
+    assert w.method == ("inotify" if use_inotify and sys.platform.startswith("linux") else "polling")
+    assert [e.kind for e in events] == ["checkpoint", "metrics", "metrics", "checkpoint"]
+    assert events[-1].path == os.path.join("checkpoints", ".tmp-efgh5678-last.pt")
+
+
+def test_random_kills_land_before_the_first_checkpoint_and_between_checkpoints(rf):
+    ref = rf.RunResult(rc=0, seconds=20.0, first_file_s=4.0,
+                       events=[rf.Event(t, "checkpoint", "checkpoints/.tmp-x-last.pt") for t in (8.0, 9.0, 10.0)]
+                       + [rf.Event(9.5, "metrics", "metrics.jsonl")])
+    scn = rf.Scenario("train", lambda d: [], ("checkpoint", "metrics"))
+    faults = rf.plan_faults(scn, ref, 3, seed=0)
+    assert faults == rf.plan_faults(scn, ref, 3, seed=0)  # seeded
+    assert [f.window for f in faults[:3]] == ["before the first checkpoint", "between checkpoints", "anywhere"]
+    assert 4.0 <= faults[0].at <= 8.0 and 8.0 <= faults[1].at <= 10.0 and 4.0 <= faults[2].at <= 20.0
+    assert [(f.kind, f.occurrence) for f in faults[3:]] == [("checkpoint", faults[3].occurrence), ("metrics", 1)]
+    assert 1 <= faults[3].occurrence <= 3
+    # one kill per scenario: the rotation picks the other window
+    assert rf.plan_faults(scn, ref, 1, seed=0, rotate=1)[0].window == "between checkpoints"

@@ -7,10 +7,13 @@ whole process tree) and rerun (``--resume`` for ``train``; the other commands re
 
 * at a random time, drawn by a seeded RNG between the reference run's first file and its end;
 * inside a write of each kind the command makes (checkpoint, metrics, shard, manifest): the output
-  directory is polled and the process killed the moment a ``.tmp-*`` temporary of that file appears
-  (the atomic writes' temporaries) or, for ``metrics.jsonl`` (appended line by line, not an atomic
-  write), the moment it grows. Which occurrence of the write is drawn at random from those the
-  reference made. A kill is counted "in the write" when the temporary is still on disk after it.
+  directory is watched (inotify on Linux, else polled every 2 ms) and the process killed the moment
+  a ``.tmp-*`` temporary of that file appears (the atomic writes' temporaries) or, for
+  ``metrics.jsonl`` (appended line by line, not an atomic write), the moment it grows. Which
+  occurrence of the write is drawn at random from those the reference made. A kill is counted "in
+  the write" when the temporary is still on disk after it. No hook in the package is needed.
+
+A run that ends before its kill is redone (up to three times; a timed kill at half its delay).
 
 Each resumed run is compared with the reference: tensors of every ``.pt`` (checkpoints, pair
 shards, samples) bit for bit, JSON fields and ``metrics.jsonl`` rows (timings excepted), text
@@ -28,6 +31,7 @@ itself breaks (e.g. a reference run fails).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -284,45 +288,144 @@ class Event:
     path: str
 
 
-class Watcher:
-    """Polls a directory tree for new ``.tmp-*`` files and for growth of ``metrics.jsonl`` files."""
+class _Inotify:
+    """Linux inotify through libc (no dependency): creations and modifications in watched directories."""
+    IN_MODIFY, IN_MOVED_TO, IN_CREATE, IN_ISDIR, IN_NONBLOCK = 0x2, 0x80, 0x100, 0x40000000, 0o4000
 
-    def __init__(self, root: str):
-        self.root, self.seen, self.sizes = root, set(), {}
+    def __init__(self):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._add = libc.inotify_add_watch
+        self._add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        self.fd = libc.inotify_init1(self.IN_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.dirs: dict[int, str] = {}
+
+    def add(self, path: str) -> None:
+        wd = self._add(self.fd, os.fsencode(path), self.IN_CREATE | self.IN_MODIFY | self.IN_MOVED_TO)
+        if wd >= 0:
+            self.dirs[wd] = path
+
+    def read(self, timeout: float) -> list[tuple[str, bool]]:
+        """(path, is a directory) of each event, waiting up to ``timeout`` seconds for the first."""
+        import select
+        import struct
+
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        out, i = [], 0
+        while i + 16 <= len(data):
+            wd, mask, _, n = struct.unpack_from("iIII", data, i)
+            name = data[i + 16:i + 16 + n].rstrip(b"\0")
+            i += 16 + n
+            if wd in self.dirs and name:
+                out.append((os.path.join(self.dirs[wd], os.fsdecode(name)), bool(mask & self.IN_ISDIR)))
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Watcher:
+    """Sees new ``.tmp-*`` files and growth of ``metrics.jsonl`` files under ``root`` (which may not exist yet).
+
+    On Linux by inotify: each creation wakes the watcher at once (a temporary that lives a millisecond
+    is still seen, and the kill follows within a fraction of a millisecond); elsewhere, or if inotify
+    fails, by walking the tree every poll."""
+
+    def __init__(self, root: str, use_inotify: bool = True):
+        self.root, self.seen, self.sizes = os.path.abspath(root), set(), {}
+        self._ino: Optional[_Inotify] = None
+        if use_inotify and sys.platform.startswith("linux"):
+            try:
+                self._ino = _Inotify()
+                os.makedirs(os.path.dirname(self.root), exist_ok=True)
+                self._ino.add(os.path.dirname(self.root))
+            except (OSError, AttributeError):
+                self._ino = None
+        self.method = "inotify" if self._ino is not None else "polling"
+        self._watched: set[str] = set()
+        self._pending = self._add_tree(self.root, 0.0) if self._ino is not None and os.path.isdir(self.root) else []
+
+    def _file(self, p: str, t: float) -> list[Event]:
+        rel, f = os.path.relpath(p, self.root), os.path.basename(p)
+        if f.startswith(TMP_PREFIX):
+            if rel not in self.seen:
+                self.seen.add(rel)
+                return [Event(t, write_kind(rel), rel)]
+        elif f == "metrics.jsonl":
+            try:
+                size = os.path.getsize(p)
+            except OSError:
+                return []
+            grew = size > self.sizes.get(rel, 0)
+            self.sizes[rel] = size
+            if grew:
+                return [Event(t, "metrics", rel)]
+        return []
+
+    def _add_tree(self, top: str, t: float) -> list[Event]:
+        """Watch ``top`` and the directories below it; report what was written there before the watch."""
+        events = []
+        for d, dirs, files in os.walk(top):
+            dirs[:] = sorted(x for x in dirs if x != "wandb")
+            if d not in self._watched:
+                self._watched.add(d)
+                self._ino.add(d)
+            for f in sorted(files):
+                events += self._file(os.path.join(d, f), t)
+        return events
+
+    def wait(self, timeout: float, t: float) -> list[Event]:
+        """The writes seen within ``timeout`` seconds (returns at the first, with inotify)."""
+        if self._ino is None:
+            time.sleep(timeout)
+            return self.poll(t)
+        events, self._pending = self._pending, []
+        for p, is_dir in self._ino.read(timeout if not events else 0.0):
+            if p != self.root and not p.startswith(self.root + os.sep):
+                continue
+            if is_dir:
+                if os.path.basename(p) != "wandb":
+                    events += self._add_tree(p, t)
+            else:
+                events += self._file(p, t)
+        return events
 
     def poll(self, t: float) -> list[Event]:
+        """Walk the tree once and report what is new since the last look."""
         events = []
         if not os.path.isdir(self.root):
             return events
         for d, dirs, files in os.walk(self.root):
             dirs[:] = [x for x in dirs if x != "wandb"]
             for f in files:
-                p = os.path.join(d, f)
-                rel = os.path.relpath(p, self.root)
-                if f.startswith(TMP_PREFIX):
-                    if rel not in self.seen:
-                        self.seen.add(rel)
-                        events.append(Event(t, write_kind(rel), rel))
-                elif f == "metrics.jsonl":
-                    try:
-                        size = os.path.getsize(p)
-                    except OSError:
-                        continue
-                    if size > self.sizes.get(rel, 0):
-                        events.append(Event(t, "metrics", rel))
-                    self.sizes[rel] = size
+                events += self._file(os.path.join(d, f), t)
         return events
 
     def first_file_time(self) -> bool:
         return os.path.isdir(self.root) and any(os.scandir(self.root))
 
+    def close(self) -> None:
+        if self._ino is not None:
+            self._ino.close()
+
 
 @dataclass
 class Fault:
-    """Where to kill: at ``at`` seconds (kind "random time"), or at the ``occurrence``-th write of ``kind``."""
+    """Where to kill: at ``at`` seconds (kind "random time", drawn after ``start``, the reference's first
+    file), or at the ``occurrence``-th write of ``kind``."""
     kind: str
     at: Optional[float] = None
     occurrence: Optional[int] = None
+    start: float = 0.0
+    window: str = ""
 
 
 @dataclass
@@ -333,6 +436,7 @@ class RunResult:
     events: list[Event] = field(default_factory=list)
     killed_at_s: Optional[float] = None
     stderr_tail: str = ""
+    detector: Optional[str] = None
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
@@ -421,47 +525,52 @@ def kill_tree(proc: subprocess.Popen, known: Optional[dict[int, int]] = None, ma
 
 def run_command(cmd: list[str], watch_root: str, log_path: str, env: dict, fault: Optional[Fault] = None,
                 timeout: float = 300.0, watch: Optional[bool] = None) -> RunResult:
-    """Run ``cmd``, polling ``watch_root`` for writes; kill it where ``fault`` says (if it has not finished first).
+    """Run ``cmd`` (output appended to ``log_path``); kill it where ``fault`` says, if it has not finished first.
 
-    The tree is walked every 2 ms only where writes matter (no fault: the reference, whose writes are
-    counted; a write fault); a timed kill or a rerun (``watch=False``) only checks the clock, every 20 ms."""
+    Writes under ``watch_root`` are watched (:class:`Watcher`) where they matter: with no fault (the
+    reference, whose writes are counted) and for a write fault; a timed kill or a rerun
+    (``watch=False``) only checks the clock, every 20 ms. ``rc`` is None if the command timed out."""
     if watch is None:
         watch = fault is None or fault.kind != TIME_KIND
-    watcher = Watcher(watch_root)
+    watcher = Watcher(watch_root) if watch else None
+    res = RunResult(rc=None, seconds=0.0, detector=watcher.method if watcher else None)
+    known: dict[int, int] = {}  # the process tree (pid -> group), refreshed every 0.1 s while watching
+    t_known, timed_out = 0.0, False
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
-        res = RunResult(rc=None, seconds=0.0)
-        known: dict[int, int] = {}  # the process tree (pid -> group), refreshed every 0.1 s while watching
-        t_known = 0.0
         while True:
             t = time.monotonic() - t0
-            if watch:
+            if watcher:
                 if res.first_file_s is None and watcher.first_file_time():
                     res.first_file_s = t
-                res.events += watcher.poll(t)
-            if watch and fault is not None and time.monotonic() - t_known > 0.1:
-                known, t_known = _descendants(proc.pid), time.monotonic()
+                res.events += watcher.wait(POLL_S, t)
+            else:
+                time.sleep(10 * POLL_S)
             hit = fault is not None and (
                 (fault.kind == TIME_KIND and t >= fault.at) or
                 (fault.kind != TIME_KIND and sum(e.kind == fault.kind for e in res.events) >= fault.occurrence))
-            if hit and proc.poll() is None:
+            if hit and proc.poll() is None:  # the kill comes straight after the event: nothing in between
                 kill_tree(proc, known, marker=watch_root)
                 res.killed_at_s = t
                 break
             if proc.poll() is not None:
-                if watch:
-                    res.events += watcher.poll(time.monotonic() - t0)
+                if watcher:
+                    res.events += watcher.wait(0.0, t) + watcher.poll(t)
                 break
             if t > timeout:
                 kill_tree(proc, known, marker=watch_root)
-                res.seconds = t
-                return res  # rc None: timed out
-            time.sleep(POLL_S if watch else 10 * POLL_S)
+                timed_out = True
+                break
+            if watcher and fault is not None and time.monotonic() - t_known > 0.1:
+                known, t_known = _descendants(proc.pid), time.monotonic()
+    if watcher:
+        watcher.close()
+    res.seconds = time.monotonic() - t0
+    if not timed_out:
         res.rc = proc.returncode if res.killed_at_s is None else -signal.SIGKILL
-        res.seconds = time.monotonic() - t0
     with open(log_path, "rb") as f:
         res.stderr_tail = f.read()[-4000:].decode(errors="replace")
     return res
@@ -476,6 +585,7 @@ class Scenario:
     argv: Callable[[str], list[str]]
     write_kinds: tuple[str, ...]
     resume_args: tuple[str, ...] = ()
+    unit: str = "checkpoint"  # the write that marks progress: random kills land before the first and between
 
 
 def scenarios(teacher: str) -> list[Scenario]:
@@ -486,9 +596,10 @@ def scenarios(teacher: str) -> list[Scenario]:
     return [
         Scenario("train", lambda d: [py, "-m", "flowmatch", "train", os.path.join(HERE, "train.yaml"), "--out", d,
                                      "--no-progress"], ("checkpoint", "metrics"), ("--resume",)),
-        Scenario("reflow generate, 1 worker", lambda d: [py, "-m", "flowmatch", *gen, "--out", d], ("shard", "manifest")),
+        Scenario("reflow generate, 1 worker", lambda d: [py, "-m", "flowmatch", *gen, "--out", d], ("shard", "manifest"),
+                 unit="shard"),
         Scenario("reflow generate, 2 workers", lambda d: [*torchrun, "-m", "flowmatch", "--", *gen, "--out", d],
-                 ("shard", "manifest")),
+                 ("shard", "manifest"), unit="shard"),
         Scenario("reflow run", lambda d: [py, "-m", "flowmatch", "reflow", "run", os.path.join(HERE, "chain.yaml"),
                                           "--out", d, "--no-progress"], WRITE_KINDS),
     ]
@@ -501,23 +612,38 @@ def child_env() -> dict:
     return env
 
 
-def plan_faults(scn: Scenario, ref: RunResult, n_random: int, seed: int) -> list[Fault]:
-    """``n_random`` kills at random times in the reference's [first file, end], then one inside each kind of write."""
+def plan_faults(scn: Scenario, ref: RunResult, n_random: int, seed: int, rotate: int = 0) -> list[Fault]:
+    """``n_random`` kills at random times, then one inside each kind of write.
+
+    The times are drawn by a seeded RNG within windows of the reference run's timeline, so that both
+    cases happen: before its first ``scn.unit`` write (checkpoint or shard) and between its first and
+    last; a third kill and more anywhere from the first file to the end. ``rotate`` shifts which
+    window the first kill takes (so that one kill per scenario still covers both across scenarios)."""
     rng = random.Random(f"{seed}:{scn.name}")
     lo = ref.first_file_s if ref.first_file_s is not None else 0.0
-    faults = [Fault(TIME_KIND, at=round(rng.uniform(lo, ref.seconds), 3)) for _ in range(n_random)]
+    units = [e.t for e in ref.events if e.kind == scn.unit]
+    windows = [("anywhere", lo, ref.seconds)]
+    if units:
+        windows = [(f"before the first {scn.unit}", lo, units[0]),
+                   (f"between {scn.unit}s", units[0], units[-1]) if len(units) > 1 else windows[0]]
+    faults = []
+    for k in range(n_random):
+        name, a, b = windows[(k + rotate) % len(windows)] if k < 2 else ("anywhere", lo, ref.seconds)
+        faults.append(Fault(TIME_KIND, at=round(rng.uniform(a, max(a, b)), 3), start=a, window=name))
     for kind in scn.write_kinds:
         seen = sum(e.kind == kind for e in ref.events)
         faults.append(Fault(kind, occurrence=rng.randint(1, max(seen, 1))))
     return faults
 
 
-def method_of(kind: str) -> str:
+def method_of(kind: str, detector: Optional[str] = None) -> str:
+    """How a kill of ``kind`` is placed (``detector``: how writes were seen, inotify or polling)."""
     if kind == TIME_KIND:
         return "SIGKILL at a seeded random time"
+    how = f" ({detector})" if detector else ""
     if kind == "metrics":
-        return "SIGKILL when metrics.jsonl grows"
-    return "SIGKILL when its .tmp-* appears"
+        return f"SIGKILL when metrics.jsonl grows{how}"
+    return f"SIGKILL when its .tmp-* appears{how}"
 
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -538,7 +664,7 @@ def tally(records: list[dict]) -> list[dict]:
     rows: dict = {}
     for r in records:
         key = (r["scenario"], r["kind"])
-        row = rows.setdefault(key, {"scenario": r["scenario"], "kill kind": r["kind"], "method": method_of(r["kind"]),
+        row = rows.setdefault(key, {"scenario": r["scenario"], "kill kind": r["kind"], "method": method_of(r["kind"], r.get("detector")),
                                     **{c: 0 for c in COLUMNS[3:]}, "in write": 0, "not injected": 0})
         if not r["injected"]:
             row["not injected"] += 1
@@ -589,12 +715,23 @@ def inject(scn: Scenario, fault: Fault, ref_dir: str, work: str, env: dict, time
     """Kill one run of ``scn`` where ``fault`` says, rerun it, compare with the reference -> one record."""
     os.makedirs(work, exist_ok=True)
     out_dir, log = os.path.join(work, "out"), os.path.join(work, "log.txt")
-    where = f"at {fault.at:.2f} s" if fault.kind == TIME_KIND else f"write #{fault.occurrence}"
+    where = f"at {fault.at:.2f} s, {fault.window}" if fault.kind == TIME_KIND else f"write #{fault.occurrence}"
     rec: dict = {"scenario": scn.name, "kind": fault.kind, "where": where, "dir": work, "injected": False,
                  "outcome": None, "lost": [], "leftover_tmp": [], "differs": [], "note": ""}
-    broken = run_command(scn.argv(out_dir), out_dir, log, env, fault, timeout)
+    for attempt in range(1, 4):
+        # a run that finishes before its kill (a faster run than the reference's, a write too quick to
+        # see) is redone in a fresh directory, a timed kill halfway between the first file and its time
+        broken = run_command(scn.argv(out_dir), out_dir, log, env, fault, timeout)
+        rec["attempts"], rec["detector"] = attempt, broken.detector
+        if broken.killed_at_s is not None or broken.rc is None:
+            break
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if fault.kind == TIME_KIND:
+            fault = dataclasses.replace(fault, at=fault.start + (fault.at - fault.start) / 2)
+            rec["where"] = f"at {fault.at:.2f} s, {fault.window}"
     if broken.killed_at_s is None:
-        rec["note"] = (f"finished (exit {broken.rc}) before the kill" if broken.rc is not None else "timed out")
+        rec["note"] = (f"finished (exit {broken.rc}) before the kill, {attempt} times" if broken.rc is not None
+                       else "timed out")
         return rec
     rec["injected"], rec["killed_at_s"] = True, round(broken.killed_at_s, 3)
     if fault.kind != TIME_KIND:
@@ -671,7 +808,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               + ", ".join(f"{k} {v}" for k, v in refs[scn.name]["writes"].items() if v) + ")", flush=True)
         if i not in chosen:
             continue
-        for j, fault in enumerate(plan_faults(scn, ref, n_random, args.seed)):
+        for j, fault in enumerate(plan_faults(scn, ref, n_random, args.seed, rotate=i)):
             rec = inject(scn, fault, ref_dir, os.path.join(work, slug, f"fault{j:02d}"), env, args.timeout)
             records.append(rec)
             print(f"  {fault.kind} ({rec['where']}; on disk: {rec.get('on_disk_after_kill', '-')}): "
