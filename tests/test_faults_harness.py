@@ -102,7 +102,7 @@ def test_writes_are_classified_by_their_target(rf):
 
 
 def test_table_counts_each_outcome_and_json_is_written(rf, tmp_path):
-    rec = dict(scenario="train", lost=[], leftover_tmp=[], injected=True, where="w", note="")
+    rec = dict(scenario="train", lost=[], leftover_tmp=[], injected=True, where="w", note="", detector="inotify")
     records = [
         {**rec, "kind": rf.TIME_KIND, "outcome": "resumed exactly"},
         {**rec, "kind": rf.TIME_KIND, "outcome": "failed to resume", "lost": ["x: missing"]},
@@ -118,7 +118,8 @@ def test_table_counts_each_outcome_and_json_is_written(rf, tmp_path):
     assert (total["faults"], total["resumed exactly"], total["resumed, differs"], total["failed to resume"]) == (3, 1, 1, 1)
     md = rf.to_markdown(rows)
     assert md.splitlines()[0] == "| " + " | ".join(rf.COLUMNS) + " |"
-    assert "| train | checkpoint | SIGKILL when its .tmp-* appears (in the write 1/1) | 1 | 0 | 1 | 0 | 0 | 1 |" in md
+    assert "| train | checkpoint | SIGKILL when its .tmp-* appears (inotify; in the write 1/1) | 1 | 0 | 1 | 0 | 0 | 1 |" in md
+    assert "| train | random time | SIGKILL at a seeded random time | 2 | 1 | 0 | 1 | 1 | 0 |" in md
     rf.write_outputs(str(tmp_path), rows, records, {"seed": 0})
     saved = json.loads((tmp_path / "faults.json").read_text())
     assert saved["rows"] == rows and saved["seed"] == 0 and len(saved["faults"]) == 4

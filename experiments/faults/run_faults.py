@@ -5,7 +5,8 @@ For each scenario -- ``flowmatch train``, ``flowmatch reflow generate`` with one
 once unbroken (the reference), then again in fresh directories, each time killed with SIGKILL (the
 whole process tree) and rerun (``--resume`` for ``train``; the other commands resume by themselves):
 
-* at a random time, drawn by a seeded RNG between the reference run's first file and its end;
+* at a random time, drawn by a seeded RNG from a window of the reference run's timeline: before its
+  first checkpoint (or shard), between its first and last, or anywhere after its first file;
 * inside a write of each kind the command makes (checkpoint, metrics, shard, manifest): the output
   directory is watched (inotify on Linux, else polled every 2 ms) and the process killed the moment
   a ``.tmp-*`` temporary of that file appears (the atomic writes' temporaries) or, for
@@ -13,7 +14,7 @@ whole process tree) and rerun (``--resume`` for ``train``; the other commands re
   occurrence of the write is drawn at random from those the reference made. A kill is counted "in
   the write" when the temporary is still on disk after it. No hook in the package is needed.
 
-A run that ends before its kill is redone (up to three times; a timed kill at half its delay).
+A run that ends before its kill is redone (up to three times; a timed kill earlier in its window).
 
 Each resumed run is compared with the reference: tensors of every ``.pt`` (checkpoints, pair
 shards, samples) bit for bit, JSON fields and ``metrics.jsonl`` rows (timings excepted), text
@@ -677,7 +678,7 @@ def tally(records: list[dict]) -> list[dict]:
     out = list(rows.values())
     for row in out:
         if row["kill kind"] not in (TIME_KIND, "metrics") and row["faults"]:
-            row["method"] += f" (in the write {row['in write']}/{row['faults']})"
+            row["method"] = row["method"].rstrip(")") + f"; in the write {row['in write']}/{row['faults']})"
     total = {"scenario": "total", "kill kind": "", "method": ""}
     total |= {c: sum(r[c] for r in out) for c in (*COLUMNS[3:], "in write", "not injected")}
     return out + [total]
