@@ -771,7 +771,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--scenarios", default=None, help="comma-separated subset of: train, generate-1, generate-2, run")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one command may run")
     args = p.parse_args(argv)
-    n_random = args.n if args.n is not None else int(os.environ.get("FAULTS_N", 1 if args.quick else 2))
+    env_n = os.environ.get("FAULTS_N", "")
+    if args.n is None and env_n and not env_n.isdigit():
+        p.error(f"FAULTS_N must be a whole number >= 0, got {env_n!r}")
+    n_random = args.n if args.n is not None else int(env_n) if env_n else 1 if args.quick else 2
     if n_random < 0:
         p.error(f"--n must be >= 0, got {n_random}")
     keys = {"train": 0, "generate-1": 1, "generate-2": 2, "run": 3}
