@@ -201,5 +201,9 @@ def test_random_kills_land_before_the_first_checkpoint_and_between_checkpoints(r
     assert 4.0 <= faults[0].at <= 8.0 and 8.0 <= faults[1].at <= 10.0 and 4.0 <= faults[2].at <= 20.0
     assert [(f.kind, f.occurrence) for f in faults[3:]] == [("checkpoint", faults[3].occurrence), ("metrics", 1)]
     assert 1 <= faults[3].occurrence <= 3
+    # a second metrics kill comes after the last row (the final evaluation's)
+    ref.events.append(rf.Event(12.0, "metrics", "metrics.jsonl"))
+    faults = rf.plan_faults(scn, ref, 0, seed=0)
+    assert [(f.kind, f.occurrence) for f in faults if f.kind == "metrics"][-1] == ("metrics", 2)
     # one kill per scenario: the rotation picks the other window
     assert rf.plan_faults(scn, ref, 1, seed=0, rotate=1)[0].window == "between checkpoints"

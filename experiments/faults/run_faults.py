@@ -614,7 +614,8 @@ def child_env() -> dict:
 
 
 def plan_faults(scn: Scenario, ref: RunResult, n_random: int, seed: int, rotate: int = 0) -> list[Fault]:
-    """``n_random`` kills at random times, then one inside each kind of write.
+    """``n_random`` kills at random times, then one inside each kind of write (and after the last
+    metrics row, the final evaluation's).
 
     The times are drawn by a seeded RNG within windows of the reference run's timeline, so that both
     cases happen: before its first ``scn.unit`` write (checkpoint or shard) and between its first and
@@ -634,6 +635,8 @@ def plan_faults(scn: Scenario, ref: RunResult, n_random: int, seed: int, rotate:
     for kind in scn.write_kinds:
         seen = sum(e.kind == kind for e in ref.events)
         faults.append(Fault(kind, occurrence=rng.randint(1, max(seen, 1))))
+        if kind == "metrics" and seen > 1 and faults[-1].occurrence != seen:
+            faults.append(Fault(kind, occurrence=seen))  # the last row: the final evaluation's
     return faults
 
 
