@@ -22,7 +22,7 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-portability bench gpu-bench reflow reflow-sweeps images gpu-mnist clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps images gpu-mnist clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,6 +73,13 @@ bench: $(STAMP) ## the few-step bench on the demo's and the reflow chains' check
 # On a machine without this venv (e.g. a GPU image with torch preinstalled): make gpu-bench PY=python3
 gpu-bench: $(if $(filter $(PY),$(VENV)/bin/python),$(STAMP)) ## speed of training, sampling and pair generation against baselines -> runs/gpu_bench/gpu_bench.json (full size on a GPU, small on the CPU)
 	WANDB_MODE=disabled $(PY) -m flowmatch speed --out $(GPU_BENCH_OUT)
+
+# kill -9 at random times and inside each kind of write, resume, compare with the unbroken run;
+# FAULTS_ARGS=--quick for one random-time kill per scenario (FAULTS_N=k sets k)
+FAULTS_OUT ?= runs/faults
+FAULTS_ARGS ?=
+faults: $(STAMP) ## fault injection: kill -9 train / reflow generate (1 and 2 workers) / reflow run, resume, compare with the unbroken run -> runs/faults/faults.md
+	$(PY) experiments/faults/run_faults.py --out $(FAULTS_OUT) $(FAULTS_ARGS)
 
 reflow: $(STAMP) ## reflow chains 1-RF -> 2-RF -> 3-RF -> distil on the three toy tasks -> runs/reflow/ (~14 min)
 	$(PY) -m flowmatch reflow run experiments/toy/reflow_noise_to_moons.yaml \
