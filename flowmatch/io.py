@@ -15,8 +15,10 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import tempfile
 import zipfile
+from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import torch
@@ -47,9 +49,29 @@ def atomic_write(path: str, write: Callable) -> None:
         raise
 
 
+def _canonical(obj: Any) -> Any:
+    """``obj`` with its dicts, lists and tuples rebuilt and every string interned, so that pickle's memo
+    (which follows object identity) writes the same bytes for equal contents: a checkpoint of a run
+    resumed from disk (whose strings were unpickled, not interned literals) is then the same file as the
+    unbroken run's. Tensors and other objects are kept as they are (their sharing is torch's)."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) in (dict, OrderedDict):
+        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
+        meta = getattr(obj, "_metadata", None)  # a module state_dict's version record
+        if meta is not None:
+            out._metadata = _canonical(meta)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` atomically. Equal contents give the same bytes whatever the history of the objects
+    (see :func:`_canonical`), so a file's SHA-256 identifies its contents."""
+    canonical = _canonical(obj)
+    atomic_write(path, lambda f: torch.save(canonical, f))
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -206,3 +206,35 @@ def test_file_sha256(tmp_path):
     p = tmp_path / "b.bin"
     p.write_bytes(b"flowmatch" * 1000)
     assert file_sha256(str(p)) == hashlib.sha256(b"flowmatch" * 1000).hexdigest()
+
+
+def test_atomic_save_writes_equal_contents_as_the_same_bytes(tmp_path):
+    # pickle's memo follows object identity: a shared list or an interned key is written as a back
+    # reference, a fresh equal one in full. atomic_save makes the bytes a function of the contents only
+    import json
+
+    shared = [1, 2]
+    a = {"step": 3, "x": torch.arange(4.0), "cfg": {"k": shared, "m": shared}, "names": ["step", "x"]}
+    b = json.loads(json.dumps({"step": 3, "cfg": {"k": [1, 2], "m": [1, 2]}, "names": ["step", "x"]}))
+    b = {"step": b["step"], "x": torch.arange(4.0), "cfg": b["cfg"], "names": b["names"]}
+    atomic_save(a, str(tmp_path / "a.pt"))
+    atomic_save(b, str(tmp_path / "b.pt"))
+    assert file_sha256(str(tmp_path / "a.pt")) == file_sha256(str(tmp_path / "b.pt"))
+    state = torch.nn.Linear(2, 2).state_dict()
+    atomic_save(state, str(tmp_path / "s.pt"))
+    loaded = torch.load(str(tmp_path / "s.pt"), weights_only=True)
+    assert loaded._metadata == state._metadata  # the module's version record is kept
+
+
+def test_resumed_run_writes_the_unbroken_runs_checkpoint_file(make_cfg, tmp_path):
+    # the checkpoint's SHA-256 is the reflow pair store's teacher id: a chain killed and resumed mid-stage
+    # must hash its teacher as the unbroken chain does
+    from test_training import _Interrupt
+
+    base = ("train.steps=20", "train.ckpt_every=5")
+    a = train(make_cfg(*base), str(tmp_path / "a"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*base), str(tmp_path / "b"), progress=False, on_step=_Interrupt(13))
+    b = train(make_cfg(*base), str(tmp_path / "b"), resume=True, progress=False)
+    assert b.start_step == 10
+    assert file_sha256(a.checkpoint) == file_sha256(b.checkpoint)
