@@ -35,7 +35,8 @@ class Solver:
     """A fixed-step explicit ODE solver for ``dx/dt = v(x, t)``.
 
     Subclasses set ``name``, ``order`` (global error ``O(h^order)``) and ``stages`` (velocity
-    evaluations per step, so ``nfe = num_steps * stages``) and implement ``step``.
+    evaluations per step, so ``nfe = num_steps * stages``) and implement ``step``; a multistep
+    method implements :meth:`init_state` and :meth:`advance` instead (the loop stays the base's).
     """
 
     name: str = ""
@@ -47,9 +48,21 @@ class Solver:
         """One step from ``t`` to ``t_next`` (both ``[B]``); returns ``x`` at ``t_next``."""
         raise NotImplementedError
 
+    def init_state(self, x0: torch.Tensor) -> Optional[dict]:
+        """The state a multistep method carries from step to step, made at the start of a solve from
+        ``x0``; ``None`` for a one-step method (the default)."""
+        return None
+
+    def advance(self, v: Field, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                state: Optional[dict]) -> torch.Tensor:
+        """One step of :meth:`integrate`'s loop: :meth:`step` for a one-step method; a multistep
+        method overrides it to read and update ``state`` (from :meth:`init_state`)."""
+        return self.step(v, x, t, t_next)
+
     def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor,
                   return_trajectory: bool = False) -> Trajectory:
-        """Integrate from ``grid[0]`` to ``grid[-1]`` through every grid point.
+        """Integrate from ``grid[0]`` to ``grid[-1]`` through every grid point (the one loop of every
+        fixed-step and multistep solver).
 
         ``x0`` is ``[B, *D]``, ``grid`` is ``[K + 1]`` (K steps). Gradients flow if the caller
         enables them (the solver does not touch autograd).
@@ -58,11 +71,11 @@ class Solver:
         if grid.ndim != 1 or grid.numel() < 2:
             raise ValueError(f"grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}")
         counted = CountedField(v)
-        x = x0
+        x, state = x0, self.init_state(x0)
         xs = [x0] if return_trajectory else None
         b = x0.shape[0]
         for i in range(grid.numel() - 1):
-            x = self.step(counted, x, grid[i].expand(b), grid[i + 1].expand(b))
+            x = self.advance(counted, x, grid[i].expand(b), grid[i + 1].expand(b), state)
             if xs is not None:
                 xs.append(x)
         return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
