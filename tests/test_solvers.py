@@ -618,3 +618,40 @@ def test_a_multistep_method_is_two_hooks_on_the_base_loop():
     for i in range(6):
         assert torch.allclose(tr.xs[i], x0 - g[i] * x0, atol=1e-14)
     assert torch.equal(tr.x1, tr.xs[-1])
+
+
+# --------------------------------------------------------------------------- the nfe-vs-adaptive check, once
+ADAPTIVE_NAMES = [n for n in SOLVERS if is_adaptive(n)]
+
+
+def _refusal(fn) -> str:
+    with pytest.raises(ConfigError) as e:
+        fn()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_NAMES)
+@pytest.mark.parametrize("key", ["nfe", "num_steps"])
+def test_every_adaptive_solver_refuses_a_step_count_as_num_steps_for_does(name, key):
+    from flowmatch.solvers import num_steps_for
+
+    msg = _refusal(lambda: solve(neg, x0_batch(), name, **{key: 8}))
+    assert msg == _refusal(lambda: num_steps_for(get_solver(name), **{key: 8}))
+    assert "\n" not in msg and f"{name!r} is adaptive" in msg and f"drop {key} (got 8)" in msg
+    assert num_steps_for(get_solver(name)) is None
+
+
+@pytest.mark.parametrize("name", list(FIXED_SOLVERS))
+def test_solve_takes_its_steps_from_num_steps_for(name):
+    from flowmatch.solvers import num_steps_for
+
+    s = get_solver(name)
+    for k in (1, 2, 3, 4, 8, 12):
+        if s.steps_for_nfe(k) is None:
+            assert _refusal(lambda: solve(neg, x0_batch(), name, nfe=k)) == _refusal(lambda: num_steps_for(s, k))
+        else:
+            assert solve(neg, x0_batch(), name, nfe=k).ts.numel() - 1 == num_steps_for(s, k) == k // STAGES[name]
+    assert _refusal(lambda: solve(neg, x0_batch(), name)) == _refusal(lambda: num_steps_for(s))
+    assert "fixed-step" in _refusal(lambda: num_steps_for(s)) and "nfe" in _refusal(lambda: num_steps_for(s))
+    only_steps = _refusal(lambda: num_steps_for(s, takes=("num_steps",)))
+    assert "num_steps" in only_steps and "nfe" not in only_steps

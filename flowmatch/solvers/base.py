@@ -6,10 +6,11 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.errors import FlowmatchError
+from flowmatch.config import check_int
+from flowmatch.errors import ConfigError, FlowmatchError
 from flowmatch.types import Trajectory
 
-__all__ = ["Solver", "CountedField", "Field", "SolverError"]
+__all__ = ["Solver", "CountedField", "Field", "SolverError", "num_steps_for"]
 
 
 class SolverError(FlowmatchError):
@@ -91,3 +92,33 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(order={self.order}, stages={self.stages})"
+
+
+def num_steps_for(solver: Solver, nfe: Optional[int] = None, num_steps: Optional[int] = None, *,
+                  takes: tuple = ("nfe", "num_steps")) -> Optional[int]:
+    """The one nfe-vs-adaptive check: the number of steps of a fixed-step solve, ``None`` for an
+    adaptive one.
+
+    An adaptive solver takes tolerances and chooses its own steps, so it refuses an ``nfe`` or a
+    ``num_steps``. A fixed-step solver takes ``num_steps`` (which wins when both are given) or an
+    ``nfe`` that is a positive multiple of its ``stages``; both are integers >= 1. ``takes`` names
+    the arguments the caller offers (for the message when neither is given). Each refusal is a
+    one-line :class:`ConfigError` naming the solver and the value.
+    """
+    if solver.adaptive:
+        for key, value in (("nfe", nfe), ("num_steps", num_steps)):
+            if value is not None:
+                raise ConfigError(f"solver {solver.name!r} is adaptive: it chooses its own steps from atol/rtol; "
+                                  f"drop {key} (got {value!r}) or pick a fixed-step solver")
+        return None
+    nfe, num_steps = check_int("nfe", nfe, 1, optional=True), check_int("num_steps", num_steps, 1, optional=True)
+    if num_steps is not None:
+        return num_steps
+    if nfe is None:
+        want = {"nfe": f"nfe (a positive multiple of its {solver.stages} evaluations per step)", "num_steps": "num_steps"}
+        raise ConfigError(f"solver {solver.name!r} is fixed-step: it needs {' or '.join(want[k] for k in takes)}")
+    steps = solver.steps_for_nfe(nfe)
+    if steps is None:
+        raise ConfigError(f"solver {solver.name!r} uses {solver.stages} evaluations per step; nfe={nfe} is not a "
+                          f"positive multiple of {solver.stages}")
+    return steps
