@@ -94,7 +94,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -107,6 +107,7 @@ from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.fused_mlp import FlatMLP, fused_mlp_reason
 from flowmatch.training.losses import LOSSES, cfm_loss, t_bin_sums
+from flowmatch.training.schedule import lr_lambda
 from flowmatch.utils import make_generator
 
 __all__ = ["FAST_MODES", "COMPILE_MODES", "PRECISIONS", "CHANNELS_LAST_MODES", "NUM_T_BINS", "SpeedPlan",
@@ -247,20 +248,6 @@ def resolve_plan(tc: TrainConfig, device: torch.device | str = "cpu", *, images:
                          grad_accum=tc.grad_accum)
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str = "constant", min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to ``min_ratio`` at ``total``."""
-
-    def f(s: int) -> float:
-        if warmup > 0 and s < warmup:
-            return (s + 1) / warmup
-        if schedule == "cosine":
-            p = min(1.0, (s - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        return 1.0
-
-    return f
-
-
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, *, fast: bool = False,
                     device: torch.device | str = "cpu", params: Optional[list] = None):
     """AdamW (``fused`` on CUDA / ``foreach`` elsewhere when ``fast``; torch's default otherwise) and
@@ -271,8 +258,7 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, *, fast: bool = Fal
         kw = {"fused": True} if torch.device(device).type == "cuda" or params is not None else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters() if params is None else params, lr=tc.lr,
                             weight_decay=tc.weight_decay, **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps, tc.steps, tc.lr_schedule,
-                                                              tc.lr_min_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio))
     return opt, sched
 
 
