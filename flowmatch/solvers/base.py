@@ -115,7 +115,8 @@ def num_steps_for(solver: Solver, nfe: Optional[int] = None, num_steps: Optional
     if num_steps is not None:
         return num_steps
     if nfe is None:
-        want = {"nfe": f"nfe (a positive multiple of its {solver.stages} evaluations per step)", "num_steps": "num_steps"}
+        want = {"nfe": f"nfe (a positive multiple of its {solver.stages} evaluations per step)",
+                "num_steps": "num_steps"}
         raise ConfigError(f"solver {solver.name!r} is fixed-step: it needs {' or '.join(want[k] for k in takes)}")
     steps = solver.steps_for_nfe(nfe)
     if steps is None:
