@@ -492,6 +492,12 @@ def test_resolve_precision(value, device, expected):
     assert resolve_precision(value, device) == expected
 
 
+def test_resolve_precision_names_the_key_it_resolves():
+    with pytest.raises(ConfigError, match=r"^reflow\.precision must be one of auto, fp32, bf16; got 'fp16'$"):
+        resolve_precision("fp16", "cpu", key="reflow.precision")
+    assert resolve_precision("auto", "cuda", images=False, key="reflow.precision") == "fp32"
+
+
 def test_auto_precision_is_bf16_on_cuda_when_supported():
     ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
     assert resolve_precision("auto", "cuda") == ("bf16" if ok else "fp32")

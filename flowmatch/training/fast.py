@@ -156,13 +156,15 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu", *, images: bool = True) -> str:
-    """``train.precision`` for ``device``: ``fp32`` or ``bf16``. ``auto`` is bf16 for image models on a
-    CUDA device that supports it and fp32 elsewhere: on the CPU bf16 autocast is slower than fp32
-    (ask for it explicitly, e.g. in tests), and the small toy MLPs gain nothing from it while their
-    W2 at the noise floor would feel the rounding. Unknown values: a ConfigError listing the valid ones."""
+def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu", *, images: bool = True,
+                      key: str = "train.precision") -> str:
+    """``train.precision`` (or another ``key``'s, e.g. ``reflow.precision``) for ``device``: ``fp32`` or
+    ``bf16``. ``auto`` is bf16 for image models (``images``) on a CUDA device that supports it and fp32
+    elsewhere: on the CPU bf16 autocast is slower than fp32 (ask for it explicitly, e.g. in tests), and
+    the small toy MLPs gain nothing from it while their W2 at the noise floor would feel the rounding.
+    Unknown values: a ConfigError naming ``key`` and listing the valid ones."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != "auto":
         return precision
     if not _is_cuda(device) or not images:
