@@ -33,7 +33,7 @@ from flowmatch.data import ToyDistribution
 from flowmatch.errors import ConfigError
 from flowmatch.metrics import straightness, w2
 from flowmatch.metrics.distances import MMDReference
-from flowmatch.solvers import get_solver, parse_grid, solve
+from flowmatch.solvers import get_solver, num_steps_for, parse_grid, solve
 from flowmatch.utils import make_generator
 
 __all__ = ["ToyScorer", "ImageScorer", "bench_columns", "row_metric", "BENCH_COLUMNS", "MODEL_COLUMNS", "BENCH_SOLVERS", "BENCH_NFES", "BenchResult", "benchmark",
@@ -241,7 +241,7 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
             x1 = traj.x1.float().cpu()
             row = {
                 "model": model_name, "solver": s.name, "grid": grid,
-                "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "nfe": traj.nfe,
+                "num_steps": num_steps_for(s, nfe), "nfe": traj.nfe,
                 **dict.fromkeys(scorer.scores, float("nan")), **floors[m],
                 "straightness": st.straightness, "straightness_rel": st.straightness_rel, "logp": info["logp"],
                 "seconds": seconds, "samples_per_sec": m / max(seconds, 1e-12), "n": m, "device": str(device),

@@ -20,7 +20,7 @@ import torch
 
 from flowmatch.errors import ConfigError
 from flowmatch.types import PathSample
-from flowmatch.utils import as_time, lookup
+from flowmatch.utils import as_time, expand_like, lookup
 
 __all__ = ["SchedulerOutput", "Scheduler", "LinearScheduler", "CosineScheduler", "AffinePath", "PATHS", "get_path"]
 
@@ -63,11 +63,6 @@ class CosineScheduler(Scheduler):
                                d_alpha=h * torch.cos(h * t), d_sigma=-h * torch.sin(h * t))
 
 
-def _expand(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[B] -> [B, 1, ..., 1]`` to broadcast against ``x`` of shape ``[B, *D]``."""
-    return s.reshape(-1, *([1] * (x.ndim - 1)))
-
-
 class AffinePath:
     """``x_t = alpha(t) x1 + sigma(t) x0 + sigma_smooth * eps``, target ``u_t = alpha' x1 + sigma' x0``."""
 
@@ -85,15 +80,15 @@ class AffinePath:
             raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
         t = as_time(t, x1)
         if self.scheduler.unit_speed:
-            te = _expand(t, x1)
+            te = expand_like(t, x1)
             xt = te * x1 + torch.rsub(te, 1) * x0  # rsub: 1 - te without the Python operator
         else:
             s = self.scheduler(t)
-            xt = _expand(s.alpha, x1) * x1 + _expand(s.sigma, x0) * x0
+            xt = expand_like(s.alpha, x1) * x1 + expand_like(s.sigma, x0) * x0
         if self.sigma > 0:
             eps = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
             xt = xt + self.sigma * eps
-        ut = x1 - x0 if self.scheduler.unit_speed else _expand(s.d_alpha, x1) * x1 + _expand(s.d_sigma, x0) * x0
+        ut = x1 - x0 if self.scheduler.unit_speed else expand_like(s.d_alpha, x1) * x1 + expand_like(s.d_sigma, x0) * x0
         return PathSample(x0=x0, x1=x1, t=t, xt=xt, ut=ut)
 
     def __repr__(self) -> str:

@@ -38,7 +38,7 @@ from flowmatch.data.pairs import (PAIRS_FORMAT, PAIRS_VERSION, PairStoreError, r
 from flowmatch.errors import ConfigError, FlowmatchError
 from flowmatch.models import ClassifierFreeGuidance
 from flowmatch.io import atomic_save, atomic_write_text, file_sha256, remove_temporaries, safe_load
-from flowmatch.solvers import get_solver, solve
+from flowmatch.solvers import get_solver, num_steps_for, solve
 from flowmatch.training.checkpoint import load_model
 from flowmatch.training.distributed import dist_info, init_distributed_from_env  # noqa: F401 (re-exported)
 from flowmatch.utils import make_generator, resolve_device
@@ -154,11 +154,7 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
     lm = load_model(teacher, device=dev)  # clear CheckpointError when missing or corrupt
     cfg = lm.config
     s = get_solver(solver, atol=atol, rtol=rtol)
-    if s.adaptive and nfe is not None:
-        raise ConfigError(f"solver {solver!r} is adaptive: give atol/rtol, not nfe")
-    if not s.adaptive:
-        if nfe is None or s.steps_for_nfe(nfe) is None:
-            raise ConfigError(f"solver {solver!r} needs nfe, a positive multiple of {s.stages}; got {nfe}")
+    num_steps = num_steps_for(s, nfe, takes=("nfe",))
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"pair generation precision must be fp32 or bf16, got {precision!r}")
     source = build_source(cfg.data)  # the noise only: the target's images are not needed here
@@ -171,7 +167,7 @@ def generate_pairs(teacher: str, out_dir: str, n: int, *, solver: str = "dopri5"
         "source": cfg.data.source, "target": cfg.data.target,
         "solver": {"name": s.name, "adaptive": s.adaptive, "atol": atol if s.adaptive else None,
                    "rtol": rtol if s.adaptive else None, "nfe": None if s.adaptive else nfe,
-                   "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "grid": "adaptive" if s.adaptive else "uniform"},
+                   "num_steps": num_steps, "grid": "adaptive" if s.adaptive else "uniform"},
         "teacher": {"sha256": teacher_sha, "step": lm.step, "config": to_dict(cfg)},
         "teacher_path": os.path.abspath(teacher),
     }

@@ -9,7 +9,7 @@ import torch
 
 from flowmatch.errors import UnknownNameError
 
-__all__ = ["seed_everything", "resolve_device", "lookup", "make_generator", "as_time"]
+__all__ = ["seed_everything", "resolve_device", "lookup", "make_generator", "as_time", "expand_like"]
 
 T = TypeVar("T")
 
@@ -54,3 +54,9 @@ def as_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must be a scalar or of shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
     return t
+
+
+def expand_like(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``[B]`` tensor (a time, a step size, a weight) as ``[B, 1, ..., 1]``, to broadcast
+    against ``x`` of shape ``[B, *D]`` (a view: the same floats)."""
+    return s.reshape(-1, *([1] * (x.ndim - 1)))

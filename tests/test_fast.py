@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -491,9 +492,45 @@ def test_resolve_precision(value, device, expected):
     assert resolve_precision(value, device) == expected
 
 
+def test_resolve_precision_names_the_key_it_resolves():
+    with pytest.raises(ConfigError, match=r"^reflow\.precision must be one of auto, fp32, bf16; got 'fp16'$"):
+        resolve_precision("fp16", "cpu", key="reflow.precision")
+    assert resolve_precision("auto", "cuda", images=False, key="reflow.precision") == "fp32"
+
+
 def test_auto_precision_is_bf16_on_cuda_when_supported():
     ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
     assert resolve_precision("auto", "cuda") == ("bf16" if ok else "fp32")
+
+
+def _toy_with_image_target(model: nn.Module) -> Components:
+    """An unshaped source with an image target: the target says the task is an image one."""
+    comp = _images(model)
+    return replace(comp, source=Gaussian(comp.source.dim))
+
+
+@pytest.mark.parametrize("build", ["toy", "images", "image_target"])
+def test_trainer_resolves_precision_auto_as_the_plan_does(make_cfg, monkeypatch, build):
+    """``precision: auto`` (and ``channels_last: auto``) as resolved for a CUDA device: the Trainer and
+    :func:`resolve_plan` answer from one "is this an image task" (bf16 and channels_last for images
+    only), so a Trainer built directly agrees with the training loop's plan."""
+    import flowmatch.training.fast as fast_mod
+
+    monkeypatch.setattr(fast_mod, "_is_cuda", lambda device: True)  # resolve as for CUDA; runs on the CPU
+    cfg = make_cfg("train.precision=auto", "train.channels_last=auto")
+    comp = {"toy": lambda: build_components(cfg), "images": lambda: _images(_Probe(conditional=False)),
+            "image_target": lambda: _toy_with_image_target(_Probe(conditional=False))}[build]()
+    plan = resolve_plan(cfg.train, comp.device, images=fast_mod._is_image(comp))
+    tr = Trainer(cfg, comp)
+    image = build != "toy"
+    assert (tr.plan.precision, tr.plan.channels_last) == (plan.precision, plan.channels_last)
+    assert (plan.precision, plan.channels_last) == (("bf16", True) if image else ("fp32", False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer_on_cuda_keeps_a_toy_run_in_fp32(make_cfg):
+    cfg = make_cfg("train.device=cuda", "train.precision=auto")
+    assert Trainer(cfg, build_components(cfg)).plan.precision == "fp32"
 
 
 @pytest.mark.parametrize("value,device,expected", [

@@ -346,3 +346,17 @@ def test_runs_on_cuda():
                        generator=torch.Generator(device=dev).manual_seed(0), atol=1e-7, rtol=1e-7)
     assert r.logp.device.type == "cuda"
     assert (r.logp.cpu() - ref).abs().max() < 1e-4
+
+
+def test_likelihood_refuses_steps_for_an_adaptive_solver_as_solve_does():
+    from flowmatch.solvers import get_solver, num_steps_for, solve
+
+    v, x1 = (lambda x, t: -x), torch.randn(4, 2, generator=gen(0))
+    msgs = []
+    for fn in (lambda: log_likelihood(v, x1, Gaussian(2), solver="dopri5", num_steps=10),
+               lambda: solve(v, x1, "dopri5", num_steps=10),
+               lambda: num_steps_for(get_solver("dopri5"), num_steps=10)):
+        with pytest.raises(ConfigError) as e:
+            fn()
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] == msgs[2]

@@ -196,3 +196,29 @@ def test_shape_mismatch_and_bad_t():
         get_path("linear").sample(x0, x1[:, :2], 0.5)
     with pytest.raises(ValueError):
         get_path("linear").sample(x0, x1, torch.zeros(5, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- [B] -> [B, 1, ...] in one place
+@pytest.mark.parametrize("shape", [(5,), (5, 3), (5, 1, 4, 4)])
+def test_expand_like_broadcasts_a_per_sample_value(shape):
+    from flowmatch.utils import expand_like
+
+    x = torch.randn(*shape, generator=gen(3))
+    s = torch.arange(5, dtype=x.dtype)
+    e = expand_like(s, x)
+    assert e.shape == (5,) + (1,) * (len(shape) - 1)
+    # row i of s * x is s[i] times row i of x, written out element by element
+    prod = e * x
+    for i in range(5):
+        assert torch.equal(prod[i], s[i] * x[i])
+
+
+def test_the_per_sample_broadcast_is_written_once():
+    """Paths, losses, solvers and metrics broadcast ``[B]`` against ``[B, *D]`` through
+    ``flowmatch.utils.expand_like``, not a copy of its reshape."""
+    import pathlib
+
+    pkg = pathlib.Path(__file__).resolve().parents[1] / "flowmatch"
+    idiom = "*([1] * ("
+    found = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if idiom in p.read_text()]
+    assert found == ["utils.py"], found

@@ -467,3 +467,17 @@ def test_sweep_shares_one_teacher_and_tabulates_each_value(tmp_path, make_cfg):
         assert r["teacher NFE per pair"] == 32 and r["2-RF Euler-1 W2"] > 0
     assert len({r["1-RF dopri5 W2"] for r in rows}) == 1  # the same teacher, benchmarked the same way
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text()) == rows
+
+
+@pytest.mark.parametrize("solver,nfe", [("dopri5", 8), ("rk4", 6), ("rk4", None)])
+def test_generation_refuses_an_nfe_as_solve_does(teacher, tmp_path, solver, nfe):
+    from flowmatch.errors import ConfigError
+    from flowmatch.solvers import get_solver, num_steps_for
+
+    out = tmp_path / "pairs"
+    with pytest.raises(ConfigError) as e:
+        generate_pairs(teacher, str(out), 10, solver=solver, nfe=nfe, shard_size=10, device="cpu")
+    with pytest.raises(ConfigError) as ref:
+        num_steps_for(get_solver(solver), nfe, takes=("nfe",))
+    assert str(e.value) == str(ref.value)
+    assert not out.exists()

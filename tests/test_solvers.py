@@ -582,3 +582,76 @@ def test_captured_solve_bad_input():
     c = CapturedSolve(v, "euler", time_grid(4), x0)
     with pytest.raises(ValueError, match=r"\(8, 2\)"):
         c(torch.randn(9, 2))
+
+
+# --------------------------------------------------------------------------- one integrate loop
+def test_every_fixed_step_solver_uses_the_base_integrate_loop():
+    from flowmatch.solvers import Solver
+
+    for name, cls in FIXED_SOLVERS.items():
+        assert cls.integrate is Solver.integrate, name
+
+
+def test_a_multistep_method_is_two_hooks_on_the_base_loop():
+    """A method that carries state (here: the number of steps taken and the first velocity, a
+    'frozen-velocity' sampler) defines ``init_state`` and ``advance``; the base class integrates,
+    counts the NFE and stacks the trajectory."""
+    from flowmatch.solvers import Solver
+
+    class Frozen(Solver):
+        name, order, stages = "frozen", 1, 1
+
+        def init_state(self, x0):
+            return {"steps": 0}
+
+        def advance(self, v, x, t, t_next, state):
+            if state["steps"] == 0:
+                state["v"] = v(x, t)
+            state["steps"] += 1
+            return x + (t_next - t)[:, None] * state["v"]
+
+    x0 = x0_batch(b=4, d=2)
+    g = time_grid(5, "power", rho=2.0, dtype=x0.dtype)
+    tr = Frozen().integrate(neg, x0, g, return_trajectory=True)
+    assert tr.nfe == 1 and tr.xs.shape == (6, 4, 2) and torch.equal(tr.xs[0], x0)
+    # written out: x moves along -x0 for the whole unit interval, through every grid time
+    for i in range(6):
+        assert torch.allclose(tr.xs[i], x0 - g[i] * x0, atol=1e-14)
+    assert torch.equal(tr.x1, tr.xs[-1])
+
+
+# --------------------------------------------------------------------------- the nfe-vs-adaptive check, once
+ADAPTIVE_NAMES = [n for n in SOLVERS if is_adaptive(n)]
+
+
+def _refusal(fn) -> str:
+    with pytest.raises(ConfigError) as e:
+        fn()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_NAMES)
+@pytest.mark.parametrize("key", ["nfe", "num_steps"])
+def test_every_adaptive_solver_refuses_a_step_count_as_num_steps_for_does(name, key):
+    from flowmatch.solvers import num_steps_for
+
+    msg = _refusal(lambda: solve(neg, x0_batch(), name, **{key: 8}))
+    assert msg == _refusal(lambda: num_steps_for(get_solver(name), **{key: 8}))
+    assert "\n" not in msg and f"{name!r} is adaptive" in msg and f"drop {key} (got 8)" in msg
+    assert num_steps_for(get_solver(name)) is None
+
+
+@pytest.mark.parametrize("name", list(FIXED_SOLVERS))
+def test_solve_takes_its_steps_from_num_steps_for(name):
+    from flowmatch.solvers import num_steps_for
+
+    s = get_solver(name)
+    for k in (1, 2, 3, 4, 8, 12):
+        if s.steps_for_nfe(k) is None:
+            assert _refusal(lambda: solve(neg, x0_batch(), name, nfe=k)) == _refusal(lambda: num_steps_for(s, k))
+        else:
+            assert solve(neg, x0_batch(), name, nfe=k).ts.numel() - 1 == num_steps_for(s, k) == k // STAGES[name]
+    assert _refusal(lambda: solve(neg, x0_batch(), name)) == _refusal(lambda: num_steps_for(s))
+    assert "fixed-step" in _refusal(lambda: num_steps_for(s)) and "nfe" in _refusal(lambda: num_steps_for(s))
+    only_steps = _refusal(lambda: num_steps_for(s, takes=("num_steps",)))
+    assert "num_steps" in only_steps and "nfe" not in only_steps

@@ -10,7 +10,7 @@ import torch
 
 import flowmatch.training.loop as loop_mod
 from flowmatch.config import to_dict
-from flowmatch.errors import NonFiniteLossError, RunDirError
+from flowmatch.errors import NonFiniteLossError, RunDirError, UnknownNameError
 from flowmatch.pipelines import train_from_config
 from flowmatch.training import (FORMAT_VERSION, last_checkpoint, load_checkpoint, load_model, read_metrics,
                                 train)
@@ -257,12 +257,32 @@ def test_train_from_config_writes_summary_and_reuses_finished_run(tiny_cfg, tmp_
 
 
 def test_lr_schedule_warmup_then_cosine_to_min_ratio():
-    from flowmatch.training.loop import _lr_lambda
+    from flowmatch.training.schedule import lr_lambda
 
-    f = _lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    f = lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up (s + 1) / warmup
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: cos(pi / 2) = 0
     assert f(110) == pytest.approx(0.1)
-    g = _lr_lambda(warmup=0, total=100, schedule="constant")
+    g = lr_lambda(warmup=0, total=100, schedule="constant")
     assert {g(s) for s in (0, 50, 99)} == {1.0}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_trainer_follows_the_one_lr_schedule(make_cfg, schedule):
+    """The optimiser's learning rate at every step is ``train.lr`` times :func:`lr_lambda`'s factor,
+    and an unknown schedule is refused with the names :data:`LR_SCHEDULES` lists."""
+    from flowmatch.training.fast import build_trainer
+    from flowmatch.training.schedule import LR_SCHEDULES, lr_lambda
+
+    cfg = make_cfg("train.steps=8", "train.warmup_steps=3", f"train.lr_schedule={schedule}", "train.lr_min_ratio=0.2")
+    tr = build_trainer(cfg, fast=False, compile="off")
+    f = lr_lambda(3, 8, schedule, 0.2)
+    for s in range(8):
+        assert tr.optimizer.param_groups[0]["lr"] == cfg.train.lr * f(s)
+        tr.step()
+    with pytest.raises(UnknownNameError) as e:
+        lr_lambda(3, 8, "linear")
+    with pytest.raises(UnknownNameError) as e2:
+        build_trainer(make_cfg("train.lr_schedule=linear"))
+    assert str(e.value) == str(e2.value) and all(n in str(e.value) for n in LR_SCHEDULES)

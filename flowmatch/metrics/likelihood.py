@@ -48,7 +48,7 @@ import torch
 
 from flowmatch.errors import ConfigError
 from flowmatch.metrics.guard import finite_inputs
-from flowmatch.solvers import Solver, get_solver, time_grid
+from flowmatch.solvers import Solver, get_solver, num_steps_for, time_grid
 from flowmatch.utils import lookup
 
 __all__ = [
@@ -199,15 +199,10 @@ def log_likelihood(v: Callable, x1: torch.Tensor, source_log_prob, *, solver: st
     if s.order < 1:  # e.g. a sampler that is not a consistent ODE method: it would not follow v backwards
         raise ConfigError(f"solver {s.name!r} has order {s.order}: the likelihood needs a consistent ODE "
                           f"solver (order >= 1)")
+    num_steps = num_steps_for(s, num_steps=num_steps, takes=("num_steps",))
     if s.adaptive:
-        if num_steps is not None:
-            raise ConfigError(f"solver {s.name!r} is adaptive and chooses its own steps; drop num_steps "
-                              f"(got {num_steps}) or pick a fixed-step solver")
         grid = torch.tensor([1.0, 0.0], dtype=x1.dtype, device=x1.device)
     else:
-        if num_steps is None or isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-            raise ConfigError(f"fixed-step solver {s.name!r} needs a positive integer num_steps, got {num_steps!r}")
-        num_steps = int(num_steps)
         grid = time_grid(num_steps, device=x1.device, dtype=x1.dtype).flip(0)  # 1 -> 0
 
     finite = finite_inputs("log_likelihood", x1=x1)

@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 
 from flowmatch.config import check_int
-from flowmatch.errors import ConfigError
 from flowmatch.solvers.adaptive import TORCHDIFFEQ_ADAPTIVE, TorchdiffeqSolver
-from flowmatch.solvers.base import CountedField, Solver, SolverError
+from flowmatch.solvers.base import CountedField, Solver, SolverError, num_steps_for
 from flowmatch.solvers.captured import CAPTURE_MODES, CapturedSolve
 from flowmatch.solvers.fixed import RK4, Euler, Heun, Midpoint
 from flowmatch.solvers.grids import GRIDS, parse_grid, time_grid
@@ -25,7 +24,8 @@ from flowmatch.utils import lookup
 __all__ = [
     "Solver", "SolverError", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "AdamsBashforth2", "Renoise",
     "TorchdiffeqSolver", "CapturedSolve", "CAPTURE_MODES",
-    "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "time_grid", "parse_grid", "GRIDS", "solve",
+    "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "num_steps_for", "time_grid", "parse_grid", "GRIDS",
+    "solve",
 ]
 
 FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4, AdamsBashforth2, Renoise)}
@@ -49,24 +49,18 @@ def solve(v, x0: torch.Tensor, solver: str | Solver = "euler", *, nfe: Optional[
     """Integrate ``v`` from t = 0 to 1 starting at ``x0`` (``[B, *D]``).
 
     Fixed-step solvers take ``num_steps`` or an ``nfe`` that is a multiple of their stages;
-    adaptive ones take ``atol``/``rtol`` and report the NFE they used (their trajectory, when asked
-    for, is reported on a uniform grid of ``trajectory_points``). ``grid`` names a time grid
+    adaptive ones take ``atol``/``rtol``, refuse an ``nfe`` or ``num_steps`` (both checked by
+    :func:`num_steps_for`) and report the NFE they used (their trajectory, when asked for, is
+    reported on a uniform grid of ``trajectory_points``). ``grid`` names a time grid
     (:data:`GRIDS`), optionally with its exponent: ``power:0.5`` is ``grid="power", rho=0.5``.
     ``nfe``, ``num_steps`` (integers >= 1) and ``trajectory_points`` (>= 2) are range-checked here.
     """
     s = solver if isinstance(solver, Solver) else get_solver(solver, atol=atol, rtol=rtol)
     grid, rho = parse_grid(grid, rho)
-    nfe, num_steps = check_int("nfe", nfe, 1, optional=True), check_int("num_steps", num_steps, 1, optional=True)
+    num_steps = num_steps_for(s, nfe, num_steps)
     if s.adaptive:
         check_int("trajectory_points", trajectory_points, 2)
         g = torch.linspace(0, 1, trajectory_points if return_trajectory else 2, device=x0.device, dtype=x0.dtype)
         return s.integrate(v, x0, g, return_trajectory=return_trajectory)
-    if num_steps is None:
-        if nfe is None:
-            raise ConfigError(f"solver {s.name!r} needs nfe or num_steps")
-        num_steps = s.steps_for_nfe(nfe)
-        if num_steps is None:
-            raise ConfigError(f"solver {s.name!r} uses {s.stages} evaluations per step; nfe={nfe} is not a "
-                              f"positive multiple of {s.stages}")
     g = time_grid(num_steps, grid, rho=rho, device=x0.device, dtype=x0.dtype)
     return s.integrate(v, x0, g, return_trajectory=return_trajectory)

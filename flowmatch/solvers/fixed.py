@@ -1,4 +1,5 @@
-"""Classic explicit Runge-Kutta steps. ``h = t_next - t`` is ``[B]`` and broadcast over ``[B, *D]``.
+"""Classic explicit Runge-Kutta steps. ``h = t_next - t`` is ``[B]``, broadcast over ``[B, *D]`` by
+:func:`~flowmatch.utils.expand_like`.
 
 NFE per step: Euler 1, midpoint 2, Heun 2, RK4 4. Heun here is the full trapezoidal
 predictor-corrector on every step, the last one included (no final Euler step), so Heun with N
@@ -7,22 +8,17 @@ steps costs exactly 2N evaluations.
 
 from __future__ import annotations
 
-import torch
-
 from flowmatch.solvers.base import Field, Solver
+from flowmatch.utils import expand_like
 
 __all__ = ["Euler", "Midpoint", "Heun", "RK4"]
-
-
-def _b(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return h.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class Euler(Solver):
     name, order, stages = "euler", 1, 1
 
     def step(self, v: Field, x, t, t_next):
-        return x + _b(t_next - t, x) * v(x, t)
+        return x + expand_like(t_next - t, x) * v(x, t)
 
 
 class Midpoint(Solver):
@@ -30,7 +26,7 @@ class Midpoint(Solver):
 
     def step(self, v: Field, x, t, t_next):
         h = t_next - t
-        hb = _b(h, x)
+        hb = expand_like(h, x)
         k1 = v(x, t)
         return x + hb * v(x + 0.5 * hb * k1, t + 0.5 * h)
 
@@ -39,7 +35,7 @@ class Heun(Solver):
     name, order, stages = "heun", 2, 2
 
     def step(self, v: Field, x, t, t_next):
-        hb = _b(t_next - t, x)
+        hb = expand_like(t_next - t, x)
         k1 = v(x, t)
         k2 = v(x + hb * k1, t_next)
         return x + 0.5 * hb * (k1 + k2)
@@ -50,7 +46,7 @@ class RK4(Solver):
 
     def step(self, v: Field, x, t, t_next):
         h = t_next - t
-        hb = _b(h, x)
+        hb = expand_like(h, x)
         k1 = v(x, t)
         k2 = v(x + 0.5 * hb * k1, t + 0.5 * h)
         k3 = v(x + 0.5 * hb * k2, t + 0.5 * h)

@@ -1,5 +1,6 @@
 """Few-step samplers that are not classic Runge-Kutta methods: one velocity evaluation per step,
-with state carried across steps (so they override :meth:`Solver.integrate`).
+with state carried across steps (kept by the :meth:`Solver.init_state` / :meth:`Solver.advance` hooks of
+the base class's one integrate loop).
 
 - ``ab2``: the two-step Adams-Bashforth method on a variable grid. After a first Euler step, each
   step extrapolates the velocity linearly from the last two evaluations,
@@ -20,58 +21,37 @@ from __future__ import annotations
 
 import torch
 
-from flowmatch.solvers.base import CountedField, Field, Solver
-from flowmatch.solvers.fixed import _b
-from flowmatch.types import Trajectory
+from flowmatch.solvers.base import Field, Solver
+from flowmatch.utils import expand_like
 
 __all__ = ["AdamsBashforth2", "Renoise"]
 
 
-def _check_grid(grid, x0: torch.Tensor) -> torch.Tensor:
-    grid = torch.as_tensor(grid, dtype=x0.dtype, device=x0.device)
-    if grid.ndim != 1 or grid.numel() < 2:
-        raise ValueError(f"grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}")
-    return grid
-
-
 class _OneEvalPerStep(Solver):
-    """One velocity evaluation per step, with state carried from step to step: the base runs the
-    loop, a subclass's ``advance`` makes one step from the velocity ``vt`` at ``(x, t)``."""
+    """One velocity evaluation per step, with state carried from step to step: the base class runs
+    the loop, a subclass's ``advance`` makes one step (``state`` starts as ``{"x0": x0}``)."""
 
     stages = 1
 
     def step(self, v: Field, x, t, t_next):
         raise NotImplementedError(f"{self.name} carries state across steps; use integrate()")
 
-    def advance(self, x: torch.Tensor, vt: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, x0: torch.Tensor,
-                state: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def integrate(self, v: Field, x0: torch.Tensor, grid: torch.Tensor, return_trajectory: bool = False) -> Trajectory:
-        grid = _check_grid(grid, x0)
-        counted = CountedField(v)
-        b = x0.shape[0]
-        x, state = x0, {}
-        xs = [x0] if return_trajectory else None
-        for i in range(grid.numel() - 1):
-            t, t_next = grid[i].expand(b), grid[i + 1].expand(b)
-            x = self.advance(x, counted(x, t), t, t_next, x0, state)
-            if xs is not None:
-                xs.append(x)
-        return Trajectory(x1=x, xs=torch.stack(xs) if xs is not None else None, ts=grid, nfe=counted.nfe)
+    def init_state(self, x0: torch.Tensor) -> dict:
+        return {"x0": x0}
 
 
 class AdamsBashforth2(_OneEvalPerStep):
     name, order = "ab2", 2
 
-    def advance(self, x, vt, t, t_next, x0, state):
+    def advance(self, v, x, t, t_next, state):
+        vt = v(x, t)
         h = t_next - t
         v_prev, h_prev = state.get("v"), state.get("h")
         if v_prev is None:
-            x = x + _b(h, x) * vt
+            x = x + expand_like(h, x) * vt
         else:
-            r = _b(h / h_prev, x)
-            x = x + _b(h, x) * ((1 + 0.5 * r) * vt - 0.5 * r * v_prev)
+            r = expand_like(h / h_prev, x)
+            x = x + expand_like(h, x) * ((1 + 0.5 * r) * vt - 0.5 * r * v_prev)
         state["v"], state["h"] = vt, h
         return x
 
@@ -79,7 +59,8 @@ class AdamsBashforth2(_OneEvalPerStep):
 class Renoise(_OneEvalPerStep):
     name, order = "renoise", 0
 
-    def advance(self, x, vt, t, t_next, x0, state):
-        x1_hat = x + _b(1 - t, x) * vt
-        tn = _b(t_next, x)
-        return tn * x1_hat + (1 - tn) * x0
+    def advance(self, v, x, t, t_next, state):
+        vt = v(x, t)
+        x1_hat = x + expand_like(1 - t, x) * vt
+        tn = expand_like(t_next, x)
+        return tn * x1_hat + (1 - tn) * state["x0"]

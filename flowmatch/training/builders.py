@@ -23,6 +23,7 @@ from flowmatch.solvers import get_solver
 from flowmatch.timesteps import TimeSampler, get_time_sampler
 from flowmatch.training.checkpoint import load_checkpoint
 from flowmatch.training.losses import LOSSES
+from flowmatch.training.schedule import LR_SCHEDULES
 from flowmatch.training.tracking import TRACKING_MODES
 from flowmatch.utils import lookup, resolve_device
 
@@ -106,7 +107,7 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     lookup(LOSSES, cfg.train.loss, "loss")
     get_solver(cfg.eval.solver)
     lookup({m: m for m in TRACKING_MODES}, cfg.tracking.mode, "tracking mode")
-    lookup({m: m for m in ("constant", "cosine")}, cfg.train.lr_schedule, "lr schedule")
+    lookup(dict.fromkeys(LR_SCHEDULES), cfg.train.lr_schedule, "lr schedule")
     # numeric ranges (train.steps, batch_size, lr, eval.n, ...) are checked once, by the config sections
     for key, value in (("eval.classifier", cfg.eval.classifier), ("eval.inception", cfg.eval.inception)):
         if value and not os.path.isfile(value):  # found before training, not after it

@@ -51,10 +51,10 @@ Benchmark API (no run directory, checkpoint or tracking)::
 
 The step's other settings, resolved with :func:`resolve_plan` into the :class:`SpeedPlan`:
 
-- ``train.precision`` (``auto``: bf16 on CUDA when the GPU has it, else fp32): ``bf16`` runs the model's
-  forward and the loss under ``torch.autocast(device_type, dtype=torch.bfloat16)``; the random draws,
-  the backward's accumulation into the gradients, clipping, AdamW and the EMA stay fp32 (the weights
-  are never cast) and the loss is reduced in fp32 (:func:`~flowmatch.training.losses.cfm_loss`).
+- ``train.precision`` (``auto``: bf16 for image tasks on CUDA when the GPU has it, else fp32): ``bf16``
+  runs the model's forward and the loss under ``torch.autocast(device_type, dtype=torch.bfloat16)``; the
+  random draws, the backward's accumulation into the gradients, clipping, AdamW and the EMA stay fp32
+  (the weights are never cast) and the loss is reduced in fp32 (:func:`~flowmatch.training.losses.cfm_loss`).
 - ``train.channels_last`` (``auto``: on with CUDA): an image model (4-D data) is put in
   ``torch.channels_last`` once and each ``xt`` is converted before the forward; flat data is untouched.
 - ``train.grad_accum``: ``grad_accum`` micro-batches of ``batch_size`` each, every micro-batch's loss
@@ -94,7 +94,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -107,6 +107,7 @@ from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.fused_mlp import FlatMLP, fused_mlp_reason
 from flowmatch.training.losses import LOSSES, cfm_loss, t_bin_sums
+from flowmatch.training.schedule import lr_lambda
 from flowmatch.utils import make_generator
 
 __all__ = ["FAST_MODES", "COMPILE_MODES", "PRECISIONS", "CHANNELS_LAST_MODES", "NUM_T_BINS", "SpeedPlan",
@@ -155,13 +156,15 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu", *, images: bool = True) -> str:
-    """``train.precision`` for ``device``: ``fp32`` or ``bf16``. ``auto`` is bf16 for image models on a
-    CUDA device that supports it and fp32 elsewhere: on the CPU bf16 autocast is slower than fp32
-    (ask for it explicitly, e.g. in tests), and the small toy MLPs gain nothing from it while their
-    W2 at the noise floor would feel the rounding. Unknown values: a ConfigError listing the valid ones."""
+def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu", *, images: bool = True,
+                      key: str = "train.precision") -> str:
+    """``train.precision`` (or another ``key``'s, e.g. ``reflow.precision``) for ``device``: ``fp32`` or
+    ``bf16``. ``auto`` is bf16 for image models (``images``) on a CUDA device that supports it and fp32
+    elsewhere: on the CPU bf16 autocast is slower than fp32 (ask for it explicitly, e.g. in tests), and
+    the small toy MLPs gain nothing from it while their W2 at the noise floor would feel the rounding.
+    Unknown values: a ConfigError naming ``key`` and listing the valid ones."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != "auto":
         return precision
     if not _is_cuda(device) or not images:
@@ -185,17 +188,20 @@ def _grad_accum(value) -> int:
 
 def resolve_speed(fast: str | bool = "auto", compile: str | bool = "auto",
                   device: torch.device | str = "cpu", *, precision: str = "fp32",
-                  channels_last: str | bool = "off", grad_accum: int = 1) -> SpeedPlan:
+                  channels_last: str | bool = "off", grad_accum: int = 1,
+                  images: bool = True) -> SpeedPlan:
     """Resolve ``train.fast`` / ``train.compile`` (and, given, ``precision``, ``channels_last`` and
     ``grad_accum``; their keyword defaults are the historical step) for ``device`` (unknown values: a
-    ConfigError listing the valid ones). ``fast="auto"`` is on with CUDA, or when a compile mode is
-    asked for explicitly; ``compile="auto"`` compiles the fast step on CUDA only. Compiling needs the
+    ConfigError listing the valid ones); ``images`` says whether the task is an image one (``auto``
+    precision is bf16 and channels_last applies for images only). ``fast="auto"`` is on with CUDA, or
+    when a compile mode is asked for explicitly; ``compile="auto"`` compiles the fast step on CUDA only. Compiling needs the
     fast step, so ``fast="off"`` with an explicit compile mode is an error. :func:`resolve_plan`
     resolves all of a config's keys."""
     fast = _normal(fast, "fast", FAST_MODES)
     compile = _normal(compile, "compile", COMPILE_MODES)
-    rest = dict(precision=resolve_precision(precision, device),
-                channels_last=resolve_channels_last(channels_last, device), grad_accum=_grad_accum(grad_accum))
+    rest = dict(precision=resolve_precision(precision, device, images=images),
+                channels_last=resolve_channels_last(channels_last, device) and images,
+                grad_accum=_grad_accum(grad_accum))
     cuda = _is_cuda(device)
     explicit = compile not in ("auto", "off")
     if fast == "off" and explicit:
@@ -230,7 +236,14 @@ def _check_class_dropout(p) -> float:
 
 
 def _is_image(comp) -> bool:
-    return len(getattr(comp.source, "shape", ()) or ()) == 3
+    """Whether ``comp`` (:class:`Components`) is an image task: a draw is an image ``[C, H, W]``
+    (the source's shape, else the target's). The one answer for ``precision: auto`` and
+    ``channels_last`` (which applies to 4-D batches only)."""
+    for d in (comp.source, comp.target):
+        shape = getattr(d, "shape", None)
+        if shape is not None:
+            return len(shape) == 3
+    return False
 
 
 def resolve_plan(tc: TrainConfig, device: torch.device | str = "cpu", *, images: bool = True) -> SpeedPlan:
@@ -239,26 +252,8 @@ def resolve_plan(tc: TrainConfig, device: torch.device | str = "cpu", *, images:
     says whether the data are images (``precision: auto`` is bf16 for them only)."""
     _check_class_dropout(tc.class_dropout)
     _normal(tc.fused, "fused", FAST_MODES)
-    precision = tc.precision
-    if precision == "auto" and not images:
-        resolve_precision(precision)  # checked, then fp32
-        precision = "fp32"
-    return resolve_speed(tc.fast, tc.compile, device, precision=precision, channels_last=tc.channels_last,
-                         grad_accum=tc.grad_accum)
-
-
-def _lr_lambda(warmup: int, total: int, schedule: str = "constant", min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to ``min_ratio`` at ``total``."""
-
-    def f(s: int) -> float:
-        if warmup > 0 and s < warmup:
-            return (s + 1) / warmup
-        if schedule == "cosine":
-            p = min(1.0, (s - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        return 1.0
-
-    return f
+    return resolve_speed(tc.fast, tc.compile, device, precision=tc.precision, channels_last=tc.channels_last,
+                         grad_accum=tc.grad_accum, images=images)
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, *, fast: bool = False,
@@ -271,8 +266,8 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, *, fast: bool = Fal
         kw = {"fused": True} if torch.device(device).type == "cuda" or params is not None else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters() if params is None else params, lr=tc.lr,
                             weight_decay=tc.weight_decay, **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps, tc.steps, tc.lr_schedule,
-                                                              tc.lr_min_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps, tc.lr_schedule,
+                                                             tc.lr_min_ratio))
     return opt, sched
 
 
@@ -633,15 +628,6 @@ class TrainStep:
         return s.cpu(), c.cpu()
 
 
-def _image_data(comp: Components) -> bool:
-    """True when a draw is an image ``[C, H, W]`` (channels_last applies to 4-D batches only)."""
-    for d in (comp.source, comp.target):
-        shape = getattr(d, "shape", None)
-        if shape is not None:
-            return len(shape) == 3
-    return False
-
-
 class Trainer:
     """Model, EMA, optimiser, schedule, generator and :class:`TrainStep` of one experiment, with no
     run directory (the training loop and speed benchmarks both drive one). See the module docstring.
@@ -659,9 +645,10 @@ class Trainer:
         tc = cfg.train
         self.cfg, self.components, self.model = cfg, comp, comp.model
         self.device = comp.device
-        precision = resolve_precision(tc.precision if precision is None else precision, comp.device)
+        images = _is_image(comp)
+        precision = resolve_precision(tc.precision if precision is None else precision, comp.device, images=images)
         cl = resolve_channels_last(tc.channels_last if channels_last is None else channels_last, comp.device)
-        cl = cl and _image_data(comp)
+        cl = cl and images
         self.fast, self.compile_mode = bool(fast), compile
         self.plan = SpeedPlan(self.fast, compile, precision, cl, _grad_accum(tc.grad_accum))
         if cl:

@@ -53,7 +53,7 @@ from flowmatch.io import remove_temporaries
 from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
-from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, _lr_lambda, auto_fused, resolve_plan  # noqa: F401 (_lr_lambda: re-export)
+from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, auto_fused, resolve_plan
 from flowmatch.training.losses import cfm_loss
 from flowmatch.training.tracking import Tracker, check_tracking, trim_metrics
 from flowmatch.utils import resolve_device
@@ -197,9 +197,6 @@ def _prepare_on_main(run_dir: str, cfg: ExperimentConfig, *, resume: bool, overw
     if decision["resume"] and ckpt is None:
         ckpt = load_checkpoint(last_checkpoint(run_dir))
     return ckpt
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
