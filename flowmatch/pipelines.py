@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+import flowmatch.evaluation as evaluation  # evaluation.evaluate: ``evaluate`` is train_from_config's flag
 from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite, benchmark, write_bench,
                              write_suite)
 from flowmatch.config import (ExperimentConfig, check_int, check_output_path, config_diff, from_dict, load_config,
@@ -27,7 +28,6 @@ from flowmatch.config import (ExperimentConfig, check_int, check_output_path, co
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.errors import FlowmatchError
 from flowmatch.evaluation import LabeledField, check_image_metric, make_scorer, sampling_field, straightness_n
-from flowmatch.evaluation import evaluate as evaluate_model  # ``evaluate`` is train_from_config's flag
 from flowmatch.reports import demo_report
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_components, last_checkpoint,
@@ -101,7 +101,7 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
             rates = [r["train/steps_per_sec"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))
                      if "train/steps_per_sec" in r]
             sps = sum(rates) / len(rates) if rates else sps
-        ev = evaluate_model(result.model, cfg, out, tracker=tracker, step=result.step) if evaluate else {}
+        ev = evaluation.evaluate(result.model, cfg, out, tracker=tracker, step=result.step) if evaluate else {}
     finally:
         if tracker is not None:
             tracker.finish()
