@@ -197,6 +197,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "reflow" and args.reflow_command == "run":
         from flowmatch.bench import rows_to_markdown
+        from flowmatch.reflow_chain import reflow_from_config
+        from flowmatch.reports import write_reflow_summary
 
         cfgs = [load_config(c, args.overrides) for c in args.configs]
         names = [c.name for c in cfgs]
@@ -204,21 +206,22 @@ def _run(args: argparse.Namespace) -> int:
             raise FlowmatchError(f"reflow run: two configs share a name ({', '.join(names)})")
         all_rows = []
         for cfg in cfgs:
-            rows = pipelines.reflow_from_config(cfg, os.path.join(args.out, cfg.name), rounds=args.rounds,
-                                                distill=args.distill, progress=not args.no_progress)
+            rows = reflow_from_config(cfg, os.path.join(args.out, cfg.name), rounds=args.rounds,
+                                       distill=args.distill, progress=not args.no_progress)
             m = "fd" if rows and "fd" in rows[0] else "w2"
             extra = ("fd", "fd_floor", "kid") if m == "fd" else ("w2", "w2_floor", "mmd")
             print(f"## {cfg.name}\n\n" + rows_to_markdown(rows, ("stage", "solver", "nfe", *extra, "straightness")))
             all_rows += rows
-        summary = pipelines.write_reflow_summary(all_rows, args.out)
+        summary = write_reflow_summary(all_rows, args.out)
         print(summary)
         print(f"wrote {args.out}/<name>/stages.* and plots/, and {args.out}/stages.json, stages.md")
         return 0
     if args.command == "reflow" and args.reflow_command == "sweep":
         from flowmatch.bench import rows_to_markdown
+        from flowmatch.reflow_chain import reflow_sweep
 
         cfg = load_config(args.config, args.overrides)
-        rows = pipelines.reflow_sweep(cfg, args.out, args.key, args.values, progress=not args.no_progress)
+        rows = reflow_sweep(cfg, args.out, args.key, args.values, progress=not args.no_progress)
         print(rows_to_markdown(rows), end="")
         print(f"wrote {args.out}/sweep.json, sweep.md")
         return 0

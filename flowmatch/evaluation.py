@@ -1,4 +1,6 @@
-"""What "sample quality" means for a task, shared by training's evaluation, the bench and reflow.
+"""Evaluation: what "sample quality" means for a task, and :func:`evaluate`, the end-of-training
+evaluation of toy and image models alike. The scorers here are shared by training's evaluation, the
+bench and reflow.
 
 Toy tasks score samples by exact W2 and MMD against fresh target draws (:class:`flowmatch.bench.ToyScorer`).
 Image tasks score them in the feature space of a small classifier trained on the same dataset
@@ -10,15 +12,27 @@ classifier-free guidance of ``eval.guidance``.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from flowmatch.bench import ImageScorer, ToyScorer
+from flowmatch.config import ExperimentConfig
 from flowmatch.data.task import build_task, is_image_task
+from flowmatch.errors import FlowmatchError
+from flowmatch.metrics import straightness
 from flowmatch.models import ClassifierFreeGuidance
+from flowmatch.solvers import get_solver, solve
+from flowmatch.training import Tracker, atomic_save, read_metrics
+from flowmatch.utils import make_generator
 
-__all__ = ["LabeledField", "sampling_field", "make_scorer", "image_reference", "inception_score_of"]
+__all__ = ["LabeledField", "sampling_field", "make_scorer", "image_reference", "inception_score_of",
+           "straightness_n", "check_image_metric", "evaluate", "EVAL_KEYS", "IMAGE_EVAL_BATCH"]
+
+IMAGE_EVAL_BATCH = 2000  # images per solve in the end-of-training evaluation
+# the scores :func:`evaluate` reports (as ``eval/<key>``), per scorer metric, in the order it writes them
+EVAL_KEYS = {"w2": ("w2", "w2_floor", "mmd"), "fd": ("fd", "kid", "fd_floor", "fd_floor_n")}
 
 
 class LabeledField:
@@ -70,6 +84,12 @@ def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu
     return ToyScorer(build_task(cfg.data).target, n, seed)
 
 
+def straightness_n(image: bool) -> int:
+    """Source draws the straightness is measured on: 128 images (a UNet's RK4 solve of 64 steps) or
+    1,000 toy points."""
+    return 128 if image else 1000
+
+
 def inception_score_of(cfg, x1: torch.Tensor, *, device: str | torch.device = "cpu") -> Optional[float]:
     """Inception FID of samples ``x1`` against the training split when ``cfg.eval.inception`` names
     a local weights file; else None."""
@@ -79,3 +99,104 @@ def inception_score_of(cfg, x1: torch.Tensor, *, device: str | torch.device = "c
 
     ref, _ = build_task(cfg.data, split="train").target.tensors()
     return inception_fid(x1, ref[: max(len(x1), 2000)], cfg.eval.inception, device=device)
+
+
+def check_image_metric(cfg: ExperimentConfig) -> None:
+    """Refuse, before training, an image task whose evaluation would have no feature classifier."""
+    from flowmatch.metrics.frechet import SHIPPED_CLASSIFIERS, TRAIN_SCRIPT
+
+    if cfg.eval.classifier is None and cfg.data.target not in SHIPPED_CLASSIFIERS:
+        raise FlowmatchError(f"data.target={cfg.data.target}: no feature classifier ships for its Frechet distance; "
+                             f"train one with {TRAIN_SCRIPT} --dataset {cfg.data.target} and set "
+                             f"eval.classifier=PATH (shipped: {', '.join(SHIPPED_CLASSIFIERS)})")
+
+
+@torch.no_grad()
+def evaluate(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, *,
+             tracker: Optional[Tracker] = None, step: Optional[int] = None) -> dict:
+    """Sample ``cfg.eval.n`` draws with the (EMA) ``model`` and score them with the task's scorer.
+
+    Returns ``eval/w2``, ``eval/w2_floor``, ``eval/mmd`` (toy) or ``eval/fd``, ``eval/kid``,
+    ``eval/fd_floor``, ``eval/fd_floor_n`` (images; and ``eval/inception_fid`` with
+    ``eval.inception``), then ``eval/nfe``, ``eval/solver``, ``eval/straightness`` and its relative
+    and per-dimension forms (on :func:`straightness_n` draws). Toy samples are solved at once; images
+    in chunks of :data:`IMAGE_EVAL_BATCH` (an adaptive solver steps each chunk on its own, so NFE is
+    the largest over chunks). With ``out_dir``: ``samples.pt`` and, if ``cfg.eval.plots``,
+    ``plots/samples.png``, ``plots/trajectories.png`` and ``plots/loss_by_t.png``.
+    """
+    ec = cfg.eval
+    image = is_image_task(cfg.data)
+    device = next(model.parameters()).device
+    x0 = build_task(cfg.data).source.sample(ec.n, generator=make_generator(ec.seed)).to(device)  # [n, *D]
+    field_ = sampling_field(model, ec.n, ec.guidance)
+    solver = get_solver(ec.solver, atol=ec.atol, rtol=ec.rtol)
+    nfe_arg = None if solver.adaptive else ec.nfe
+    chunk = IMAGE_EVAL_BATCH if image else ec.n  # a big UNet on eval.n images at once would not fit a GPU
+    chunks, nfe, xs = [], 0, None
+    for start in range(0, ec.n, chunk):
+        stop = min(start + chunk, ec.n)
+        v = field_ if field_ is model else LabeledField(model, field_.labels[start:stop], field_.scale)
+        traj = solve(v, x0[start:stop], solver, nfe=nfe_arg, return_trajectory=not image)
+        chunks.append(traj.x1.float().cpu())
+        nfe, xs = max(nfe, traj.nfe), traj.xs
+    x1 = torch.cat(chunks)
+    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: fresh target draws, seeds ec.seed + 1, + 2
+    scores = {**scorer.floor(ec.n), **scorer(x1)}  # the floor first: the toy scorer keeps its MMD reference
+    st = straightness(field_, x0[: min(ec.n, straightness_n(image))])
+    res = {**{f"eval/{k}": scores[k] for k in EVAL_KEYS[scorer.metric]}, "eval/nfe": nfe,
+           "eval/solver": solver.name, "eval/straightness": st.straightness,
+           "eval/straightness_rel": st.straightness_rel, "eval/straightness_per_dim": st.straightness_per_dim}
+    fid = inception_score_of(cfg, x1, device=device) if image else None
+    if fid is not None:
+        res["eval/inception_fid"] = fid
+    if tracker is not None:
+        tracker.log({k: v for k, v in res.items() if not isinstance(v, str)}, step or 0)
+    if out_dir is not None:
+        atomic_save({"samples": x1, "x0": x0.cpu(), "solver": solver.name, "nfe": nfe},
+                    os.path.join(out_dir, "samples.pt"))
+        if ec.plots:
+            pd = os.path.join(out_dir, "plots")
+            if image:
+                paths = _image_plots(model, field_, cfg, x0, x1, pd, f"{solver.name}, NFE {nfe}")
+            else:
+                paths = _toy_plots(cfg, x0, x1, xs, scorer.ref, pd, f"{solver.name}, NFE {nfe}", st.straightness_rel)
+            _loss_by_t_plot(out_dir, paths)
+            if tracker is not None:
+                for key, p in paths.items():
+                    tracker.log_image(f"eval/{key}", p, step)
+    return res
+
+
+def _toy_plots(cfg, x0, x1, xs, ref, pd: str, how: str, s_rel: float) -> dict:
+    """Samples beside the source and target draws; the evaluation solve's trajectories."""
+    from flowmatch.viz import plot_samples, plot_trajectories
+
+    return {"samples": plot_samples({"source (t=0)": x0.cpu(), f"model ({how})": x1, "target": ref},
+                                    os.path.join(pd, "samples.png"), title=cfg.name),
+            "trajectories": plot_trajectories(xs, os.path.join(pd, "trajectories.png"),
+                                              title=f"{cfg.name}: S/E|Z1-Z0|^2 = {s_rel:.3g}")}
+
+
+def _image_plots(model, field_, cfg, x0, x1, pd: str, how: str) -> dict:
+    """A grid of the first 64 samples (one class a column); RK4 trajectories of 8 draws."""
+    from flowmatch.viz import plot_image_trajectories, save_image_grid
+
+    k = getattr(model, "num_classes", None) or 8
+    paths = {"samples": save_image_grid(x1[:64], os.path.join(pd, "samples.png"), nrow=k if k <= 16 else 8,
+                                        title=f"{cfg.name}: {how}")}
+    xs = solve(field_, x0[:8], "rk4", num_steps=16, return_trajectory=True).xs
+    paths["trajectories"] = plot_image_trajectories({cfg.name: xs}, os.path.join(pd, "trajectories.png"),
+                                                    n=8, steps=9, title=f"{cfg.name}: RK4 trajectories")
+    return paths
+
+
+def _loss_by_t_plot(out_dir: str, paths: dict) -> None:
+    """The last logged loss per t-bin (``metrics.jsonl``), when training logged one."""
+    from flowmatch.viz import plot_loss_by_t
+
+    rows = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if "train/loss_t0" in r]
+    if rows:
+        last = rows[-1]
+        bins = [last.get(f"train/loss_t{i}", float("nan")) for i in range(10)]
+        paths["loss_by_t"] = plot_loss_by_t(bins, os.path.join(out_dir, "plots", "loss_by_t.png"),
+                                            title=f"loss by t at step {last['step']}")

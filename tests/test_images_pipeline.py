@@ -17,9 +17,10 @@ from flowmatch.data.task import build_task, data_shape, num_classes
 from flowmatch.errors import ConfigError
 from flowmatch.evaluation import LabeledField, sampling_field
 from flowmatch.models import build_model
-from flowmatch.pipelines import (IMAGE_STAGE_COLUMNS, bench_checkpoints, reflow_from_config, reflow_targets,
-                                 train_from_config)
+from flowmatch.pipelines import bench_checkpoints, train_from_config
 from flowmatch.reflow import generate_pairs
+from flowmatch.reflow_chain import reflow_from_config
+from flowmatch.reports import IMAGE_STAGE_COLUMNS, reflow_targets
 from flowmatch.training import load_model
 
 
@@ -265,7 +266,7 @@ def test_a_run_saved_before_new_config_keys_resumes(tmp_path):
 
 
 def test_stage_columns_of_toy_image_and_mixed_tables():
-    from flowmatch.pipelines import STAGE_COLUMNS, stage_columns
+    from flowmatch.reports import STAGE_COLUMNS, stage_columns
 
     toy, img = {"w2": 0.1}, {"fd": 1.0}
     assert stage_columns([toy]) == STAGE_COLUMNS and stage_columns([img]) == IMAGE_STAGE_COLUMNS

@@ -20,7 +20,7 @@ LAYERS = {
     "training": 4,
     "reflow": 5, "distill": 5,
     "metrics": 6,
-    "bench": 7, "pipelines": 7, "viz": 7, "report": 7, "speed": 7, "evaluation": 7,
+    "bench": 7, "pipelines": 7, "viz": 7, "reports": 7, "speed": 7, "evaluation": 7, "reflow_chain": 7,
     "cli": 8, "__main__": 8,
 }
 
@@ -71,7 +71,7 @@ def test_every_module_has_a_layer():
 
 
 def test_core_import_is_light():
-    code = ("import sys, flowmatch, flowmatch.pipelines, flowmatch.cli\n"
+    code = ("import sys, flowmatch, flowmatch.pipelines, flowmatch.reflow_chain, flowmatch.cli\n"
             "heavy = [m for m in ('wandb', 'matplotlib', 'scipy', 'ot', 'torchdiffeq') if m in sys.modules]\n"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

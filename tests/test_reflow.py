@@ -340,7 +340,7 @@ CHAIN = ("name=chain", "data.target=moons", "model.hidden=32", "model.time_embed
 
 
 def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
-    from flowmatch.pipelines import reflow_from_config
+    from flowmatch.reflow_chain import reflow_from_config
 
     cfg = make_cfg(*CHAIN)
     rows = reflow_from_config(cfg, str(tmp_path / "chain"), rounds=2, distill=True, progress=False)
@@ -453,7 +453,7 @@ def test_large_stores_stay_memory_mapped_and_train_the_same(teacher, tmp_path):
 
 
 def test_sweep_shares_one_teacher_and_tabulates_each_value(tmp_path, make_cfg):
-    from flowmatch.pipelines import reflow_sweep
+    from flowmatch.reflow_chain import reflow_sweep
 
     cfg = make_cfg(*CHAIN, "train.steps=50", "reflow.steps=30", "reflow.shard_size=500", "reflow.bench_n=100",
                    "reflow.bench_nfes=[1]")

@@ -12,12 +12,14 @@ import tempfile
 import pytest
 import torch
 
+import flowmatch.evaluation as evaluation_mod
 import flowmatch.pipelines as pipelines_mod
 from flowmatch.cli import main
 from flowmatch.config import to_dict
 from flowmatch.errors import CheckpointError, ConfigError, ConfigMismatchError, FlowmatchError, RunDirError
 from flowmatch.io import TMP_PREFIX, is_temporary, remove_temporaries, safe_load
-from flowmatch.pipelines import reflow_from_config, train_from_config
+from flowmatch.pipelines import train_from_config
+from flowmatch.reflow_chain import reflow_from_config
 from flowmatch.training import Tracker, last_checkpoint, load_checkpoint, read_metrics, train
 from flowmatch.training.tracking import check_tracking, wandb_login_found
 
@@ -171,17 +173,17 @@ def test_remove_temporaries_matches_atomic_writes_pattern(tmp_path):
 def test_run_killed_during_its_final_evaluation_logs_it_once(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg("train.steps=10", "train.ckpt_every=5")
     whole = train_from_config(cfg, str(tmp_path / "whole"), progress=False)
-    real_save = pipelines_mod.atomic_save
+    real_save = evaluation_mod.atomic_save
 
     def killed_saving_samples(obj, path):
         raise KeyboardInterrupt  # after the evaluation row, before samples.pt and summary.json
 
     run = str(tmp_path / "run")
-    monkeypatch.setattr(pipelines_mod, "atomic_save", killed_saving_samples)
+    monkeypatch.setattr(evaluation_mod, "atomic_save", killed_saving_samples)
     with pytest.raises(KeyboardInterrupt):
         train_from_config(cfg, run, progress=False)
     assert sum("eval/w2" in r for r in read_metrics(os.path.join(run, "metrics.jsonl"))) == 1
-    monkeypatch.setattr(pipelines_mod, "atomic_save", real_save)
+    monkeypatch.setattr(evaluation_mod, "atomic_save", real_save)
     s = train_from_config(cfg, run, resume=True, progress=False)
     assert s.eval == whole.eval
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
