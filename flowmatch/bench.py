@@ -227,7 +227,6 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
                              for t, c in zip(st.ts, st.per_t)]
         result.curvature += [{"model": model_name, "t": t, "chord_deviation": None, "acceleration": a}
                              for t, a in zip(st.accel_ts, st.accel_per_t)]
-        model_rows = []
         for s, nfe, grid, headline in settings:
             m = n if headline else grid_n
             x0 = x0s[:m]

@@ -29,7 +29,7 @@ from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.errors import FlowmatchError
 from flowmatch.evaluation import LabeledField, check_image_metric, make_scorer, sampling_field, straightness_n
 from flowmatch.reports import demo_report
-from flowmatch.solvers import get_solver, solve
+from flowmatch.solvers import get_solver, num_steps_for, solve
 from flowmatch.training import (Tracker, atomic_save, atomic_write_text, build_components, last_checkpoint,
                                 load_checkpoint, load_model, read_metrics, train)
 from flowmatch.training.loop import holds_run
@@ -126,10 +126,7 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
     lm = load_model(ckpt, use_ema=use_ema, device=dev)
     cfg = lm.config
     s = get_solver(solver, atol=atol, rtol=rtol)
-    if s.adaptive and nfe is not None:
-        raise FlowmatchError(f"solver {solver!r} is adaptive: it takes --atol/--rtol, not --nfe")
-    if not s.adaptive and nfe is None:
-        raise FlowmatchError(f"solver {solver!r} is fixed-step: give --nfe (a multiple of {s.stages})")
+    num_steps = num_steps_for(s, nfe, takes=("nfe",))
     x0 = build_source(cfg.data).sample(n, generator=make_generator(seed)).to(dev)
     field_ = sampling_field(lm.model, n, cfg.eval.guidance)
     from tqdm.auto import tqdm  # lazy
@@ -145,7 +142,7 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
             nfes.append(traj.nfe)
     seconds = time.perf_counter() - t0
     record = {"checkpoint": os.path.abspath(ckpt), "step": lm.step, "solver": s.name,
-              "num_steps": None if s.adaptive else s.steps_for_nfe(nfe), "nfe": max(nfes),
+              "num_steps": num_steps, "nfe": max(nfes),
               "nfe_per_batch": nfes, "batch_size": batch_size, "atol": atol if s.adaptive else None, "rtol": rtol if s.adaptive else None, "n": n, "seed": seed,
               "seconds": seconds}
     tensors = {"samples": torch.cat(chunks), "x0": x0.cpu()}

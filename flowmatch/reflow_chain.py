@@ -22,7 +22,7 @@ from flowmatch.bench import rows_to_markdown, write_bench
 from flowmatch.config import ExperimentConfig, apply_overrides, from_dict, to_dict
 from flowmatch.data.pairs import read_manifest
 from flowmatch.data.task import build_source, is_image_task
-from flowmatch.errors import ConfigError, ConfigMismatchError, FlowmatchError
+from flowmatch.errors import ConfigMismatchError, FlowmatchError
 from flowmatch.evaluation import sampling_field
 from flowmatch.io import remove_temporaries
 from flowmatch.pipelines import TrainSummary, bench_from_checkpoints, train_from_config
@@ -30,7 +30,8 @@ from flowmatch.reflow import generate_pairs
 from flowmatch.reports import reflow_targets, stage_columns
 from flowmatch.solvers import solve
 from flowmatch.training import Tracker, atomic_write_text, load_model
-from flowmatch.utils import make_generator
+from flowmatch.training.fast import resolve_precision
+from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["reflow_stage_configs", "reflow_from_config", "stage_sample_grids", "reflow_sweep"]
 
@@ -85,8 +86,9 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     for d in (out, os.path.join(out, "plots")):  # a killed chain's own temporaries (the stage tables, plots)
         remove_temporaries(d)
     rc = cfg.reflow
-    if rc.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"reflow.precision must be auto, fp32 or bf16; got {rc.precision!r}")
+    # bf16 for image teachers on a GPU (where it doubles the throughput), decided as train.precision is
+    precision = resolve_precision(rc.precision, resolve_device("auto"), images=is_image_task(cfg.data),
+                                  key="reflow.precision")
     rounds = rc.rounds if rounds is None else rounds
     distill = rc.distill if distill is None else distill
     if rounds < 1:
@@ -101,9 +103,6 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
         s1 = _train_stage(_stage_config(cfg, f"{cfg.name}-1RF"), out, "1-RF", progress)
         stages = [("1-RF", s1.checkpoint)]
     for i, (label, stage_cfg, pairs) in enumerate(reflow_stage_configs(cfg, out, rounds, distill)):
-        precision = rc.precision
-        if precision == "auto":  # bf16 for image teachers on a GPU, where it doubles the throughput
-            precision = "bf16" if torch.cuda.is_available() and is_image_task(cfg.data) else "fp32"
         generate_pairs(stages[-1][1], pairs, rc.num_pairs, solver=rc.solver, nfe=rc.nfe, atol=rc.atol, rtol=rc.rtol,
                        shard_size=rc.shard_size, seed=rc.seed + i, progress=progress, guidance=cfg.eval.guidance,
                        precision=precision)

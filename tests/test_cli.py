@@ -221,7 +221,7 @@ def test_sample_unknown_solver(trained, tmp_path, capsys):
     assert not (tmp_path / "s.pt").exists()
 
 
-@pytest.mark.parametrize("args,needle", [([], "--nfe"), (["--nfe", "6"], "multiple of 4")])
+@pytest.mark.parametrize("args,needle", [([], "nfe"), (["--nfe", "6"], "multiple of 4")])
 def test_sample_bad_nfe(trained, tmp_path, capsys, args, needle):
     assert_user_error(main(["sample", "--no-progress", trained["ckpt"], "--solver", "rk4", *args, "--out", str(tmp_path / "s.pt")]),
                       capsys, needle)

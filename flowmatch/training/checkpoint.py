@@ -7,7 +7,6 @@ is rebuilt from ``config`` (never unpickled).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
