@@ -14,17 +14,8 @@ import torch
 
 from flowmatch.data.pairs import PairStore, PairStoreError, shard_name
 from flowmatch.io import file_sha256
-from flowmatch.reflow import generate_pairs
 from flowmatch.training import train
-
-TEACHER_OVERRIDES = ("data.target=moons", "train.steps=30", "model.time_embedding=fourier", "model.fourier_scale=1.0")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, make_cfg):
-    run = tmp_path_factory.mktemp("teacher")
-    train(make_cfg(*TEACHER_OVERRIDES), str(run), progress=False)
-    return str(run / "checkpoints" / "last.pt")
+from test_reflow import TEACHER_OVERRIDES, _gen, teacher  # noqa: F401 (teacher: the shared tiny teacher fixture)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +23,6 @@ def other_teacher(tmp_path_factory, make_cfg):
     run = tmp_path_factory.mktemp("other")
     train(make_cfg(*TEACHER_OVERRIDES, "train.seed=7"), str(run), progress=False)
     return str(run / "checkpoints" / "last.pt")
-
-
-def _gen(teacher, out, n=50, shard_size=10, **kw):
-    kw.setdefault("solver", "rk4")
-    kw.setdefault("nfe", 8)
-    return generate_pairs(teacher, str(out), n, shard_size=shard_size, progress=False, **kw)
 
 
 def _rejected(store):

@@ -22,15 +22,7 @@ from flowmatch.pipelines import train_from_config
 from flowmatch.reflow_chain import reflow_from_config
 from flowmatch.training import Tracker, last_checkpoint, load_checkpoint, read_metrics, train
 from flowmatch.training.tracking import check_tracking, wandb_login_found
-
-
-class _Interrupt:
-    def __init__(self, at: int):
-        self.at = at
-
-    def __call__(self, step: int, loss: float) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
+from test_training import _Interrupt  # the same kill-at-step callback as the other resume tests
 
 
 def _same_weights(a: str, b: str) -> None:
