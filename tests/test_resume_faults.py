@@ -306,3 +306,18 @@ def test_truncated_torch_file_is_not_readable(tmp_path):
         safe_load(str(p), "pair shard")
     torch.save({"x": torch.ones(2)}, str(p))
     assert torch.equal(safe_load(str(p), "pair shard")["x"], torch.ones(2))
+
+
+def test_restart_before_the_first_checkpoint_keeps_other_files_in_checkpoints(make_cfg, tmp_path):
+    # a run killed before its first checkpoint is restarted, but a file someone put into checkpoints/
+    # (not one the run wrote) is not the run's to delete
+    run = tmp_path / "run"
+    base = ("train.steps=6", "train.ckpt_every=100", "train.log_every=2")
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*base), str(run), progress=False, on_step=_Interrupt(3))
+    assert not (run / "checkpoints" / "last.pt").exists()
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / "backup.pt").write_bytes(b"mine")
+    res = train(make_cfg(*base), str(run), resume=True, progress=False)
+    assert res.start_step == 0 and os.path.exists(res.checkpoint)
+    assert (run / "checkpoints" / "backup.pt").read_bytes() == b"mine"

@@ -68,7 +68,8 @@ RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.d
 _RESUMABLE_TRAIN = tuple(k.split(".", 1)[1] for k in RESUMABLE_KEYS if k.startswith("train."))
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
 # what a run writes before its first checkpoint: removed when a run without a checkpoint is restarted
-_STUB_FILES = RUN_FILES + ("wandb_id.txt", "wandb")
+# (checkpoints/ is kept: only its temporaries are removed, so a file someone put there is not lost)
+_STUB_FILES = ("config.yaml", "metrics.jsonl", "wandb_id.txt", "wandb")
 # where a run writes atomically: a killed write's temporaries there are removed on resume
 _WRITE_DIRS = (".", "checkpoints", "plots")
 
@@ -148,7 +149,8 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
             for name in _STUB_FILES:
                 if os.path.lexists(os.path.join(run_dir, name)):
                     _remove(os.path.join(run_dir, name))
-            remove_temporaries(run_dir)
+            for d in _WRITE_DIRS:
+                remove_temporaries(os.path.join(run_dir, d))
             _note(f"{run_dir} holds a run stopped before its first checkpoint: restarting it from step 0")
             return None
         stale = [p for d in _WRITE_DIRS for p in remove_temporaries(os.path.join(run_dir, d))]
