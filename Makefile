@@ -45,8 +45,8 @@ test: $(STAMP) ## run the tests and the notebooks (smoke mode), offline
 	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
 
 # A fresh machine may pick other CPU kernels (vector widths) than this one: the tests that compare two
-# code paths (marked crosspath) again under each ATEN_CPU_CAPABILITY this CPU has (~1.5 min each on
-# two cores; a capability the CPU lacks is skipped, saying so)
+# code paths (marked crosspath) again under each ATEN_CPU_CAPABILITY this CPU has (~1 min each on two
+# cores with a warm torch.compile cache; a capability the CPU lacks is skipped, saying so)
 CAPABILITIES ?= default avx2 avx512
 test-portability: $(STAMP) ## the tests that compare two code paths, under ATEN_CPU_CAPABILITY=default, avx2 and avx512 (where the CPU has it)
 	@for cap in $(CAPABILITIES); do \
