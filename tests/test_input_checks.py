@@ -195,6 +195,15 @@ def test_sample_out_under_a_regular_file_fails_before_sampling(run, capsys):
                    "must be a file path, not a directory")
 
 
+def test_reflow_out_under_a_regular_file(run, capsys):
+    store = os.path.join(run["file"], "store")
+    one_line_error(main(["reflow", "generate", "--teacher", run["ckpt"], "--n", "8", "--shard-size", "4", "--solver",
+                         "euler", "--nfe", "2", "--out", store, "--no-progress"]), capsys, store, "Not a directory")
+    one_line_error(main(["reflow", "run", run["cfg"], "--out", os.path.join(run["file"], "chain"), "--no-progress"]),
+                   capsys, "is a file, not a directory")
+    assert open(run["file"]).read() == "not a directory"
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--nfe", "0"], "nfes[0] = 0: must be an integer >= 1"),
     (["--nfe", "4,-2"], "nfes[1] = -2: must be an integer >= 1"),
