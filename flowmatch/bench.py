@@ -348,7 +348,7 @@ def write_bench(rows: list[dict], out_dir: str, *, plot: bool = True, name: str 
 
     Returns the paths written. ``name`` is a bare file name (no path separator).
     """
-    from flowmatch.training.checkpoint import atomic_write_text
+    from flowmatch.io import atomic_write_text
 
     check_file_name("name", name)
 
@@ -373,7 +373,7 @@ def write_suite(result: BenchResult, out_dir: str, *, plot: bool = True, name: s
     ``models.json``/``.md`` (per-model straightness, curvature peak, log-likelihood),
     ``curvature.json``, ``pareto.md`` and (``plot``) ``{name}_pareto.png`` and ``{name}_curvature.png``
     (``name`` is checked by :func:`write_bench`, the first writer)."""
-    from flowmatch.training.checkpoint import atomic_write_text
+    from flowmatch.io import atomic_write_text
 
     metric = row_metric(result.rows)
     cols = tuple(bench_columns(metric)) + ("pareto",)

@@ -178,8 +178,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{res['seconds']:.0f} s; wrote {paths['json']} and {paths['md']}")
         return 0 if all(c["ok"] for c in res["checks"]) else 1
     if args.command == "reflow" and args.reflow_command == "generate":
-        from flowmatch.reflow import dist_info, generate_pairs, init_distributed_from_env
-        from flowmatch.training.distributed import cleanup
+        from flowmatch.reflow import generate_pairs
+        from flowmatch.training.distributed import cleanup, dist_info, init_distributed_from_env
 
         started = init_distributed_from_env()
         ok = False

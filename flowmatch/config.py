@@ -22,6 +22,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -39,7 +40,15 @@ __all__ = [
     "EvalConfig",
     "TrackingConfig",
     "ReflowConfig",
+    "DistillConfig",
     "ExperimentConfig",
+    "FAST_MODES",
+    "COMPILE_MODES",
+    "FUSED_MODES",
+    "PRECISIONS",
+    "CHANNELS_LAST_MODES",
+    "MOVED_KEYS",
+    "STAGE_SECTIONS",
     "from_dict",
     "to_dict",
     "load_config",
@@ -153,6 +162,22 @@ def _ints(low: int = 1, optional: bool = False):
 
 
 _PROBABILITY = dict(ge=0.0, le=1.0)
+
+
+def _one_of(*valid: str):
+    def rule(k, v):
+        if v not in valid:
+            raise ConfigError(f"{k} = {v!r}: must be one of {', '.join(valid)}")
+    return rule
+
+
+# the values of the training plan's keys (flowmatch.training.plan resolves the "auto"s)
+FAST_MODES = ("auto", "on", "off")
+# "on" means torch.compile's mode "default"; the others after "off" are torch.compile modes
+COMPILE_MODES = ("auto", "on", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FUSED_MODES = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16")
+CHANNELS_LAST_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -277,6 +302,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # The training objective, a name of flowmatch.training.objectives.OBJECTIVES: "cfm" (conditional flow
+    # matching on the coupling, with the real-data mix of a paired coupling) or "distill" (the one-step
+    # map of a pair store). Its own keys live in the config section of the same name, where it has one.
+    objective: str = "cfm"
     steps: int = 5000
     batch_size: int = 256
     lr: float = 1e-3
@@ -294,14 +323,16 @@ class TrainConfig:
     # Initial weights: "auto" (the teacher of a paired coupling, else random), "random", or a
     # checkpoint path (its EMA weights).
     init: str = "auto"
-    # The fast step (flowmatch.training.fast): no host synchronisation inside a step, multi-tensor
-    # AdamW / clipping / EMA. "auto" (on with CUDA; on the CPU, on where the fused MLP step can train
-    # the run, else off), "on" or "off".
+    # The plan (flowmatch.training.plan resolves every "auto", once, with its reason).
+    # fast: whether the loop leaves the losses on the device between log steps ("on") or reads and checks
+    # every step's loss before its update ("off", the plain loop). "auto": on with CUDA; on the CPU, on
+    # where the fused MLP step can train the run, else off.
     fast: Union[str, bool] = "auto"
     # torch.compile of the fast step's loss (forward + backward): "auto" (with the fast step on CUDA),
     # "off", "on" (mode "default") or a torch.compile mode ("reduce-overhead", "max-autotune", ...).
     compile: Union[str, bool] = "auto"
-    # The fused MLP step (flowmatch.training.fused_mlp), the fast step's CPU path for toy MLPs: "auto"
+    # The fused MLP step (flowmatch.training.fused_mlp), a CPU implementation of the l2 velocity-regression
+    # objectives (cfm, distill) for toy MLPs: "auto"
     # (wherever it can run in the fast mode; train.fast=auto turns the fast mode on for it on the CPU),
     # "on" (required: an error where it cannot run) or "off" (with train.fast=auto: the plain loop).
     fused: Union[str, bool] = "auto"
@@ -324,7 +355,10 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool):
                 setattr(self, key, "on" if value else "off")
-        _check_ranges(self, {"steps": _int(1), "batch_size": _int(1), "lr": _float(gt=0.0),
+        _check_ranges(self, {"fast": _one_of(*FAST_MODES), "compile": _one_of(*COMPILE_MODES),
+                             "fused": _one_of(*FUSED_MODES), "precision": _one_of(*PRECISIONS),
+                             "channels_last": _one_of(*CHANNELS_LAST_MODES),
+                             "steps": _int(1), "batch_size": _int(1), "lr": _float(gt=0.0),
                              "weight_decay": _float(ge=0.0), "warmup_steps": _int(0),
                              "lr_min_ratio": _float(**_PROBABILITY), "grad_clip": _float(ge=0.0, finite=False),
                              "ema_decay": _float(ge=0.0, lt=1.0), "ckpt_every": _int(1), "log_every": _int(1),
@@ -388,10 +422,7 @@ class ReflowConfig:
     loss: str = "l2"
     mix: float = 1.0  # weight of the teacher-pair loss; 1 - mix on real data
     real: Optional[str] = None  # coupling of the real-data term (default: the experiment's own)
-    distill: bool = False
-    distill_steps: int = 2000
-    distill_lr: float = 1e-4
-    distill_loss: str = "l2"
+    distill: bool = False  # end the chain with a one-step distillation stage (its keys: the distill section)
     bench_n: int = 5000
     bench_solvers: list[str] = field(default_factory=lambda: ["euler", "dopri5"])
     bench_nfes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -402,8 +433,25 @@ class ReflowConfig:
         _check_ranges(self, {"rounds": _int(1), "num_pairs": _int(1), "nfe": _int(1, optional=True),
                              "atol": _float(gt=0.0), "rtol": _float(gt=0.0), "shard_size": _int(1),
                              "steps": _int(1), "lr": _float(gt=0.0), "mix": _float(**_PROBABILITY),
-                             "distill_steps": _int(1), "distill_lr": _float(gt=0.0), "bench_n": _int(1),
+                             "bench_n": _int(1),
                              "bench_nfes": _ints(1)})
+
+
+@dataclass
+class DistillConfig:
+    """The one-step distillation objective (``train.objective: distill``, the chain's ``reflow.distill``
+    stage): the student ``v(x0, 0)`` regresses the pair store's one-step map ``x1 - x0``. ``steps``,
+    ``lr`` and ``loss`` are the stage's ``train.steps``, ``train.lr`` and ``train.loss`` where a
+    pipeline trains it as a stage (a stand-alone run takes ``train.*``)."""
+
+    steps: int = 2000
+    lr: float = 1e-4
+    loss: str = "l2"
+
+    _section: ClassVar[str] = "distill"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"steps": _int(1), "lr": _float(gt=0.0)})
 
 
 @dataclass
@@ -418,6 +466,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     reflow: ReflowConfig = field(default_factory=ReflowConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     _section: ClassVar[str] = ""
 
@@ -502,12 +551,44 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
         raise
 
 
+# Sections that configure pipeline stages (the reflow chain, an objective's stage settings), not the
+# run they are saved with: a run is the same run, and resumes, whatever they say.
+STAGE_SECTIONS = ("reflow", "distill")
+
+# Keys that moved: old dotted key -> new one. A config (or a checkpoint's) with an old key loads
+# as before, its value under the new key; ``--set`` of an old key is refused naming the new one.
+MOVED_KEYS = {"reflow.distill_steps": "distill.steps", "reflow.distill_lr": "distill.lr",
+              "reflow.distill_loss": "distill.loss"}
+
+
+def _migrate(data: dict) -> tuple[dict, list[str]]:
+    """``data`` with the values of :data:`MOVED_KEYS`' old keys under their new ones (a new key given
+    too wins); returns the old keys found."""
+    found = []
+    for old, new in MOVED_KEYS.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = data.get(osec)
+        if isinstance(section, dict) and okey in section:
+            if not found:
+                data = copy.deepcopy(data)
+                section = data[osec]
+            value = section.pop(okey)
+            target = data.setdefault(nsec, {})
+            if isinstance(target, dict):
+                target.setdefault(nkey, value)
+            found.append(old)
+    return data, found
+
+
 def from_dict(data: dict | None, cls: type = ExperimentConfig) -> Any:
-    """Build a config dataclass from a nested dict, refusing unknown keys and wrong types."""
+    """Build a config dataclass from a nested dict, refusing unknown keys and wrong types (keys that
+    moved, :data:`MOVED_KEYS`, are read at their new place)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    if cls is ExperimentConfig:
+        data, _ = _migrate(data)
     return _from_dict(cls, data, "")
 
 
@@ -525,6 +606,11 @@ def load_config(path: str, overrides: list[str] | None = None) -> ExperimentConf
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    if isinstance(data, dict):
+        _, moved = _migrate(data)
+        if moved:
+            warnings.warn(f"{path}: {', '.join(f'{k} is now {MOVED_KEYS[k]}' for k in moved)} (read there; "
+                          f"rename the key to silence this)", FutureWarning, stacklevel=2)
     try:
         cfg = from_dict(data)
     except ConfigError as e:
@@ -545,6 +631,8 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
+        if key.strip() in MOVED_KEYS:
+            raise ConfigError(f"override {item!r}: {key.strip()} is now {MOVED_KEYS[key.strip()]}")
         parts = key.strip().split(".")
         node = data
         for i, part in enumerate(parts[:-1]):

@@ -1,4 +1,5 @@
-"""Couplings: how (x0, x1) pairs are drawn. ``sample(batch_size, *, generator) -> (x0, x1)``.
+"""Couplings: how (x0, x1) pairs are drawn. ``sample(batch_size, *, generator) -> CouplingSample``
+(``x0``, ``x1`` and, where the data has them, the class labels ``y`` of ``x1``).
 
 - :class:`IndependentCoupling`: x0 ~ source, x1 ~ target independently (I-CFM).
 - :class:`MinibatchOTCoupling`: independent batches re-paired by optimal transport on the batch
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,22 +21,31 @@ from flowmatch.data.toy import ToyDistribution
 from flowmatch.errors import ConfigError
 from flowmatch.utils import lookup
 
-__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "PairedCoupling", "sinkhorn_plan", "exact_assignment",
+__all__ = ["CouplingSample", "Coupling", "IndependentCoupling", "MinibatchOTCoupling", "PairedCoupling", "sinkhorn_plan", "exact_assignment",
            "COUPLINGS", "get_coupling"]
+
+
+@dataclass
+class CouplingSample:
+    """One joint draw of a batch: row ``i`` of ``x0`` (source, ``[B, *D]``) goes with row ``i`` of ``x1``
+    (data, ``[B, *D]``); ``y`` (``[B]`` long) are the class labels of ``x1`` where the data has them,
+    else ``None``. Labeled and unlabeled data are drawn from the same random stream."""
+
+    x0: torch.Tensor
+    x1: torch.Tensor
+    y: Optional[torch.Tensor] = None
 
 
 class Coupling:
     name = ""
 
-    def sample(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> CouplingSample:
         raise NotImplementedError
 
-    def sample_labeled(self, batch_size: int, *, generator: Optional[torch.Generator] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """``(x0, x1, y)``: a batch as :meth:`sample` draws it (same random stream) with the class
-        labels ``y`` (``[B]`` long) of ``x1`` where the data has them, else ``y = None``."""
-        x0, x1 = self.sample(batch_size, generator=generator)
-        return x0, x1, None
+    def has_labels(self) -> Optional[bool]:
+        """Whether :meth:`sample` gives class labels: ``True`` / ``False`` where that is known without
+        drawing, ``None`` otherwise (the first draw tells)."""
+        return None
 
     def state_dict(self) -> dict:
         """State beyond the generator that a resumed run needs (none for stateless couplings)."""
@@ -50,23 +61,22 @@ class IndependentCoupling(Coupling):
     def __init__(self, source: ToyDistribution, target: ToyDistribution, device: torch.device | str = "cpu"):
         self.source, self.target, self.device = source, target, torch.device(device)
 
-    def draw(self, batch_size: int, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, x1, _ = self.draw_labeled(batch_size, generator)
-        return x0, x1
-
-    def draw_labeled(self, batch_size: int, generator: Optional[torch.Generator]):
+    def draw(self, batch_size: int, generator: Optional[torch.Generator] = None) -> CouplingSample:
+        """Independent batches of the source and the target (the target's labels where it has them)."""
         x0 = self.source.sample(batch_size, generator=generator, device=self.device)
         if hasattr(self.target, "sample_labeled"):
             x1, y = self.target.sample_labeled(batch_size, generator=generator, device=self.device)
         else:
             x1, y = self.target.sample(batch_size, generator=generator, device=self.device), None
-        return x0, x1, y
+        return CouplingSample(x0, x1, y)
 
     def sample(self, batch_size, *, generator=None):
         return self.draw(batch_size, generator)
 
-    def sample_labeled(self, batch_size, *, generator=None):
-        return self.draw_labeled(batch_size, generator)
+    def has_labels(self):
+        if not hasattr(self.target, "sample_labeled"):
+            return False
+        return None if not hasattr(self.target, "labels") else self.target.labels is not None
 
 
 def _sq_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -144,13 +154,9 @@ class MinibatchOTCoupling(IndependentCoupling):
         return x0, x1[self.assign(x0, x1, generator)]
 
     def sample(self, batch_size, *, generator=None):
-        x0, x1 = self.draw(batch_size, generator)
-        return self.pair(x0, x1, generator)
-
-    def sample_labeled(self, batch_size, *, generator=None):
-        x0, x1, y = self.draw_labeled(batch_size, generator)
-        idx = self.assign(x0, x1, generator)
-        return x0, x1[idx], None if y is None else y[idx]
+        d = self.draw(batch_size, generator)
+        idx = self.assign(d.x0, d.x1, generator)
+        return CouplingSample(d.x0, d.x1[idx], None if d.y is None else d.y[idx])
 
 
 class PairedCoupling(Coupling):
@@ -196,16 +202,15 @@ class PairedCoupling(Coupling):
         return torch.cat(parts)
 
     def sample(self, batch_size, *, generator=None):
-        x0, x1, _ = self.sample_labeled(batch_size, generator=generator)
-        return x0, x1
-
-    def sample_labeled(self, batch_size, *, generator=None):
         idx = self._indices(batch_size, generator)
         if self.on_device:
-            return self.x0[idx], self.x1[idx], None if self.y is None else self.y[idx]
+            return CouplingSample(self.x0[idx], self.x1[idx], None if self.y is None else self.y[idx])
         idx = idx.cpu()
         y = None if self.y is None else self.y[idx].to(self.device)
-        return self.x0[idx].to(self.device), self.x1[idx].to(self.device), y
+        return CouplingSample(self.x0[idx].to(self.device), self.x1[idx].to(self.device), y)
+
+    def has_labels(self):
+        return self.y is not None
 
     def state_dict(self) -> dict:
         return {"perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos, "epoch": self.epoch}

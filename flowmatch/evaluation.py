@@ -24,7 +24,8 @@ from flowmatch.errors import FlowmatchError
 from flowmatch.metrics import straightness
 from flowmatch.models import ClassifierFreeGuidance
 from flowmatch.solvers import get_solver, solve
-from flowmatch.training import Tracker, atomic_save, read_metrics
+from flowmatch.io import atomic_save
+from flowmatch.training import Tracker, read_metrics
 from flowmatch.utils import make_generator
 
 __all__ = ["LabeledField", "sampling_field", "make_scorer", "image_reference", "inception_score_of",

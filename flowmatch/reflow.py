@@ -40,10 +40,10 @@ from flowmatch.models import ClassifierFreeGuidance
 from flowmatch.io import atomic_save, atomic_write_text, file_sha256, remove_temporaries, safe_load
 from flowmatch.solvers import get_solver, num_steps_for, solve
 from flowmatch.training.checkpoint import load_model
-from flowmatch.training.distributed import dist_info, init_distributed_from_env  # noqa: F401 (re-exported)
+from flowmatch.training.distributed import dist_info
 from flowmatch.utils import make_generator, resolve_device
 
-__all__ = ["shard_seed", "plan_id", "generate_pairs", "dist_info", "init_distributed_from_env", "REJECTED_DIR"]
+__all__ = ["shard_seed", "plan_id", "generate_pairs", "REJECTED_DIR"]
 
 # where a generation moves the files it finds in a shard's place and cannot prove to be that shard
 REJECTED_DIR = "rejected"

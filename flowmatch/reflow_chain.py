@@ -29,8 +29,9 @@ from flowmatch.pipelines import TrainSummary, bench_from_checkpoints, train_from
 from flowmatch.reflow import generate_pairs
 from flowmatch.reports import reflow_targets, stage_columns
 from flowmatch.solvers import solve
-from flowmatch.training import Tracker, atomic_write_text, load_model
-from flowmatch.training.fast import resolve_precision
+from flowmatch.io import atomic_write_text
+from flowmatch.training import Tracker, load_model
+from flowmatch.training.plan import resolve_precision
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["reflow_stage_configs", "reflow_from_config", "stage_sample_grids", "reflow_sweep"]
@@ -47,7 +48,8 @@ def _stage_config(cfg: ExperimentConfig, name: str, **sections) -> ExperimentCon
 
 def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: bool) -> list[tuple[str, ExperimentConfig, str]]:
     """The chain's training stages after 1-RF: ``(label, config, pairs_dir)`` for 2-RF..K-RF and the
-    optional distillation. Stage k trains on the pairs of stage k - 1, initialised from it; with
+    optional distillation (``train.objective: distill`` with the ``distill`` section's steps, lr and
+    loss). Stage k trains on the pairs of stage k - 1, initialised from it; with
     ``reflow.mix < 1`` its real-data term uses ``reflow.real`` (default: the experiment's own coupling)."""
     rc = cfg.reflow
     # a class-conditional teacher's pairs are made with guidance eval.guidance already: its students
@@ -63,10 +65,10 @@ def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: 
             eval=student_eval), pairs))
     if distill:
         pairs = os.path.join(out, f"pairs-{rounds}RF")
+        dc = cfg.distill
         stages.append((f"{rounds}-RF+distill", _stage_config(
             cfg, f"{cfg.name}-{rounds}RF-distill", coupling={"name": "paired", "pairs": pairs, "mix": 1.0},
-            time={"name": "constant", "value": 0.0},
-            train={"steps": rc.distill_steps, "lr": rc.distill_lr, "loss": rc.distill_loss, "init": "auto"},
+            train={"objective": "distill", "steps": dc.steps, "lr": dc.lr, "loss": dc.loss, "init": "auto"},
             eval={"solver": "euler", "nfe": 1, **student_eval}), pairs))
     return stages
 

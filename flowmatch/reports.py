@@ -13,7 +13,8 @@ import os
 from typing import Mapping, Sequence
 
 from flowmatch.bench import rows_to_markdown, write_bench
-from flowmatch.training import atomic_write_text, load_checkpoint
+from flowmatch.io import atomic_write_text
+from flowmatch.training import load_checkpoint
 
 __all__ = ["STAGE_COLUMNS", "IMAGE_STAGE_COLUMNS", "stage_columns", "headline_table", "demo_report",
            "reflow_targets", "write_reflow_summary"]

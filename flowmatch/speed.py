@@ -8,7 +8,7 @@ Sections (rows of :data:`SPEED_COLUMNS`; ``ratio`` is against the row's baseline
   ``nn.Sequential`` with the time concatenated, Adam, both point clouds drawn on the CPU every
   step and moved to the device, the OT plan solved on the CPU, pairs and targets computed eagerly),
   ``plain`` (this package's loop: EMA, clipping, schedule, loss by t-bin, host reads every step)
-  and ``fast`` (:mod:`flowmatch.training.fast`: data drawn on the device, no host synchronisation,
+  and ``fast`` (:mod:`flowmatch.training.plan`: data drawn on the device, no host synchronisation,
   foreach/fused optimiser and EMA, compiled step; on CUDA minibatch OT by Sinkhorn on the device;
   on the CPU the fused MLP step of :mod:`flowmatch.training.fused_mlp`).
 - ``sample``: 10,000 points (``full``) at NFE 16 with Euler: the captured solve
@@ -146,7 +146,7 @@ def reference_train_loop(coupling: str, steps: int, *, device: str | torch.devic
 
 
 def _train_rows(dev: torch.device, sz: SpeedSizes, compile_mode: Optional[str]) -> tuple[list[dict], list[dict]]:
-    from flowmatch.training.fast import build_trainer
+    from flowmatch.training.trainer import build_trainer
 
     rows, checks = [], []
     for coupling, label in (("independent", "I-CFM"), ("ot", "OT-CFM")):
@@ -213,7 +213,7 @@ def unet_config(dev: torch.device, *, batch: int = 128, steps: int = 10_000, pre
 
 
 def _unet_rows(dev: torch.device, sz: SpeedSizes, compile_mode: Optional[str]) -> list[dict]:
-    from flowmatch.training.fast import build_trainer
+    from flowmatch.training.trainer import build_trainer
 
     cfg = unet_config(dev)
     rows, plain_ips = [], None
@@ -382,7 +382,7 @@ def speed_table(result: dict) -> str:
 
 def write_speed(result: dict, out_dir: str, name: str = "gpu_bench") -> dict:
     """``{name}.json`` and ``{name}.md`` in ``out_dir`` (written atomically)."""
-    from flowmatch.training.checkpoint import atomic_write_text
+    from flowmatch.io import atomic_write_text
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "md": os.path.join(out_dir, f"{name}.md")}

@@ -44,7 +44,9 @@ class Trajectory:
 
 @dataclass
 class LossOutput:
-    """``loss`` is the scalar to minimise; ``per_sample`` is ``[B]`` (feeds loss-by-t-bin logging)."""
+    """``loss`` is the scalar to minimise; ``per_sample`` is ``[B']`` and ``t`` (``[B']``) the time of
+    each of its rows (they feed loss-by-t-bin logging; ``t`` may be ``None`` where there are no times)."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor
+    t: Optional[torch.Tensor] = None

@@ -67,16 +67,42 @@ def make_cfg():
     return make_tiny_cfg
 
 
-class ReplayLoss:
-    """A loss function that evaluates the given ``(x0, x1, t)`` batches in turn (cyclically) instead of
-    the drawn ones: trainers (or DDP ranks) can then be fed the same data in different micro-batches."""
+def replay_objective(batches):
+    """An objective (a ``(cfg, comp) -> Objective`` factory for ``build_trainer(..., objective=)``): flow
+    matching on the given ``(x0, x1, t)`` batches in turn (cyclically) instead of drawn ones, so trainers
+    (or DDP ranks) can be fed the same data in different micro-batches. ``Replay.calls`` counts draws."""
+    from flowmatch.training import CFM, Batch
 
-    def __init__(self, batches):
-        self.batches, self.calls = batches, 0
+    class Replay(CFM):
+        calls = 0
 
-    def __call__(self, model, path, x0, x1, t, **kw):
-        from flowmatch.training import cfm_loss
+        def draw(self, generator):
+            x0, x1, t = batches[Replay.calls % len(batches)]
+            Replay.calls += 1
+            ps = self.comp.path.sample(x0, x1, t, generator=generator)
+            return Batch(t=ps.t, xt=ps.xt, ut=ps.ut, x0=x0, x1=x1)
 
-        b = self.batches[self.calls % len(self.batches)]
-        self.calls += 1
-        return cfm_loss(model, path, *b, **kw)
+        def fused_reason(self):  # the tests that replay compare autograd steps
+            return "a test's replayed batches"
+
+    return Replay
+
+
+def nan_objective(call: int, factor: float = float("nan")):
+    """An objective: flow matching whose ``call``-th loss is multiplied by ``factor`` (it has no fused
+    implementation, so the step computes every loss through it)."""
+    from flowmatch.training import CFM
+    from flowmatch.types import LossOutput
+
+    class NanAt(CFM):
+        calls = 0
+
+        def loss(self, nets, batch, player="student"):
+            out = super().loss(nets, batch, player)
+            NanAt.calls += 1
+            return LossOutput(out.loss * factor, out.per_sample, out.t) if NanAt.calls == call else out
+
+        def fused_reason(self):
+            return "a test's objective"
+
+    return NanAt

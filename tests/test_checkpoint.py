@@ -10,8 +10,8 @@ import torch
 
 import flowmatch.training.checkpoint as ckpt_mod
 from flowmatch.errors import CheckpointError, FlowmatchError
-from flowmatch.training import (atomic_save, atomic_write_text, file_sha256, load_checkpoint, load_model,
-                                save_checkpoint, train)
+from flowmatch.io import atomic_save, atomic_write_text, file_sha256
+from flowmatch.training import load_checkpoint, load_model, save_checkpoint, train
 
 
 class Foreign:

@@ -20,6 +20,11 @@ from flowmatch.data import get_dataset
 from flowmatch.errors import ConfigError, UnknownNameError
 
 
+def _pair(s):
+    """``(x0, x1)`` of a :class:`~flowmatch.couplings.CouplingSample`."""
+    return s.x0, s.x1
+
+
 def gen(seed: int = 0) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
@@ -83,21 +88,21 @@ def test_unknown_ot_method_and_bad_reg():
 
 def test_independent_shapes_and_determinism():
     c = get_coupling("independent", get_dataset("gaussian"), get_dataset("moons"))
-    x0, x1 = c.sample(50, generator=gen(1))
+    x0, x1 = _pair(c.sample(50, generator=gen(1)))
     assert x0.shape == (50, 2) and x1.shape == (50, 2)
-    y0, y1 = c.sample(50, generator=gen(1))
-    z0, z1 = c.sample(50, generator=gen(2))
+    y0, y1 = _pair(c.sample(50, generator=gen(1)))
+    z0, z1 = _pair(c.sample(50, generator=gen(2)))
     assert torch.equal(x0, y0) and torch.equal(x1, y1)
     assert not torch.equal(x0, z0)
     # x0 from the source, x1 from the target: the moons batch has mean ~ (0.5, -0.25), the source ~ 0
-    x0, x1 = c.sample(4000, generator=gen(3))
+    x0, x1 = _pair(c.sample(4000, generator=gen(3)))
     assert x0.mean(0).abs().max() < 0.1
     assert abs(x1[:, 0].mean().item() - 0.5) < 0.15
 
 
 def test_independent_gaussian_any_dim():
     c = get_coupling("independent", get_dataset("gaussian", dim=5), get_dataset("gaussian", dim=5))
-    x0, x1 = c.sample(8, generator=gen(0))
+    x0, x1 = _pair(c.sample(8, generator=gen(0)))
     assert x0.shape == (8, 5) and x1.shape == (8, 5)
 
 
@@ -157,13 +162,13 @@ def test_ot_sample_reorders_the_independent_draw():
     src, tgt = get_dataset("gaussian"), get_dataset("8gaussians")
     ind = IndependentCoupling(src, tgt)
     c = MinibatchOTCoupling(src, tgt, method="exact")
-    i0, i1 = ind.sample(64, generator=gen(5))
-    o0, o1 = c.sample(64, generator=gen(5))
+    i0, i1 = _pair(ind.sample(64, generator=gen(5)))
+    o0, o1 = _pair(c.sample(64, generator=gen(5)))
     assert torch.equal(o0, i0)
     assert is_row_permutation(o1, i1)
     assert mean_sq(o0, o1) <= mean_sq(i0, i1)
     # deterministic with the seed
-    p0, p1 = c.sample(64, generator=gen(5))
+    p0, p1 = _pair(c.sample(64, generator=gen(5)))
     assert torch.equal(p0, o0) and torch.equal(p1, o1)
 
 
@@ -172,7 +177,7 @@ def test_ot_straightens_on_average():
     c = ot()
     ind_cost, ot_cost = [], []
     for s in range(5):
-        x0, x1 = c.draw(128, gen(s))
+        x0, x1 = _pair(c.draw(128, gen(s)))
         ind_cost.append(mean_sq(x0, x1))
         ot_cost.append(mean_sq(*c.pair(x0, x1)))
     assert sum(ot_cost) < 0.8 * sum(ind_cost)
@@ -233,7 +238,7 @@ def test_sinkhorn_pair_rows_from_x1_and_cheaper_on_average():
     c = ot("sinkhorn", reg=0.05, num_iters=100)
     ind_cost, sk_cost = [], []
     for s in range(6):
-        x0, x1 = c.draw(40, gen(s))
+        x0, x1 = _pair(c.draw(40, gen(s)))
         p0, p1 = c.pair(x0, x1, generator=gen(50 + s))
         assert torch.equal(p0, x0)
         # every partner is some row of x1
@@ -246,16 +251,16 @@ def test_sinkhorn_pair_rows_from_x1_and_cheaper_on_average():
 
 def test_sinkhorn_sample_deterministic_with_seed():
     c = ot("sinkhorn")
-    a0, a1 = c.sample(32, generator=gen(9))
-    b0, b1 = c.sample(32, generator=gen(9))
-    d0, d1 = c.sample(32, generator=gen(10))
+    a0, a1 = _pair(c.sample(32, generator=gen(9)))
+    b0, b1 = _pair(c.sample(32, generator=gen(9)))
+    d0, d1 = _pair(c.sample(32, generator=gen(10)))
     assert torch.equal(a0, b0) and torch.equal(a1, b1)
     assert not torch.equal(a1, d1)
 
 
 def test_sinkhorn_float32_on_cpu():
     c = MinibatchOTCoupling(get_dataset("gaussian"), get_dataset("moons"), method="sinkhorn")
-    x0, x1 = c.sample(32, generator=gen(11))
+    x0, x1 = _pair(c.sample(32, generator=gen(11)))
     assert x0.dtype == torch.float32 and x1.dtype == torch.float32
     assert torch.isfinite(x1).all()
     assert not math.isnan(mean_sq(x0, x1))

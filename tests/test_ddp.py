@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import ReplayLoss, make_tiny_cfg
+from conftest import make_tiny_cfg, replay_objective
 from flowmatch.config import save_config
 from flowmatch.errors import FlowmatchError
 from flowmatch.training import build_trainer, load_checkpoint, read_metrics, train
@@ -52,7 +52,9 @@ def _resume_cfg():
     return make_tiny_cfg("coupling.name=ot", "train.grad_accum=2")
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, results=None) -> None:
+    """Rank ``rank``'s process: join the group, save ``results(rank, out_dir)`` (default
+    :func:`_rank_results`) to ``out_dir/rank{rank}.pt``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -60,7 +62,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     ok = False
     try:
         # the trainers (and their DDP modules) live in _rank_results only: gone before the group is
-        torch.save(_rank_results(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save((results or _rank_results)(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
         ok = True
     finally:
         du.cleanup(sync=ok)
@@ -75,7 +77,7 @@ def _rank_results(rank: int, out_dir: str) -> dict:
     for fast in (False, True):
         # rank r's micro-batches are quarters 2r and 2r + 1 of the fixed batch
         tr = build_trainer(make_tiny_cfg(*BASE, "train.grad_accum=2", f"train.batch_size={QUARTER}"), fast=fast,
-                           loss_fn=ReplayLoss([q[2 * rank], q[2 * rank + 1]]))
+                           objective=replay_objective([q[2 * rank], q[2 * rank + 1]]))
         assert isinstance(tr.net, DistributedDataParallel) and tr.world_size == WORLD
         loss, _ = tr.train_step.accumulate()
         res[f"loss_{fast}"] = loss.item()
@@ -116,8 +118,9 @@ def _rank_results(rank: int, out_dir: str) -> dict:
     return res
 
 
-def _spawn(out_dir: str, timeout: float = 120.0) -> list[dict]:
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
+def _spawn(out_dir: str, timeout: float = 120.0, results=None) -> list[dict]:
+    """Run ``results`` (a module-level function of ``(rank, out_dir)``) on every rank; their results."""
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir, results), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
@@ -148,7 +151,7 @@ def test_collectives_and_rank_info(ranks):
 def test_two_ranks_with_accumulation_equal_one_process_on_the_whole_batch(ranks, fast):
     q = _quarters()
     whole = tuple(torch.cat([part[i] for part in q]) for i in range(3))
-    ref = build_trainer(make_tiny_cfg(*BASE, f"train.batch_size={4 * QUARTER}"), fast=fast, loss_fn=ReplayLoss([whole]))
+    ref = build_trainer(make_tiny_cfg(*BASE, f"train.batch_size={4 * QUARTER}"), fast=fast, objective=replay_objective([whole]))
     assert ref.world_size == 1 and ref.net is ref.model
     loss, _ = ref.train_step.accumulate()
     grads = [p.grad.clone() for p in ref.model.parameters()]

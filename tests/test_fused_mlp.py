@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from conftest import FUSED_RTOL, ReplayLoss
+from conftest import FUSED_RTOL, replay_objective
 from test_training import _Interrupt  # the same kill-at-step callback as the plain loop's resume tests
 from flowmatch.errors import ConfigError
 from flowmatch.training import build_trainer, last_checkpoint, load_checkpoint, train
@@ -148,10 +148,11 @@ def test_fast_auto_takes_the_fused_step_on_the_cpu_where_it_can(make_cfg, tmp_pa
                   ("train.grad_accum=2",)):
         tr = build_trainer(make_cfg(*extra))
         assert not tr.fast and not tr.fused_mlp, extra
-    # an explicit fast=... or a custom loss function keeps the caller's choice
+    # an explicit fast=... keeps the caller's choice; an objective without a fused implementation
+    # keeps the plain loop
     assert not build_trainer(make_cfg(), fast=False).fast
-    replay = ReplayLoss([(torch.zeros(32, 2), torch.ones(32, 2), torch.rand(32))])
-    assert not build_trainer(make_cfg(), loss_fn=replay).fast
+    replay = replay_objective([(torch.zeros(32, 2), torch.ones(32, 2), torch.rand(32))])
+    assert not build_trainer(make_cfg(), objective=replay).fast
     assert not build_trainer(make_cfg(), fused=False).fast
     # the training loop resolves it the same way: its losses are the fused trainer's
     cfg = make_cfg("train.steps=12", "train.log_every=4", "train.ckpt_every=6")
@@ -211,9 +212,9 @@ def test_runs_it_cannot_train_take_the_autograd_step(make_cfg, extra, reason):
 
 
 def test_fused_settings_are_checked(make_cfg, tmp_path):
-    # a custom loss function is the autograd step's
-    tr = build_trainer(make_cfg(), fast=True, loss_fn=ReplayLoss([(torch.zeros(32, 2), torch.ones(32, 2),
-                                                                   torch.rand(32))]))
+    # an objective without a fused implementation takes the autograd step
+    tr = build_trainer(make_cfg(), fast=True, objective=replay_objective([(torch.zeros(32, 2), torch.ones(32, 2),
+                                                                           torch.rand(32))]))
     assert not tr.fused_mlp
     assert not build_trainer(make_cfg("train.fused=off"), fast=True).fused_mlp
     assert not build_trainer(make_cfg(), fast=False).fused_mlp  # the plain loop is never fused

@@ -33,9 +33,10 @@ def _cfg(**over):
                   "ema_decay": 0.9, "device": "cpu"},
         "eval": {"n": 64, "solver": "euler", "nfe": 4, "atol": 1e-3, "rtol": 1e-3},
         "tracking": {"mode": "disabled"},
-        "reflow": {"num_pairs": 96, "shard_size": 48, "solver": "euler", "nfe": 4, "steps": 20, "distill_steps": 20,
+        "reflow": {"num_pairs": 96, "shard_size": 48, "solver": "euler", "nfe": 4, "steps": 20,
                    "bench_n": 64, "bench_solvers": ["euler", "dopri5"], "bench_nfes": [1, 2], "rounds": 2,
                    "distill": True},
+        "distill": {"steps": 20},
     }
     for key, value in over.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value

@@ -220,18 +220,19 @@ def test_paired_coupling_visits_every_pair_once_per_epoch_and_resumes():
     x0 = torch.arange(10.0)[:, None]
     c = PairedCoupling(x0, 10 * x0)
     g = make_generator(0)
-    seen = torch.cat([c.sample(5, generator=g)[0] for _ in range(2)]).flatten()
+    seen = torch.cat([c.sample(5, generator=g).x0 for _ in range(2)]).flatten()
     assert sorted(seen.tolist()) == list(range(10))
-    a0, a1 = c.sample(4, generator=g)
+    a = c.sample(4, generator=g)
+    a0, a1 = a.x0, a.x1
     assert torch.equal(a1, 10 * a0)  # rows stay joint draws
     state, gstate = c.state_dict(), g.get_state()
-    nxt = c.sample(7, generator=g)[0]  # crosses into the third epoch
+    nxt = c.sample(7, generator=g).x0  # crosses into the third epoch
     assert c.epoch == 3
     c2 = PairedCoupling(x0, 10 * x0)
     c2.load_state_dict(state)
     g2 = torch.Generator()
     g2.set_state(gstate)
-    assert torch.equal(c2.sample(7, generator=g2)[0], nxt)
+    assert torch.equal(c2.sample(7, generator=g2).x0, nxt)
 
 
 def _write_store(path, x0, x1, source="gaussian", target="gaussian"):
@@ -281,18 +282,17 @@ def test_mix_zero_is_plain_flow_matching(teacher, tmp_path, make_cfg):
 
 
 def test_mix_weighs_pairs_and_real_data(teacher, tmp_path, make_cfg, monkeypatch):
-    import flowmatch.training.loop as loop
+    from flowmatch.training import CFM, OBJECTIVES, regression_loss
 
     _gen(teacher, tmp_path / "p", n=20, shard_size=10)
     seen = []
-    real = loop.cfm_loss
 
-    def spy(model, path, x0, x1, t, **kw):
-        out = real(model, path, x0, x1, t, **kw)
-        seen.append(out.loss.item())
-        return out
+    class Spy(CFM):  # each term's own loss
+        def loss(self, nets, batch, player="student"):
+            seen.extend(regression_loss(nets.student, [b], self.distance).loss.item() for b in batch.terms())
+            return super().loss(nets, batch, player)
 
-    monkeypatch.setattr(loop, "cfm_loss", spy)
+    monkeypatch.setitem(OBJECTIVES, "cfm", Spy)
     res = train(make_cfg("data.target=moons", "coupling.name=paired", f"coupling.pairs={tmp_path / 'p'}",
                          "coupling.mix=0.25", "train.steps=3", "train.init=random"), str(tmp_path / "r"),
                 progress=False)
@@ -336,7 +336,7 @@ def test_paired_training_resumes_exactly(teacher, tmp_path, make_cfg):
 CHAIN = ("name=chain", "data.target=moons", "model.hidden=32", "model.time_embedding=fourier", "model.fourier_scale=1.0",
          "train.steps=300", "train.batch_size=128", "train.lr=3e-3", "train.ckpt_every=300", "train.log_every=100",
          "reflow.num_pairs=2000", "reflow.shard_size=1000", "reflow.solver=rk4", "reflow.nfe=32", "reflow.steps=300",
-         "reflow.lr=3e-3", "reflow.distill_steps=100", "reflow.bench_n=300", "reflow.bench_nfes=[1,4]")
+         "reflow.lr=3e-3", "distill.steps=100", "reflow.bench_n=300", "reflow.bench_nfes=[1,4]")
 
 
 def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
@@ -364,7 +364,7 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
            [r["w2"] for r in rows if r["stage"] != "2-RF+distill"]
 
     # the same chain directory with another distillation: refused, naming the stage to remove
-    changed = make_cfg(*CHAIN, "reflow.distill_lr=5e-4")
+    changed = make_cfg(*CHAIN, "distill.lr=5e-4")
     with pytest.raises(RunDirError, match=r"stage 2-RF\+distill .*train\.lr.*Remove .*2-RF\+distill"):
         reflow_from_config(changed, str(tmp_path / "chain"), rounds=2, distill=True, progress=False)
     assert ckpt.stat().st_mtime_ns == before
@@ -449,7 +449,7 @@ def test_large_stores_stay_memory_mapped_and_train_the_same(teacher, tmp_path):
     ga, gb = make_generator(5), make_generator(5)
     for _ in range(4):
         xa, xb = a.sample(16, generator=ga), b.sample(16, generator=gb)
-        assert torch.equal(xa[0], xb[0]) and torch.equal(xa[1], xb[1])
+        assert torch.equal(xa.x0, xb.x0) and torch.equal(xa.x1, xb.x1)
 
 
 def test_sweep_shares_one_teacher_and_tabulates_each_value(tmp_path, make_cfg):

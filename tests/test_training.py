@@ -12,7 +12,8 @@ import flowmatch.training.loop as loop_mod
 from flowmatch.config import to_dict
 from flowmatch.errors import NonFiniteLossError, RunDirError, UnknownNameError
 from flowmatch.pipelines import train_from_config
-from flowmatch.training import (FORMAT_VERSION, last_checkpoint, load_checkpoint, load_model, read_metrics,
+from conftest import nan_objective
+from flowmatch.training import (OBJECTIVES, FORMAT_VERSION, last_checkpoint, load_checkpoint, load_model, read_metrics,
                                 train)
 from flowmatch.types import LossOutput
 
@@ -125,17 +126,7 @@ def test_kill_and_resume_equals_unbroken_run(make_cfg, tmp_path, extra):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(make_cfg, tmp_path, monkeypatch):
-    real = loop_mod.cfm_loss
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 7:
-            return LossOutput(loss=out.loss * float("nan"), per_sample=out.per_sample)
-        return out
-
-    monkeypatch.setattr(loop_mod, "cfm_loss", flaky)
+    monkeypatch.setitem(OBJECTIVES, "cfm", nan_objective(7))
     run = str(tmp_path / "run")
     with pytest.raises(NonFiniteLossError) as e:
         train(make_cfg("train.steps=20", "train.ckpt_every=5"), run, progress=False)
@@ -148,8 +139,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(make_cfg, tmp_path, monke
 
 
 def test_nan_before_first_checkpoint_says_none_was_written(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_mod, "cfm_loss",
-                        lambda *a, **k: LossOutput(loss=torch.tensor(float("inf")), per_sample=torch.zeros(1)))
+    monkeypatch.setitem(OBJECTIVES, "cfm", nan_objective(1, float("inf")))
     with pytest.raises(NonFiniteLossError) as e:
         train(make_cfg(), str(tmp_path / "run"), progress=False)
     assert e.value.step == 1 and e.value.checkpoint is None
@@ -272,7 +262,7 @@ def test_lr_schedule_warmup_then_cosine_to_min_ratio():
 def test_the_trainer_follows_the_one_lr_schedule(make_cfg, schedule):
     """The optimiser's learning rate at every step is ``train.lr`` times :func:`lr_lambda`'s factor,
     and an unknown schedule is refused with the names :data:`LR_SCHEDULES` lists."""
-    from flowmatch.training.fast import build_trainer
+    from flowmatch.training.trainer import build_trainer
     from flowmatch.training.schedule import LR_SCHEDULES, lr_lambda
 
     cfg = make_cfg("train.steps=8", "train.warmup_steps=3", f"train.lr_schedule={schedule}", "train.lr_min_ratio=0.2")

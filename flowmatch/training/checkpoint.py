@@ -1,7 +1,9 @@
 """Checkpoints: plain dicts written atomically, loaded with ``weights_only=True``.
 
-A checkpoint is ``{format, version, model, ema, optimizer, scheduler, step, config, rng}``; the model
-is rebuilt from ``config`` (never unpickled).
+A checkpoint is ``{format, version, model, ema, optimizer, scheduler, objective, step, config, rng}``
+(``objective``: the training objective's name and state; an objective with other networks adds
+``nets`` and ``players``, see :meth:`~flowmatch.training.trainer.Trainer.state_dict`); the model is
+rebuilt from ``config`` (never unpickled).
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import torch
 
 from flowmatch.config import ExperimentConfig, from_dict
 from flowmatch.errors import CheckpointError, ConfigError
-from flowmatch.io import atomic_save, atomic_write_text, file_sha256, safe_load
+from flowmatch.io import atomic_save, safe_load
 from flowmatch.data.task import data_shape, num_classes
 from flowmatch.models import build_model
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_save", "atomic_write_text", "save_checkpoint", "load_checkpoint",
-           "file_sha256", "load_model", "LoadedModel"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "LoadedModel"]
 
 FORMAT = "flowmatch-checkpoint"
 FORMAT_VERSION = 1

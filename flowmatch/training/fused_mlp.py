@@ -24,11 +24,13 @@ ATEN_CPU_CAPABILITY=default, avx2 and avx512, and which steps differ depends on 
 width: never compare the two bit for bit). Checkpoints keep the per-parameter AdamW state of the other modes (converted on save
 and on load), so a run moves between the modes on resume.
 
-:class:`~flowmatch.training.fast.Trainer` takes this path in the fast mode when
-:func:`fused_mlp_reason` finds nothing against it: the CPU, an ``MLPVelocity`` whose activation is
-in :data:`FUSED_ACTIVATIONS`, fp32, the ``l2`` loss and the library's loss function, one process,
-``grad_accum`` 1, no compilation, no class labels and no real-data mix. Anything else takes the
-autograd fast step.
+:class:`FusedMLPStep` is this implementation behind the step interface of
+:class:`~flowmatch.training.step.TrainStep`, for the l2 velocity-regression objectives
+(:class:`~flowmatch.training.objectives.CFM` with one term and no labels,
+:class:`~flowmatch.training.objectives.OneStepDistill`): it takes the objective's draws and computes
+its loss written out. The plan (:func:`~flowmatch.training.plan.resolve_plan`) picks it where
+:func:`fused_mlp_reason` and the objective find nothing against it: the CPU, an ``MLPVelocity`` whose
+activation is in :data:`FUSED_ACTIVATIONS`, fp32, one process, ``grad_accum`` 1, no compilation.
 """
 
 from __future__ import annotations
@@ -40,25 +42,25 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as _adamw
 
+from flowmatch.training.step import StepOutput, TBins
 from flowmatch.types import LossOutput
 
 # the kernel behind ``torch.optim.adamw.adamw(..., fused=True)``; where a torch lacks it, that
 # function is called instead
 _fused_adamw_op = getattr(torch, "_fused_adamw_", None)
 
-__all__ = ["FUSED_ACTIVATIONS", "fused_mlp_reason", "FlatMLP"]
+__all__ = ["FUSED_ACTIVATIONS", "fused_mlp_reason", "FlatMLP", "FusedMLPStep"]
 
 # the activations whose backward is written out here (the ATen op autograd itself calls)
 FUSED_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu"}
 
 
-def fused_mlp_reason(model: nn.Module, comp, tc, *, distributed: bool, precision: str, compile: Optional[str],
-                     class_cond: bool, default_loss: bool) -> Optional[str]:
-    """Why the fused step cannot train this run (``None``: it can)."""
+def fused_mlp_reason(model: nn.Module) -> Optional[str]:
+    """Why the fused step cannot run ``model`` (``None``: it can): an ``MLPVelocity`` of biased Linear
+    layers and activations of :data:`FUSED_ACTIVATIONS`, fp32. What else it needs (the CPU, one
+    process, one micro-batch, no compilation, an l2 regression objective) the plan checks."""
     from flowmatch.models.mlp import MLPVelocity
 
-    if comp.device.type != "cpu":
-        return f"it is a CPU path (device {comp.device})"
     if not isinstance(model, MLPVelocity):
         return f"the model is {type(model).__name__}, not the MLP"
     layers = list(model.net)
@@ -70,20 +72,8 @@ def fused_mlp_reason(model: nn.Module, comp, tc, *, distributed: bool, precision
     linear_params = {id(p) for m in layers[::2] for p in m.parameters()}
     if {id(p) for p in model.parameters()} != linear_params or any(m.bias is None for m in layers[::2]):
         return "the MLP has parameters outside its biased Linear layers"
-    if any(p.dtype != torch.float32 for p in model.parameters()) or precision != "fp32":
+    if any(p.dtype != torch.float32 for p in model.parameters()):
         return "it is fp32 only"
-    if tc.loss != "l2" or not default_loss:
-        return f"it computes the l2 loss of cfm_loss only (loss {tc.loss!r})"
-    if distributed:
-        return "it runs in one process"
-    if int(tc.grad_accum) != 1:
-        return "it takes one micro-batch per step"
-    if compile is not None:
-        return "a compiled step was asked for"
-    if class_cond:
-        return "it has no class labels"
-    if comp.real_coupling is not None:
-        return "it has no real-data mix"
     return None
 
 
@@ -261,3 +251,33 @@ class FlatMLP:
             else:
                 merged[k] = v.clone() if torch.is_tensor(v) else v
         return {"state": {0: merged}, "param_groups": groups}
+
+
+class FusedMLPStep:
+    """One optimiser step of an l2 velocity-regression objective on a :class:`FlatMLP`: the objective's
+    draws, the loss and gradients written out, clipping, AdamW (fused, on the flat parameter), the
+    schedule and the EMA (one ``lerp_``), all under ``no_grad``. The interface of
+    :class:`~flowmatch.training.step.TrainStep`."""
+
+    def __init__(self, objective, flat: FlatMLP, generator: torch.Generator, ema, optimizer, scheduler,
+                 max_norm: float, bins: TBins):
+        self.objective, self.flat, self.gen, self.ema = objective, flat, generator, ema
+        self.opt, self.sched, self.max_norm, self.bins = optimizer, scheduler, max_norm, bins
+
+    def accumulate(self, step: int = 0) -> tuple[torch.Tensor, None]:
+        """Draw and compute the loss and the gradients (into the flat gradient); nothing is updated."""
+        with torch.no_grad():
+            batch = self.objective.draw(self.gen)
+            out = self.flat.loss_and_grads(batch.xt, batch.t, batch.ut)
+            self.bins.add(out.per_sample, batch.t)
+        return out.loss, None
+
+    def __call__(self, step: int) -> StepOutput:
+        loss, _ = self.accumulate(step)
+        with torch.no_grad():
+            grad_norm = self.flat.clip_(self.max_norm)
+            lr = self.sched.get_last_lr()[0]
+            self.flat.adamw_step(self.opt)
+            self.sched.step()
+            self.ema.update_flat(self.flat.ema, self.flat.param, self.flat.buffers)
+        return StepOutput(loss, grad_norm, lr)

@@ -14,13 +14,14 @@ run with no step left drops the evaluation rows at its last step (its caller eva
 run stopped before its first checkpoint (killed, or failed to start) holds nothing worth keeping:
 resuming it restarts it from step 0, saying so in one line on stderr.
 
-Each optimiser step is a :class:`~flowmatch.training.fast.TrainStep`, plain or fast (``train.fast``,
-``train.compile``; see :mod:`flowmatch.training.fast`), in the configured precision, memory layout
-and number of micro-batches (``train.precision``, ``train.channels_last``, ``train.grad_accum``).
-The fast step keeps the losses, the gradient norm and the loss-per-t-bin sums on the device; the
-loop reads them at log and checkpoint steps, so a non-finite loss stops the run there at the latest
-(reporting the step where it occurred) and never reaches a checkpoint. A run may be resumed with the
-other mode, precision or layout.
+Each optimiser step is one update of the run's objective (``train.objective``; see
+:mod:`flowmatch.training.objectives`) by the :class:`~flowmatch.training.trainer.Trainer`, as the
+plan (:mod:`flowmatch.training.plan`) resolved it once. With ``plan.fast`` the losses, the gradient
+norm and the loss-per-t-bin sums stay on the device and the loop reads them at log and checkpoint
+steps, so a non-finite loss stops the run there at the latest (reporting the step where it occurred)
+and never reaches a checkpoint; otherwise every step's loss is read and checked before its update. A
+run may be resumed under another plan (fast or not, precision, layout, fused or not); not with
+another objective.
 
 Data parallel (``torchrun --nproc_per_node N -m flowmatch train CONFIG --out DIR``): :func:`train`
 starts the process group from torchrun's environment (:mod:`flowmatch.training.distributed`) and
@@ -47,14 +48,14 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.config import ExperimentConfig, config_diff, from_dict, save_config, to_dict
+from flowmatch.config import STAGE_SECTIONS, ExperimentConfig, config_diff, from_dict, save_config, to_dict
 from flowmatch.errors import ConfigMismatchError, FlowmatchError, NonFiniteLossError, RunDirError
 from flowmatch.io import remove_temporaries
 from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
-from flowmatch.training.fast import NUM_T_BINS, Trainer, _is_image, auto_fused, resolve_plan
-from flowmatch.training.losses import cfm_loss
+from flowmatch.training.step import NUM_T_BINS
+from flowmatch.training.trainer import Trainer
 from flowmatch.training.tracking import Tracker, check_tracking, trim_metrics
 from flowmatch.utils import resolve_device
 
@@ -63,7 +64,7 @@ __all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "holds_
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "train.fast",
                   "train.compile", "train.fused", "train.precision", "train.channels_last", "eval.", "tracking.",
-                  "reflow.")
+                  *(f"{s}." for s in STAGE_SECTIONS))
 # the train.* keys of RESUMABLE_KEYS: a resumed run takes them from the caller's config
 _RESUMABLE_TRAIN = tuple(k.split(".", 1)[1] for k in RESUMABLE_KEYS if k.startswith("train."))
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
@@ -157,6 +158,10 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
         if stale:
             _note(f"removed {len(stale)} temporary file(s) left in {run_dir} by a killed write")
         ckpt = load_checkpoint(ckpt_path)
+        was, now = ckpt["config"].get("train", {}).get("objective", "cfm"), cfg.train.objective
+        if was != now:
+            raise ConfigMismatchError(f"--resume: the run in {run_dir} trains objective {was!r}, this config "
+                                      f"objective {now!r} (train.objective); resume it with its own config")
         # through from_dict: a run saved before a config key existed compares at that key's default
         saved, given = to_dict(from_dict(ckpt["config"])), to_dict(cfg)
         diff = [k for k in config_diff(saved, given)
@@ -213,7 +218,6 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     Under torchrun (``WORLD_SIZE`` > 1 in the environment) this starts the process group if nobody
     has, and trains data-parallel; every rank must call it with the same arguments. ``tracker`` is
     used on rank 0 only."""
-    resolve_plan(cfg.train)  # refuse bad values before touching run_dir
     # the backend follows the configured device: NCCL for CUDA, gloo for a CPU run on a GPU machine too
     dist_utils.init_distributed_from_env("nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo")
     rank, world = dist_utils.dist_info()
@@ -227,21 +231,17 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         cfg = from_dict({**ckpt["config"], "train": {**ckpt["config"]["train"],
                                                        **{k: getattr(cfg.train, k) for k in _RESUMABLE_TRAIN}},
                          "eval": to_dict(cfg.eval), "tracking": to_dict(cfg.tracking),
-                         "reflow": to_dict(cfg.reflow)})
+                         **{s: to_dict(getattr(cfg, s)) for s in STAGE_SECTIONS}})
     tc = cfg.train
     device = None
     if world > 1:  # one GPU per process: cuda becomes cuda:LOCAL_RANK
         device = dist_utils.local_device(resolve_device(tc.device))
     comp = build_components(cfg, device, init_weights=ckpt is None)
-    plan = auto_fused(resolve_plan(tc, comp.device, images=_is_image(comp)), cfg, comp, distributed=world > 1,
-                      loss_fn=cfm_loss)
+    trainer = Trainer(cfg, comp)  # the objective checks its inputs and the plan is resolved before any write
+    plan = trainer.plan
     if main:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
-
-    # cfm_loss is looked up here, at call time, so tests can patch this module's name
-    trainer = Trainer(cfg, comp, fast=plan.fast, compile=plan.compile, loss_fn=cfm_loss, precision=plan.precision,
-                      channels_last=plan.channels_last)
     start = 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt)

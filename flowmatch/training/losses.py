@@ -13,6 +13,7 @@ before the distance, so the loss is always reduced in (at least) fp32.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from flowmatch.paths import AffinePath
 from flowmatch.types import LossOutput
 from flowmatch.utils import lookup
 
-__all__ = ["cfm_loss", "LOSSES", "t_bin_sums"]
+__all__ = ["cfm_loss", "regression_loss", "LOSSES", "t_bin_sums"]
 
 
 def _l2(err: torch.Tensor) -> torch.Tensor:
@@ -36,10 +37,30 @@ def _pseudo_huber(err: torch.Tensor) -> torch.Tensor:
 LOSSES = {"l2": _l2, "pseudo_huber": _pseudo_huber}
 
 
+def regression_loss(net, terms, distance) -> LossOutput:
+    """``sum_k w_k mean_i d(v(xt_ki, t_ki, cond_ki), ut_ki)`` over ``terms`` (each with ``xt``
+    ``[B, *D]``, ``t`` ``[B]``, ``ut`` ``[B, *D]``, ``cond`` ``[B]`` or ``None``, ``weight``): the one copy
+    of the flow-matching loss (:func:`cfm_loss` and the velocity-regression objectives of
+    :mod:`flowmatch.training.objectives` call it). One term: its mean, with weight 1 whatever its
+    ``weight``. ``per_sample`` and ``t`` concatenate the terms'. The model is called ``net(xt, t)``
+    without labels, ``net(xt, t, cond)`` with them."""
+    per = []
+    for b in terms:
+        v = net(b.xt, b.t) if b.cond is None else net(b.xt, b.t, b.cond)
+        # a bf16 output (autocast) is compared with the fp32 target in fp32: the reduction stays exact
+        v = v.to(torch.promote_types(v.dtype, b.ut.dtype))
+        per.append(distance((v - b.ut).reshape(v.shape[0], -1)))
+    if len(per) == 1:
+        return LossOutput(loss=per[0].mean(), per_sample=per[0], t=terms[0].t)
+    loss = sum(b.weight * p.mean() for b, p in zip(terms, per))
+    return LossOutput(loss=loss, per_sample=torch.cat(per), t=torch.cat([b.t for b in terms]))
+
+
 def cfm_loss(model, path: AffinePath, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, *,
              generator: Optional[torch.Generator] = None, loss: str = "l2",
              cond: Optional[torch.Tensor] = None) -> LossOutput:
-    """Flow-matching loss of ``model`` on pairs ``(x0, x1)`` (``[B, *D]``) at times ``t`` (``[B]``).
+    """Flow-matching loss of ``model`` on pairs ``(x0, x1)`` (``[B, *D]``) at times ``t`` (``[B]``):
+    the path sample (its noise from ``generator``), then :func:`regression_loss`.
 
     ``per_sample`` (``[B]``) is the distance for each row, so losses can be binned by ``t``.
     ``cond`` (``[B]`` long labels) is passed to the model as ``model(xt, t, cond)``; without it the
@@ -47,11 +68,7 @@ def cfm_loss(model, path: AffinePath, x0: torch.Tensor, x1: torch.Tensor, t: tor
     """
     fn = lookup(LOSSES, loss, "loss")
     ps = path.sample(x0, x1, t, generator=generator)
-    v = model(ps.xt, ps.t) if cond is None else model(ps.xt, ps.t, cond)
-    # a bf16 output (autocast) is compared with the fp32 target in fp32: the reduction stays exact
-    v = v.to(torch.promote_types(v.dtype, ps.ut.dtype))
-    per_sample = fn((v - ps.ut).reshape(v.shape[0], -1))
-    return LossOutput(loss=per_sample.mean(), per_sample=per_sample)
+    return regression_loss(model, [SimpleNamespace(xt=ps.xt, t=ps.t, ut=ps.ut, cond=cond, weight=1.0)], fn)
 
 
 def t_bin_sums(per_sample: torch.Tensor, t: torch.Tensor, num_bins: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,15 +1,16 @@
-"""The fast training step (flowmatch.training.fast): the same numbers as the plain loop on the CPU
-(eager exactly, compiled to float rounding), no host read inside a step, NaN handling without a
-per-step check, exact kill-and-resume across modes, the trainer API and the config values.
+"""The step, the plan and the trainer (flowmatch.training.step, .plan, .trainer): the plain loop (every
+loss read before its update) and the fast one (losses read at log steps) give the same numbers (eager
+exactly, compiled to float rounding), no host read inside a fast step, NaN handling without a per-step
+check, exact kill-and-resume across plans, the trainer API and the plan's values.
 
-Why the autograd fast step may be compared with the plain loop bit for bit, on any host: both run
-the same ``accumulate`` (draws, forward, backward); they differ only in calling the multi-tensor
-(``foreach``) AdamW, clipping and EMA where the plain loop calls the per-tensor ones. On the CPU,
-torch's ``_foreach_*`` ops run the per-tensor kernel on each tensor in turn (ATen's slow path), and
-torch's foreach AdamW does the per-tensor AdamW's arithmetic in the same order (lerp, mul + addcmul,
-sqrt / div / add eps, addcdiv), so each element goes through the same kernels, with the same vector
-width and the same split into vector body and tail, whatever that width is. The fused MLP step and
-the compiled step are other kernels: those are compared within a stated tolerance."""
+Why plain and fast may be compared bit for bit, on any host: they run the same update body; only the
+reads differ. Why that body (multi-tensor ``foreach`` AdamW, clipping and EMA) equals the per-tensor
+one the plain loop ran before, bit for bit (``test_foreach_update_equals_the_per_tensor_one``): on
+the CPU torch's ``_foreach_*`` ops run the per-tensor kernel on each tensor in turn (ATen's slow
+path), and torch's foreach AdamW does the per-tensor AdamW's arithmetic in the same order (lerp, mul
++ addcmul, sqrt / div / add eps, addcdiv), so each element goes through the same kernels, with the
+same vector width and the same split into vector body and tail, whatever that width is. The fused
+MLP step and the compiled step are other kernels: those are compared within a stated tolerance."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowmatch.training.loop as loop_mod
 
-from conftest import FUSED_RTOL, ReplayLoss
-from flowmatch.config import TrainConfig, apply_overrides, from_dict
-from flowmatch.couplings import Coupling, IndependentCoupling
+from conftest import FUSED_RTOL, make_tiny_cfg, nan_objective, replay_objective
+from flowmatch.config import CHANNELS_LAST_MODES, COMPILE_MODES, FAST_MODES, PRECISIONS, TrainConfig, apply_overrides, from_dict
+from flowmatch.couplings import Coupling, CouplingSample, IndependentCoupling
 from flowmatch.data.images import ImageDataset
 from flowmatch.data.toy import Gaussian
 from flowmatch.errors import ConfigError, NonFiniteLossError
@@ -35,10 +36,10 @@ from flowmatch.models import EMA
 from flowmatch.paths import get_path
 from flowmatch.reflow import generate_pairs
 from flowmatch.timesteps import get_time_sampler
-from flowmatch.training import (Components, Trainer, build_components, build_trainer, cfm_loss, last_checkpoint,
-                                load_checkpoint, read_metrics, resolve_speed, train)
-from flowmatch.training.fast import (CHANNELS_LAST_MODES, COMPILE_MODES, FAST_MODES, PRECISIONS, SpeedPlan,
-                                     resolve_channels_last, resolve_plan, resolve_precision)
+from flowmatch.training import (CFM, OBJECTIVES, Components, Trainer, build_components, build_trainer, cfm_loss,
+                                last_checkpoint, load_checkpoint, read_metrics, resolve_plan, train)
+from flowmatch.training.plan import resolve_precision
+from flowmatch.training.trainer import load_optimizer_state
 from flowmatch.types import LossOutput
 from flowmatch.utils import make_generator
 from test_training import _Interrupt  # the same kill-at-step callback as the plain loop's resume tests
@@ -91,9 +92,8 @@ def test_fast_step_equals_plain_loop_exactly_on_cpu(make_cfg, tmp_path, pair_sto
     assert fast.losses == plain.losses
     ca, cb = load_checkpoint(plain.checkpoint), load_checkpoint(fast.checkpoint)
     _assert_same_state(ca, cb)
-    # the fast run really used the multi-tensor optimiser (and the plain one did not)
-    assert cb["optimizer"]["param_groups"][0]["foreach"] is True
-    assert not ca["optimizer"]["param_groups"][0]["foreach"]
+    # both ran the multi-tensor optimiser: the plans differ only in when the losses are read
+    assert ca["optimizer"]["param_groups"][0]["foreach"] is cb["optimizer"]["param_groups"][0]["foreach"] is True
     rows_a = read_metrics(os.path.join(plain.run_dir, "metrics.jsonl"))
     rows_b = read_metrics(os.path.join(fast.run_dir, "metrics.jsonl"))
     assert [r["step"] for r in rows_b] == [5, 10, 15, 20, 25, 30]
@@ -102,6 +102,24 @@ def test_fast_step_equals_plain_loop_exactly_on_cpu(make_cfg, tmp_path, pair_sto
         for key in ra:
             if key != "train/steps_per_sec":
                 assert ra[key] == rb[key], key
+
+
+def test_foreach_update_equals_the_per_tensor_one():
+    """Clipping and AdamW over a list of tensors (foreach) against the per-tensor ones: bit for bit (the
+    module docstring says why), so the one update body reproduces the plain loop's former numbers."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(3, 37), torch.nn.SiLU(), torch.nn.Linear(37, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-2, weight_decay=0.01, foreach=f) for n, f in zip(nets, (False, True))]
+    for step in range(12):
+        x = torch.randn(64, 3, generator=make_generator(step))
+        for n, opt, f in zip(nets, opts, (False, True)):
+            opt.zero_grad()
+            n(x).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(n.parameters(), 0.05, foreach=f)
+            opt.step()
+    for a, b in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(a, b)
 
 
 def test_ema_foreach_update_equals_the_loop():
@@ -186,17 +204,7 @@ def test_compiled_fast_step_matches_plain(make_cfg, tmp_path, pair_store):
 
 
 def _nan_at(monkeypatch, call: int) -> None:
-    real = loop_mod.cfm_loss
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == call:
-            return LossOutput(loss=out.loss * float("nan"), per_sample=out.per_sample)
-        return out
-
-    monkeypatch.setattr(loop_mod, "cfm_loss", flaky)
+    monkeypatch.setitem(OBJECTIVES, "cfm", nan_objective(call))
 
 
 def test_fast_nan_loss_raises_by_the_next_checkpoint_and_never_saves_it(make_cfg, tmp_path, monkeypatch):
@@ -223,14 +231,7 @@ def test_fast_nan_before_first_checkpoint_says_none_was_written(make_cfg, tmp_pa
 
 
 def test_trainer_reports_nan_at_sync_with_its_step(make_cfg):
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        out = loop_mod.cfm_loss(*args, **kwargs)
-        calls["n"] += 1
-        return LossOutput(loss=out.loss * float("inf"), per_sample=out.per_sample) if calls["n"] == 3 else out
-
-    tr = build_trainer(make_cfg(), fast=True, compile="off", loss_fn=flaky)
+    tr = build_trainer(make_cfg(), fast=True, compile="off", objective=nan_objective(3, float("inf")))
     tr.run(5)  # nothing is read inside the steps
     with pytest.raises(NonFiniteLossError) as e:
         tr.sync()
@@ -257,8 +258,14 @@ def test_fast_kill_and_resume_equals_unbroken_run(make_cfg, tmp_path, first, the
     ca, cb = load_checkpoint(a.checkpoint), load_checkpoint(b.checkpoint)
     assert cb["step"] == 20
     _assert_same_state(ca, cb)
-    # the resumed run kept its own optimiser implementation, whatever the checkpoint's
-    assert bool(cb["optimizer"]["param_groups"][0]["foreach"]) == (then == "on")
+    # a run keeps its own optimiser implementation, whatever the checkpoint's (one written by the
+    # former per-tensor plain loop says foreach=None)
+    assert cb["optimizer"]["param_groups"][0]["foreach"] is True
+    old = copy.deepcopy(ca["optimizer"])
+    old["param_groups"][0]["foreach"] = None
+    tr = build_trainer(make_cfg(*base))
+    load_optimizer_state(tr.optimizer, old)
+    assert tr.optimizer.param_groups[0]["foreach"] is True
     rows_a = read_metrics(os.path.join(a.run_dir, "metrics.jsonl"))
     rows_b = read_metrics(os.path.join(run_b, "metrics.jsonl"))
     assert [r["step"] for r in rows_b] == [4, 8, 12, 16, 20]
@@ -275,7 +282,7 @@ def test_build_trainer_writes_nothing_and_counts_steps(make_cfg, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg("train.fast=off")
     tr = build_trainer(cfg, fast=True)
-    assert tr.plan == SpeedPlan(True, None)  # fast on the CPU: not compiled unless asked
+    assert tr.plan.fast and tr.plan.compile is None  # fast on the CPU: not compiled unless asked
     out = tr.step()
     assert out.value is None and out.loss.ndim == 0 and out.lr == pytest.approx(cfg.train.lr / 2)
     tr.run(4)
@@ -284,7 +291,8 @@ def test_build_trainer_writes_nothing_and_counts_steps(make_cfg, tmp_path, monke
     sums, counts = tr.take_bins()
     assert counts.sum().item() == 5 * cfg.train.batch_size and torch.isfinite(sums).all()
     state = tr.state_dict()
-    assert state["step"] == 5 and {"model", "ema", "optimizer", "scheduler", "coupling", "rng"} <= set(state)
+    assert state["step"] == 5 and {"model", "ema", "optimizer", "scheduler", "objective", "rng"} <= set(state)
+    assert state["objective"]["name"] == "cfm" and "coupling" in state["objective"]["state"]
     assert os.listdir(tmp_path) == []
     # the same seed and config: a plain trainer makes the same steps. ``tr`` is the fused MLP step
     # (other kernels: equal to float rounding, FUSED_RTOL); the autograd fast step runs the plain
@@ -319,17 +327,19 @@ def test_trainer_state_round_trip_continues_exactly(make_cfg):
 
 
 @pytest.mark.parametrize("fast,compile,device,expected", [
-    ("auto", "auto", "cpu", SpeedPlan(False, None)),
-    ("auto", "auto", "cuda", SpeedPlan(True, "default")),
-    ("on", "auto", "cpu", SpeedPlan(True, None)),
-    ("on", "on", "cpu", SpeedPlan(True, "default")),
-    ("auto", "reduce-overhead", "cpu", SpeedPlan(True, "reduce-overhead")),
-    ("on", "off", "cuda", SpeedPlan(True, None)),
-    ("off", "auto", "cuda", SpeedPlan(False, None)),
-    (True, False, "cuda", SpeedPlan(True, None)),
+    ("auto", "auto", "cpu", (False, None)),
+    ("auto", "auto", "cuda", (True, "default")),
+    ("on", "auto", "cpu", (True, None)),
+    ("on", "on", "cpu", (True, "default")),
+    ("auto", "reduce-overhead", "cpu", (True, "reduce-overhead")),
+    ("on", "off", "cuda", (True, None)),
+    ("off", "auto", "cuda", (False, None)),
+    (True, False, "cuda", (True, None)),
 ])
-def test_resolve_speed(fast, compile, device, expected):
-    assert resolve_speed(fast, compile, device) == expected
+def test_plan_fast_and_compile(fast, compile, device, expected):
+    plan = resolve_plan(make_tiny_cfg(f"train.fast={fast}", f"train.compile={compile}"), device=device)
+    assert (plan.fast, plan.compile) == expected
+    assert dict(plan.reasons)["fast"].startswith("train.fast=") and plan.describe().count("\n") == 7
 
 
 @pytest.mark.parametrize("key,value,valid", [("fast", "fastest", FAST_MODES), ("compile", "turbo", COMPILE_MODES)])
@@ -346,7 +356,7 @@ def test_bad_speed_value_lists_the_valid_ones(make_cfg, tmp_path, key, value, va
 
 def test_compile_without_the_fast_step_is_refused():
     with pytest.raises(ConfigError, match="train.fast=off"):
-        resolve_speed("off", "default", "cpu")
+        resolve_plan(make_tiny_cfg("train.fast=off", "train.compile=default"))
 
 
 def test_yaml_on_off_are_read_as_the_documented_strings():
@@ -404,7 +414,7 @@ def test_class_labels_reach_the_model_with_dropout_from_the_step_generator(make_
     assert len(conds) == 4 and all(c is not None and c.shape == (b,) and c.dtype == torch.long for c in conds)
     # the first step's labels, replayed by hand: batch, times, then one uniform draw per label
     g = make_generator(cfg.train.seed)
-    _, _, y = IndependentCoupling(comp.source, comp.target).sample_labeled(b, generator=g)
+    y = IndependentCoupling(comp.source, comp.target).sample(b, generator=g).y
     comp.time_sampler.sample(b, generator=g)
     want = torch.where(torch.rand(b, generator=g) < p, torch.full_like(y, 10), y)
     assert torch.equal(conds[0], want)
@@ -430,14 +440,15 @@ def test_unconditional_model_gets_no_labels_and_draws_as_before(make_cfg):
     tr = build_trainer(cfg, fast=False)
     ref = build_components(cfg)
     g = make_generator(cfg.train.seed)
-    x0, x1 = ref.coupling.sample(cfg.train.batch_size, generator=g)
+    d = ref.coupling.sample(cfg.train.batch_size, generator=g)
     t = ref.time_sampler.sample(cfg.train.batch_size, generator=g)
-    want = cfm_loss(ref.model, ref.path, x0, x1, t, generator=g).loss.item()
+    want = cfm_loss(ref.model, ref.path, d.x0, d.x1, t, generator=g).loss.item()
     assert tr.step().value == want
 
 
 class _Unlabeled(Coupling):
-    """A coupling whose labels are unknown until drawn (the base class's sample_labeled gives None)."""
+    """A coupling whose labels are unknown until drawn (the base class's has_labels says None), and
+    that draws none."""
 
     name = "wrapped"
 
@@ -445,7 +456,8 @@ class _Unlabeled(Coupling):
         self.inner = inner
 
     def sample(self, batch_size, *, generator=None):
-        return self.inner.sample(batch_size, generator=generator)
+        d = self.inner.sample(batch_size, generator=generator)
+        return CouplingSample(d.x0, d.x1)
 
 
 def test_class_cond_without_labels_is_a_config_error(make_cfg, tmp_path):
@@ -493,7 +505,7 @@ def test_resolve_precision(value, device, expected):
 
 
 def test_resolve_precision_names_the_key_it_resolves():
-    with pytest.raises(ConfigError, match=r"^reflow\.precision must be one of auto, fp32, bf16; got 'fp16'$"):
+    with pytest.raises(ConfigError, match=r"^reflow\.precision = 'fp16': must be one of auto, fp32, bf16$"):
         resolve_precision("fp16", "cpu", key="reflow.precision")
     assert resolve_precision("auto", "cuda", images=False, key="reflow.precision") == "fp32"
 
@@ -510,21 +522,14 @@ def _toy_with_image_target(model: nn.Module) -> Components:
 
 
 @pytest.mark.parametrize("build", ["toy", "images", "image_target"])
-def test_trainer_resolves_precision_auto_as_the_plan_does(make_cfg, monkeypatch, build):
-    """``precision: auto`` (and ``channels_last: auto``) as resolved for a CUDA device: the Trainer and
-    :func:`resolve_plan` answer from one "is this an image task" (bf16 and channels_last for images
-    only), so a Trainer built directly agrees with the training loop's plan."""
-    import flowmatch.training.fast as fast_mod
-
-    monkeypatch.setattr(fast_mod, "_is_cuda", lambda device: True)  # resolve as for CUDA; runs on the CPU
+def test_plan_resolves_precision_auto_from_the_task(make_cfg, build):
+    """``precision: auto`` and ``channels_last: auto`` resolved for a CUDA device from one "is this an
+    image task" (the source's shape, else the target's): bf16 and channels_last for images only."""
     cfg = make_cfg("train.precision=auto", "train.channels_last=auto")
     comp = {"toy": lambda: build_components(cfg), "images": lambda: _images(_Probe(conditional=False)),
             "image_target": lambda: _toy_with_image_target(_Probe(conditional=False))}[build]()
-    plan = resolve_plan(cfg.train, comp.device, images=fast_mod._is_image(comp))
-    tr = Trainer(cfg, comp)
-    image = build != "toy"
-    assert (tr.plan.precision, tr.plan.channels_last) == (plan.precision, plan.channels_last)
-    assert (plan.precision, plan.channels_last) == (("bf16", True) if image else ("fp32", False))
+    plan = resolve_plan(cfg, comp, device="cuda")  # resolved as for CUDA; nothing runs there
+    assert (plan.precision, plan.channels_last) == (("bf16", True) if build != "toy" else ("fp32", False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -536,14 +541,18 @@ def test_trainer_on_cuda_keeps_a_toy_run_in_fp32(make_cfg):
 @pytest.mark.parametrize("value,device,expected", [
     ("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False), (True, "cpu", True),
 ])
-def test_resolve_channels_last(value, device, expected):
-    assert resolve_channels_last(value, device) is expected
+def test_plan_channels_last(value, device, expected):
+    plan = resolve_plan(make_tiny_cfg(f"train.channels_last={value}"), device=device, images=True)
+    assert plan.channels_last is expected
+    assert resolve_plan(make_tiny_cfg(f"train.channels_last={value}"), device=device).channels_last is False
 
 
 def test_resolve_plan_takes_every_step_key(make_cfg):
-    tc = make_cfg("train.fast=on", "train.precision=bf16", "train.channels_last=on", "train.grad_accum=4").train
-    assert resolve_plan(tc) == SpeedPlan(True, None, "bf16", True, 4)
-    assert resolve_plan(make_cfg().train) == SpeedPlan(False, None)  # the tiny config: the historical step
+    cfg = make_cfg("train.fast=on", "train.precision=bf16", "train.channels_last=on", "train.grad_accum=4")
+    plan = resolve_plan(cfg, images=True)
+    assert (plan.fast, plan.compile, plan.precision, plan.channels_last, plan.grad_accum) == (True, None, "bf16", True, 4)
+    plan = resolve_plan(make_cfg())  # the tiny config without components: the plain fp32 step
+    assert (plan.fast, plan.compile, plan.fused, plan.precision, plan.channels_last) == (False, None, False, "fp32", False)
 
 
 @pytest.mark.parametrize("key,value,valid", [
@@ -658,13 +667,13 @@ def test_grad_accum_two_halves_equals_one_double_batch(make_cfg, fast):
     halves = _fixed_batches(2, 16)
     whole = [tuple(torch.cat([h[i] for h in halves]) for i in range(3))]
     base = ("train.grad_clip=0.05", "train.weight_decay=0.01")  # a small clip: the clipped norm matters
-    acc = build_trainer(make_cfg(*base, "train.grad_accum=2", "train.batch_size=16"), fast=fast,
-                        loss_fn=ReplayLoss(halves))
-    one = build_trainer(make_cfg(*base, "train.batch_size=32"), fast=fast, loss_fn=ReplayLoss([whole[0]]))
+    replay = replay_objective(halves)
+    acc = build_trainer(make_cfg(*base, "train.grad_accum=2", "train.batch_size=16"), fast=fast, objective=replay)
+    one = build_trainer(make_cfg(*base, "train.batch_size=32"), fast=fast, objective=replay_objective([whole[0]]))
     assert acc.plan.grad_accum == 2
     la, _ = acc.train_step.accumulate()
     lo, _ = one.train_step.accumulate()
-    assert acc.train_step.loss_fn.calls == 2
+    assert replay.calls == 2
     torch.testing.assert_close(la, lo)
     for pa, po in zip(acc.model.parameters(), one.model.parameters()):
         torch.testing.assert_close(pa.grad, po.grad, rtol=1e-5, atol=1e-7)
