@@ -22,7 +22,7 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps images gpu-mnist clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step images gpu-mnist clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -112,6 +112,14 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 	  --set reflow.solver=euler $(SWEEP_SET) --set reflow.bench_nfes=[1] --out runs/sweeps/teacher_euler_nfe --no-progress
 	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_mix_noise_to_moons.yaml --key reflow.mix --values 1.0,0.7,0.5,0.3 \
 	  --set reflow.bench_nfes=[1] --out runs/sweeps/mix --no-progress
+
+# The few-step table: from each toy task's 1-RF teacher, 2-RF, its one-step distillation, consistency
+# distillation (CD) and training (CT), benchmarked alike with their costs. It runs in the reflow chain's
+# directories, so the chain's 1-RF, pairs and 2-RF are reused (not retrained).
+few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, CD, CT), quality beside cost -> runs/reflow/<task>/few_step.md
+	$(PY) -m flowmatch distill run experiments/toy/reflow_noise_to_moons.yaml \
+	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
+	  --out $(REFLOW_OUT) --no-progress
 
 clean: ## remove run outputs (runs/, wandb/)
 	rm -rf runs wandb

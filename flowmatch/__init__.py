@@ -20,6 +20,8 @@ from flowmatch.timesteps import get_time_sampler
 from flowmatch.training import cfm_loss, load_checkpoint, load_model, train
 from flowmatch.types import LossOutput, PathSample, Trajectory
 
+import flowmatch.distill  # noqa: E402,F401 - registers the objectives beyond flow matching (cd, ct)
+
 __all__ = [
     "__version__", "ExperimentConfig", "apply_overrides", "load_config", "IndependentCoupling",
     "MinibatchOTCoupling", "get_coupling", "DATASETS", "get_dataset", "FlowmatchError", "mmd", "straightness", "w2",

@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True)
     sw.add_argument("--no-progress", action="store_true")
 
+    ds = sub.add_parser("distill", help="few-step methods from one teacher: the few-step table")
+    dsub = ds.add_subparsers(dest="distill_command", required=True)
+    dr = dsub.add_parser("run", help="teacher -> reflow, distill, cd, ct, ...; one table, quality beside cost")
+    dr.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment YAML(s) with reflow: and consistency:")
+    dr.add_argument("--methods", type=_csv_list, default=None,
+                    help="comma-separated, of reflow, distill, cd, ct (default: all)")
+    dr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dr.add_argument("--out", default=os.path.join("runs", "few_step"),
+                    help="parent directory: each task goes to OUT/<name>; all summaries to OUT/few_step.md")
+    dr.add_argument("--no-progress", action="store_true")
+
     d = sub.add_parser("demo", help="train and benchmark the toy experiments, write report.md")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--configs", nargs="*", help="experiment YAMLs (default experiments/toy/*.yaml)")
@@ -224,6 +235,21 @@ def _run(args: argparse.Namespace) -> int:
         rows = reflow_sweep(cfg, args.out, args.key, args.values, progress=not args.no_progress)
         print(rows_to_markdown(rows), end="")
         print(f"wrote {args.out}/sweep.json, sweep.md")
+        return 0
+    if args.command == "distill" and args.distill_command == "run":
+        from flowmatch.few_step import FEW_STEP_METHODS, few_step_from_config, few_step_summary
+
+        cfgs = [load_config(c, args.overrides) for c in args.configs]
+        parts = []
+        for cfg in cfgs:
+            rows = few_step_from_config(cfg, os.path.join(args.out, cfg.name),
+                                        methods=args.methods or FEW_STEP_METHODS, progress=not args.no_progress)
+            parts.append(f"## {cfg.name}\n\n" + few_step_summary(rows))
+            print(parts[-1])
+        from flowmatch.io import atomic_write_text
+
+        atomic_write_text(os.path.join(args.out, "few_step.md"), "\n".join(parts))
+        print(f"wrote {args.out}/<name>/few_step.* and {args.out}/few_step.md")
         return 0
     if args.command == "demo":
         report = pipelines.run_demo(args.out, args.configs or None, overrides=args.overrides, n=args.n,

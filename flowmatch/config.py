@@ -41,6 +41,7 @@ __all__ = [
     "TrackingConfig",
     "ReflowConfig",
     "DistillConfig",
+    "ConsistencyConfig",
     "ExperimentConfig",
     "FAST_MODES",
     "COMPILE_MODES",
@@ -455,6 +456,37 @@ class DistillConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Consistency distillation (``train.objective: cd``) and consistency training (``ct``),
+    :mod:`flowmatch.distill.consistency`. ``num_steps`` is CD's grid (N intervals of [0, 1]); CT's grid
+    follows improved CT's curriculum from ``ct_s0`` to ``ct_s1`` intervals. ``mu`` is the EMA decay of
+    the target network (0: the online network under stop-gradient, as improved CT). ``teacher`` is the
+    flow checkpoint CD distils (default: ``train.init``'s checkpoint); ``teacher_solver`` its step
+    (``euler`` or ``heun``). ``steps``, ``lr`` and ``loss`` are the stage's ``train.*`` where a pipeline
+    trains it as a stage (the distance: ``l2`` or ``pseudo_huber``)."""
+
+    steps: int = 2000
+    lr: float = 1e-4
+    loss: str = "pseudo_huber"
+    num_steps: int = 16
+    mu: float = 0.0
+    teacher: Optional[str] = None
+    teacher_solver: str = "euler"
+    ct_s0: int = 10
+    ct_s1: int = 1280
+
+    _section: ClassVar[str] = "consistency"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"steps": _int(1), "lr": _float(gt=0.0), "num_steps": _int(1),
+                             "mu": _float(ge=0.0, lt=1.0), "teacher_solver": _one_of("euler", "heun"),
+                             "ct_s0": _int(1), "ct_s1": _int(1)})
+        if self.ct_s1 < self.ct_s0:
+            raise ConfigError(f"consistency.ct_s1 = {self.ct_s1}: the CT curriculum must end at or above its "
+                              f"start consistency.ct_s0 = {self.ct_s0}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
@@ -467,6 +499,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     reflow: ReflowConfig = field(default_factory=ReflowConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     _section: ClassVar[str] = ""
 
@@ -551,8 +584,9 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
         raise
 
 
-# Sections that configure pipeline stages (the reflow chain, an objective's stage settings), not the
-# run they are saved with: a run is the same run, and resumes, whatever they say.
+# Sections that configure pipeline stages (the reflow chain, the distillation stage), not the run they
+# are saved with: a run is the same run, and resumes, whatever they say (so are the sections of the
+# objectives a run does not train: flowmatch.training.objectives.unused_sections).
 STAGE_SECTIONS = ("reflow", "distill")
 
 # Keys that moved: old dotted key -> new one. A config (or a checkpoint's) with an old key loads

@@ -23,7 +23,7 @@ import torch
 import flowmatch.evaluation as evaluation  # evaluation.evaluate: ``evaluate`` is train_from_config's flag
 from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite, benchmark, write_bench,
                              write_suite)
-from flowmatch.config import (STAGE_SECTIONS, ExperimentConfig, check_int, check_output_path, config_diff, from_dict, load_config,
+from flowmatch.config import (ExperimentConfig, check_int, check_output_path, config_diff, from_dict, load_config,
                               to_dict)
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.errors import FlowmatchError
@@ -34,6 +34,7 @@ from flowmatch.io import atomic_save, atomic_write_text
 from flowmatch.training import (Tracker, build_components, last_checkpoint, load_checkpoint, load_model, read_metrics,
                                 train)
 from flowmatch.training.loop import holds_run
+from flowmatch.training.objectives import unused_sections
 from flowmatch.utils import make_generator, resolve_device
 
 __all__ = ["TrainSummary", "describe_config", "train_from_config", "sample_from_checkpoint",
@@ -81,7 +82,8 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
         if os.path.exists(summary_path) and os.path.exists(last_checkpoint(out)):
             ck = load_checkpoint(last_checkpoint(out))
             same = not [k for k in config_diff(to_dict(from_dict(ck["config"])), to_dict(cfg))
-                        if not k.startswith(tuple(f"{s}." for s in (*STAGE_SECTIONS, "tracking")))]
+                        if not k.startswith(tuple(f"{s}." for s in (*unused_sections(cfg.train.objective),
+                                                                    "tracking")))]
             if same and ck["step"] == cfg.train.steps:
                 with open(summary_path) as f:
                     data = json.load(f)

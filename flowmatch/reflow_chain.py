@@ -1,6 +1,9 @@
 """The reflow chain: 1-RF, then per round a pair store from the current teacher and the next k-RF
 trained on it, then optionally one-step distillation; every stage benchmarked alike.
 
+- :func:`stage_config` / :func:`train_stage`: a stage's config (the experiment's with some sections
+  replaced) and its training into ``OUT/<label>`` (resumed or reused; a stage on disk made with another
+  config is refused, naming what to remove); the few-step table (:mod:`flowmatch.few_step`) uses them too.
 - :func:`reflow_stage_configs`: the training config of each stage after 1-RF.
 - :func:`reflow_from_config`: the chain end to end (resumable stage by stage), its stage table and plots.
 - :func:`stage_sample_grids`: per stage, image samples at a few NFE from the same noise.
@@ -34,10 +37,11 @@ from flowmatch.training import Tracker, load_model
 from flowmatch.training.plan import resolve_precision
 from flowmatch.utils import make_generator, resolve_device
 
-__all__ = ["reflow_stage_configs", "reflow_from_config", "stage_sample_grids", "reflow_sweep"]
+__all__ = ["stage_config", "train_stage", "reflow_stage_configs", "reflow_from_config", "stage_sample_grids",
+           "reflow_sweep"]
 
 
-def _stage_config(cfg: ExperimentConfig, name: str, **sections) -> ExperimentConfig:
+def stage_config(cfg: ExperimentConfig, name: str, **sections) -> ExperimentConfig:
     """``cfg`` with ``name`` and the given sections' keys replaced (``coupling={...}`` etc.)."""
     d = to_dict(cfg)
     d["name"] = name
@@ -58,7 +62,7 @@ def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: 
     stages = []
     for k in range(2, rounds + 1):
         pairs = os.path.join(out, f"pairs-{k - 1}RF")
-        stages.append((f"{k}-RF", _stage_config(
+        stages.append((f"{k}-RF", stage_config(
             cfg, f"{cfg.name}-{k}RF", coupling={"name": "paired", "pairs": pairs, "mix": rc.mix,
                                                  "real": rc.real or cfg.coupling.name},
             time=to_dict(rc.time), train={"steps": rc.steps, "lr": rc.lr, "loss": rc.loss, "init": "auto"},
@@ -66,7 +70,7 @@ def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: 
     if distill:
         pairs = os.path.join(out, f"pairs-{rounds}RF")
         dc = cfg.distill
-        stages.append((f"{rounds}-RF+distill", _stage_config(
+        stages.append((f"{rounds}-RF+distill", stage_config(
             cfg, f"{cfg.name}-{rounds}RF-distill", coupling={"name": "paired", "pairs": pairs, "mix": 1.0},
             train={"objective": "distill", "steps": dc.steps, "lr": dc.lr, "loss": dc.loss, "init": "auto"},
             eval={"solver": "euler", "nfe": 1, **student_eval}), pairs))
@@ -102,13 +106,13 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
                                  f"{teacher.config.data.target}, not {cfg.data.source} -> {cfg.data.target}")
         stages = [("1-RF", rc.teacher)]
     else:
-        s1 = _train_stage(_stage_config(cfg, f"{cfg.name}-1RF"), out, "1-RF", progress)
+        s1 = train_stage(stage_config(cfg, f"{cfg.name}-1RF"), out, "1-RF", progress)
         stages = [("1-RF", s1.checkpoint)]
     for i, (label, stage_cfg, pairs) in enumerate(reflow_stage_configs(cfg, out, rounds, distill)):
         generate_pairs(stages[-1][1], pairs, rc.num_pairs, solver=rc.solver, nfe=rc.nfe, atol=rc.atol, rtol=rc.rtol,
                        shard_size=rc.shard_size, seed=rc.seed + i, progress=progress, guidance=cfg.eval.guidance,
                        precision=precision)
-        s = _train_stage(stage_cfg, out, label, progress)
+        s = train_stage(stage_cfg, out, label, progress)
         stages.append((label, s.checkpoint))
     rows = bench_from_checkpoints([c for _, c in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
                                   n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, names=[lbl for lbl, _ in stages], tracking="disabled",
@@ -148,7 +152,7 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     return rows
 
 
-def _train_stage(cfg: ExperimentConfig, out: str, label: str, progress: bool) -> TrainSummary:
+def train_stage(cfg: ExperimentConfig, out: str, label: str, progress: bool) -> TrainSummary:
     """Train (or resume, or reuse) the chain's stage ``label`` in ``OUT/label``."""
     try:
         return train_from_config(cfg, os.path.join(out, label), resume="auto", progress=progress)
@@ -188,7 +192,7 @@ def reflow_sweep(cfg: ExperimentConfig, out: str, key: str, values: Sequence, *,
     if cfg.reflow.teacher:
         teacher = cfg.reflow.teacher
     else:
-        teacher = train_from_config(_stage_config(cfg, f"{cfg.name}-1RF"), os.path.join(out, "teacher"),
+        teacher = train_from_config(stage_config(cfg, f"{cfg.name}-1RF"), os.path.join(out, "teacher"),
                                     resume="auto", progress=progress).checkpoint
     results = []
     for value in values:

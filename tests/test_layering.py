@@ -21,6 +21,7 @@ LAYERS = {
     "reflow": 5, "distill": 5,
     "metrics": 6,
     "bench": 7, "pipelines": 7, "viz": 7, "reports": 7, "speed": 7, "evaluation": 7, "reflow_chain": 7,
+    "few_step": 7,
     "cli": 8, "__main__": 8,
 }
 

@@ -44,7 +44,7 @@ def test_distill_regresses_the_one_step_map_on_any_path(make_cfg, pair_store):  
 
 
 @pytest.mark.parametrize("extra,match", [
-    (("train.objective=consistency",), "unknown objective 'consistency'.*cfm, distill"),
+    (("train.objective=consistency",), "unknown objective 'consistency'.*cd, cfm, ct, distill"),
     (("train.objective=distill",), "needs coupling.name=paired.*got coupling.name=independent"),
 ])
 def test_bad_objective_is_refused_before_the_run_dir(make_cfg, tmp_path, extra, match):

@@ -28,8 +28,9 @@ from flowmatch.solvers import (
 )
 from flowmatch.types import Trajectory
 
-STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "renoise": 1}
-ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2, "renoise": 0}
+STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "renoise": 1, "consistency": 1}
+ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2, "renoise": 0, "consistency": 0}
+SAMPLERS = ["consistency"]  # consistency sampling re-noises with fresh noise: not an ODE method
 RK = ["euler", "midpoint", "heun", "rk4"]  # one-step Runge-Kutta methods (closed-form stability polynomials)
 CONSISTENT = RK + ["ab2"]  # converge to the ODE solution at their order
 STEPS_FOR_ORDER = {"euler": [8, 16, 32, 64], "midpoint": [8, 16, 32, 64], "heun": [8, 16, 32, 64],
@@ -120,7 +121,7 @@ def test_straight_field_x1_minus_x0_one_step():
     assert torch.allclose(tr.x1, x1, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", sorted(FIXED_SOLVERS))
+@pytest.mark.parametrize("name", sorted(set(FIXED_SOLVERS) - set(SAMPLERS)))
 def test_constant_field_exact_for_every_solver(name):
     x0 = x0_batch(b=4, d=2)
     c = torch.tensor([1.5, -0.25], dtype=torch.float64)
@@ -655,3 +656,17 @@ def test_solve_takes_its_steps_from_num_steps_for(name):
     assert "fixed-step" in _refusal(lambda: num_steps_for(s)) and "nfe" in _refusal(lambda: num_steps_for(s))
     only_steps = _refusal(lambda: num_steps_for(s, takes=("num_steps",)))
     assert "num_steps" in only_steps and "nfe" not in only_steps
+
+
+def test_consistency_sampler_renoises_with_fresh_seeded_noise():
+    """Each step predicts the endpoint x + (1 - t) v and re-noises it to the next time with fresh noise
+    from a generator seeded at the start of the solve; the last step returns the prediction."""
+    x0 = x0_batch(b=6, d=2)
+    c = torch.tensor([1.5, -0.25], dtype=torch.float64)
+    grid = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    tr = get_solver("consistency").integrate(lambda x, t: c.expand_as(x), x0, grid)
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = 0.25 * (x0 + c) + 0.75 * z  # step 1: predict, re-noise at 0.25
+    assert torch.allclose(tr.x1, x + 0.75 * c, atol=1e-14) and tr.nfe == 2
+    one = get_solver("consistency").integrate(lambda x, t: c.expand_as(x), x0, grid[[0, 2]])
+    assert torch.equal(one.x1, x0 + c)  # one step: one Euler step

@@ -17,18 +17,18 @@ from flowmatch.solvers.base import CountedField, Solver, SolverError, num_steps_
 from flowmatch.solvers.captured import CAPTURE_MODES, CapturedSolve
 from flowmatch.solvers.fixed import RK4, Euler, Heun, Midpoint
 from flowmatch.solvers.grids import GRIDS, parse_grid, time_grid
-from flowmatch.solvers.multistep import AdamsBashforth2, Renoise
+from flowmatch.solvers.multistep import AdamsBashforth2, ConsistencySampler, Renoise
 from flowmatch.types import Trajectory
 from flowmatch.utils import lookup
 
 __all__ = [
-    "Solver", "SolverError", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "AdamsBashforth2", "Renoise",
+    "Solver", "SolverError", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "AdamsBashforth2", "Renoise", "ConsistencySampler",
     "TorchdiffeqSolver", "CapturedSolve", "CAPTURE_MODES",
     "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "num_steps_for", "time_grid", "parse_grid", "GRIDS",
     "solve",
 ]
 
-FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4, AdamsBashforth2, Renoise)}
+FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4, AdamsBashforth2, Renoise, ConsistencySampler)}
 SOLVERS: dict = {**FIXED_SOLVERS, **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
 
 

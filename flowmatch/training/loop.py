@@ -48,12 +48,13 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.config import STAGE_SECTIONS, ExperimentConfig, config_diff, from_dict, save_config, to_dict
+from flowmatch.config import ExperimentConfig, config_diff, from_dict, save_config, to_dict
 from flowmatch.errors import ConfigMismatchError, FlowmatchError, NonFiniteLossError, RunDirError
 from flowmatch.io import remove_temporaries
 from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
+from flowmatch.training.objectives import unused_sections
 from flowmatch.training.step import NUM_T_BINS
 from flowmatch.training.trainer import Trainer
 from flowmatch.training.tracking import Tracker, check_tracking, trim_metrics
@@ -63,8 +64,8 @@ __all__ = ["TrainResult", "train", "prepare_run_dir", "last_checkpoint", "holds_
 
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.ckpt_every", "train.log_every", "train.device", "train.fast",
-                  "train.compile", "train.fused", "train.precision", "train.channels_last", "eval.", "tracking.",
-                  *(f"{s}." for s in STAGE_SECTIONS))
+                  "train.compile", "train.fused", "train.precision", "train.channels_last", "eval.", "tracking.")
+# and the sections the run's objective does not read (flowmatch.training.objectives.unused_sections)
 # the train.* keys of RESUMABLE_KEYS: a resumed run takes them from the caller's config
 _RESUMABLE_TRAIN = tuple(k.split(".", 1)[1] for k in RESUMABLE_KEYS if k.startswith("train."))
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
@@ -164,8 +165,9 @@ def prepare_run_dir(run_dir: str, cfg: ExperimentConfig, *, resume: bool = False
                                       f"objective {now!r} (train.objective); resume it with its own config")
         # through from_dict: a run saved before a config key existed compares at that key's default
         saved, given = to_dict(from_dict(ckpt["config"])), to_dict(cfg)
+        resumable = RESUMABLE_KEYS + tuple(f"{s}." for s in unused_sections(cfg.train.objective))
         diff = [k for k in config_diff(saved, given)
-                if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
+                if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in resumable)
                 and not _same_path(_dotted(saved, k), _dotted(given, k))]
         if diff:
             raise ConfigMismatchError(f"--resume: the config differs from the run in {run_dir} at {', '.join(diff)}; "
@@ -231,7 +233,7 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         cfg = from_dict({**ckpt["config"], "train": {**ckpt["config"]["train"],
                                                        **{k: getattr(cfg.train, k) for k in _RESUMABLE_TRAIN}},
                          "eval": to_dict(cfg.eval), "tracking": to_dict(cfg.tracking),
-                         **{s: to_dict(getattr(cfg, s)) for s in STAGE_SECTIONS}})
+                         **{s: to_dict(getattr(cfg, s)) for s in unused_sections(cfg.train.objective)}})
     tc = cfg.train
     device = None
     if world > 1:  # one GPU per process: cuda becomes cuda:LOCAL_RANK

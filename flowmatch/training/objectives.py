@@ -46,7 +46,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from flowmatch.config import ExperimentConfig
+from flowmatch.config import STAGE_SECTIONS, ExperimentConfig
 from flowmatch.couplings import Coupling, PairedCoupling
 from flowmatch.errors import ConfigError
 from flowmatch.training.builders import Components
@@ -55,7 +55,7 @@ from flowmatch.types import LossOutput
 from flowmatch.utils import lookup
 
 __all__ = ["Batch", "Nets", "Objective", "VelocityRegression", "CFM", "OneStepDistill", "OBJECTIVES",
-           "build_objective"]
+           "build_objective", "unused_sections"]
 
 
 @dataclass
@@ -98,6 +98,11 @@ class Objective:
 
     name: ClassVar[str] = ""
     players: ClassVar[tuple[str, ...]] = ("student",)
+    # the config section of this objective's own keys (None: it has none)
+    section: ClassVar[Optional[str]] = None
+    # roles other than the players whose weights are part of the training state (an EMA target); a
+    # frozen teacher is rebuilt from its file, not saved
+    saved_nets: tuple = ()
 
     def __init__(self, cfg: ExperimentConfig, comp: Components):
         self.cfg, self.comp = cfg, comp
@@ -263,6 +268,15 @@ def _unlabeled_error(coupling: Coupling) -> ConfigError:
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"cfm": CFM, "distill": OneStepDistill}
+
+
+def unused_sections(objective: str) -> tuple[str, ...]:
+    """The config sections a run of ``objective`` does not read: the pipeline-stage sections
+    (:data:`~flowmatch.config.STAGE_SECTIONS`) and every other objective's own section. Two configs
+    that differ only there describe the same run."""
+    own = getattr(OBJECTIVES.get(objective), "section", None)
+    sections = dict.fromkeys((*STAGE_SECTIONS, *(c.section for c in OBJECTIVES.values() if c.section)))
+    return tuple(s for s in sections if s != own)
 
 
 def build_objective(cfg: ExperimentConfig, comp: Components) -> Objective:

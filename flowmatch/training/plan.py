@@ -42,7 +42,7 @@ from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components
 from flowmatch.training.fused_mlp import fused_mlp_reason
 
-__all__ = ["Plan", "resolve_plan", "resolve_precision", "is_image_task", "TORCH_COMPILE_MODES"]
+__all__ = ["Plan", "resolve_plan", "resolve_precision", "TORCH_COMPILE_MODES"]
 
 # torch.compile modes (the values of train.compile after "auto", "on" and "off")
 TORCH_COMPILE_MODES = COMPILE_MODES[3:]
@@ -69,9 +69,10 @@ class Plan:
         return "\n".join(f"{k} = {getattr(self, k)}: {why}" for k, why in self.reasons)
 
 
-def is_image_task(comp: Components) -> bool:
+def _is_image(comp: Components) -> bool:
     """Whether ``comp`` is an image task: a draw is an image ``[C, H, W]`` (the source's shape, else
-    the target's). The one answer for ``precision: auto`` and ``channels_last``."""
+    the target's), read from the components themselves (which tests may build by hand); for a config,
+    :func:`flowmatch.data.task.is_image_task` gives the same answer."""
     for d in (comp.source, comp.target):
         shape = getattr(d, "shape", None)
         if shape is not None:
@@ -108,7 +109,7 @@ def resolve_plan(cfg: ExperimentConfig, comp: Optional[Components] = None, objec
     tc = replace(cfg.train, **{k: v for k, v in keys.items() if v is not None})
     dev = torch.device(device) if device is not None else comp.device if comp is not None else resolve_device(tc.device)
     if images is None:
-        images = comp is not None and is_image_task(comp)
+        images = comp is not None and _is_image(comp)
     if distributed is None:
         distributed = dist_utils.is_distributed()
     elif distributed and not dist_utils.is_distributed():

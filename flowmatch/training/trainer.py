@@ -225,8 +225,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint payload: ``model`` (the student), ``ema``, ``optimizer`` and ``scheduler``
         (the student's), ``objective`` (its name and state), ``step``, ``rng`` (this rank's); for an
-        objective with other networks, ``nets`` (their weights) and ``players`` (the other players'
-        optimiser and schedule). With several ranks also ``world_size`` and ``ranks`` (every rank's
+        objective with other players or saved networks (an EMA target), ``nets`` (their weights) and
+        ``players`` (the other players' optimiser and schedule). With several ranks also ``world_size`` and ``ranks`` (every rank's
         generator, global RNG and objective state, in rank order): a collective, so every rank calls it."""
         state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "objective": {"name": self.objective.name, "state": self.objective.state_dict()},
@@ -238,7 +238,8 @@ class Trainer:
             else:
                 state.setdefault("players", {})[p.name] = {"optimizer": self._optimizer_state(p),
                                                            "scheduler": p.scheduler.state_dict()}
-        others = {r: m.state_dict() for r, m in self.nets_raw.items() if r != "student"}
+        others = {r: m.state_dict() for r, m in self.nets_raw.items()
+                  if r != "student" and (r in self.objective.players or r in self.objective.saved_nets)}
         if others:
             state["nets"] = others
         if self.world_size > 1:

@@ -1,0 +1,47 @@
+"""The few-step table (flowmatch.few_step): every method from one teacher, benched alike, with costs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowmatch.errors import FlowmatchError
+from flowmatch.few_step import T1_CANDIDATES, few_step_from_config
+
+TINY = ("train.steps=20", "reflow.num_pairs=64", "reflow.shard_size=64", "reflow.solver=euler", "reflow.nfe=4",
+        "reflow.steps=10", "distill.steps=10", "consistency.steps=10", "consistency.num_steps=4",
+        "reflow.bench_n=64", "reflow.bench_nfes=[1,2]", "reflow.bench_solvers=[euler,dopri5]",
+        "eval.atol=1e-3", "eval.rtol=1e-3")
+
+
+def test_every_method_is_benched_with_its_cost_and_reused(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY)
+    rows = few_step_from_config(cfg, str(tmp_path), progress=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    assert methods == ["1-RF", "reflow", "distill", "cd", "ct"]
+    by = {m: [r for r in rows if r["method"] == m] for m in methods}
+    cost = {m: by[m][0] for m in methods}
+    assert cost["1-RF"]["steps"] == 20 and cost["reflow"]["steps"] == 30 and cost["distill"]["steps"] == 40
+    assert cost["cd"]["steps"] == 30 and cost["ct"]["steps"] == 10  # cumulative from the teacher; CT has none
+    assert cost["reflow"]["teacher_evals"] == 64 * 4 and cost["distill"]["teacher_evals"] == 2 * 64 * 4
+    assert cost["cd"]["teacher_evals"] == 10 * 32 and cost["ct"]["teacher_evals"] == 0  # steps x batch x 1 Euler
+    assert all(c["params"] == cost["1-RF"]["params"] > 0 for c in cost.values())
+    for m in ("cd", "ct"):  # consistency sampling at 2 steps, uniform and with t1 chosen on a validation draw
+        two = [r for r in by[m] if r["solver"] == "consistency" and r["nfe"] == 2]
+        assert len(two) == 2 and sum("t1" in r for r in two) == 1
+        assert next(r["t1"] for r in two if "t1" in r) in T1_CANDIDATES
+    saved = json.loads((tmp_path / "few_step.json").read_text())
+    assert [r["method"] for r in saved] == [r["method"] for r in rows]
+    assert "| cd |" in (tmp_path / "few_step_summary.md").read_text()
+    before = (tmp_path / "CD" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = few_step_from_config(cfg, str(tmp_path), methods=["cd"], progress=False)
+    assert (tmp_path / "CD" / "checkpoints" / "last.pt").stat().st_mtime_ns == before  # reused, not retrained
+    assert {r["method"] for r in again} == {"1-RF", "cd"}
+
+
+@pytest.mark.parametrize("methods,match", [(["cm"], "unknown few-step method 'cm'.*reflow, distill, cd, ct"),
+                                           (["distill"], "add reflow")])
+def test_bad_methods_are_refused(make_cfg, tmp_path, methods, match):
+    with pytest.raises(FlowmatchError, match=match):
+        few_step_from_config(make_cfg(*TINY), str(tmp_path), methods=methods, progress=False)
