@@ -304,3 +304,21 @@ def test_cli_sample_with_adapters_and_merge(base, lora_runs, tmp_path, capsys):
     assert main(["adapter", "extract", lora_runs["style"], "--out", extracted]) == 0
     assert torch.equal(A.load_adapter(extracted)["tensors"]["net.0.lora_A.weight"],
                        A.load_adapter(sty)["tensors"]["net.0.lora_A.weight"])
+
+
+def test_lora_on_the_unet_trains_only_the_adapter(tmp_path):
+    """An image run: the UNet's default targets (attention too), channels_last on, the plain step."""
+    over = ["name=digits_tiny", "data.source=gaussian", "data.target=digits", "model.name=unet", "model.preset=tiny",
+            "model.attention_resolutions=[4]",
+            "train.steps=4", "train.batch_size=8", "train.ckpt_every=4", "train.log_every=2", "train.device=cpu",
+            "tracking.mode=disabled"]
+    cfg = apply_overrides(make_tiny_cfg(), over)
+    base = train(cfg, str(tmp_path / "base"), progress=False).checkpoint
+    tr = build_trainer(apply_overrides(cfg, [*LORA, f"train.init={base}"]), channels_last="on")
+    frozen = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".lora_" not in n for n in frozen)
+    assert {id(p) for p in tr.players[0].params} == {id(p) for n, p in tr.model.named_parameters() if ".lora_" in n}
+    tr.run(2)
+    assert all(torch.isfinite(torch.tensor(tr.read_losses())))
+    assert all(torch.equal(p, frozen[n]) for n, p in tr.model.named_parameters() if n in frozen)
+    assert any(".qkv.lora_A." in n for n in tr.state_dict()["model"])
