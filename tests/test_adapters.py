@@ -150,6 +150,36 @@ def test_lora_run_trains_only_the_adapter(base):
     assert A.trainable_parameters(model) < 0.5 * sum(p.numel() for p in plain.parameters())
 
 
+def test_an_objective_takes_the_disabled_adapter_as_its_teacher(base):
+    """The frozen-teacher role of an objective over the student's own weights: no second copy in the
+    checkpoint, the base's output, and the adapter learns towards a target made from it."""
+    from flowmatch.training.objectives import CFM
+    from flowmatch.types import LossOutput
+
+    class FromTeacher(CFM):
+        name = "cfm"  # resumable as the run's own objective
+
+        def build_nets(self):
+            return {"teacher": A.adapter_disabled(self.comp.model)}
+
+        def loss(self, nets, batch, player="student"):
+            with torch.no_grad():
+                target = 1.5 * nets["teacher"](batch.xt, batch.t)
+            per = (nets.student(batch.xt, batch.t) - target).pow(2).mean(dim=1)
+            return LossOutput(per.mean(), per, batch.t)
+
+    tr = build_trainer(make_tiny_cfg(*LORA, f"train.init={base}", "train.fused=off"), objective=FromTeacher)
+    tr.run(6)
+    losses = tr.read_losses()
+    assert losses[-1] < losses[0]
+    state = tr.state_dict()
+    assert state["nets"] == {"teacher": {}}
+    x, t = _probe()
+    with torch.no_grad():
+        assert torch.equal(tr.nets["teacher"](x, t), load_model(base).model(x, t))
+    assert tr.model.training  # the teacher's call leaves the student's mode as it was
+
+
 def test_lora_needs_a_base():
     with pytest.raises(ConfigError, match=r"^lora.rank = 2 trains an adapter on a base model: set train.init"):
         build_trainer(make_tiny_cfg(*LORA))
@@ -237,11 +267,13 @@ def test_parse_adapter_spec(text, spec):
     assert A.parse_adapter_spec(text) == spec
 
 
-@pytest.mark.parametrize("text", ["a.pt:abc", "a.pt:nan", "a.pt:", ":1"])
+@pytest.mark.parametrize("text", ["a.pt:abc", "a.pt:nan", "a.pt:", "a.pt:1e999"])
 def test_adapter_weight_that_is_not_a_number(text):
     with pytest.raises(ConfigError) as e:
         A.parse_adapter_spec(text)
     assert _one_line(e).startswith(f"--adapter {text}: the weight")
+    with pytest.raises(ConfigError, match=r"^--adapter :1: no adapter file before the ':'"):
+        A.parse_adapter_spec(":1")
 
 
 # --------------------------------------------------------------------------- composition and merging

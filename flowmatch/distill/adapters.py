@@ -303,11 +303,13 @@ def parse_adapter_spec(text: str, arg: str = "--adapter") -> AdapterSpec:
     if ":" not in text or os.path.isfile(text):
         return AdapterSpec(text, 1.0)
     path, w = text.rsplit(":", 1)
+    if not path:
+        raise ConfigError(f"{arg} {text}: no adapter file before the ':' (expected PATH or PATH:WEIGHT)")
     try:
         weight = float(w)
     except ValueError:
         weight = math.nan
-    if not math.isfinite(weight) or not path:
+    if not math.isfinite(weight):
         raise ConfigError(f"{arg} {text}: the weight {w!r} after the last ':' is not a finite number "
                           f"(expected PATH or PATH:WEIGHT, e.g. accel.pt:1.0)")
     return AdapterSpec(path, weight)
