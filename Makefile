@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is pinned here and installed before anything that depends on it; an unpinned torch would
 # make pip pull a multi-GB CUDA build. Override e.g. `make install TORCH_SPEC="torch==2.5.1"`.
+# peft (pinned in setup.cfg) and what it pulls (transformers, accelerate) accept the torch installed
+# here, so `pip install -e .` keeps it.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-flowmatch
 DEMO_OUT ?= runs/demo

@@ -1,4 +1,4 @@
-"""``flowmatch train|sample|bench|speed|reflow|demo``: parse -> config -> pipelines -> exit code.
+"""``flowmatch train|sample|bench|speed|reflow|adapter|demo``: parse -> config -> pipelines -> exit code.
 
 Every user error prints one line ``flowmatch: error: ...`` on stderr and exits with status 2.
 """
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flowmatch.bench import BENCH_NFES, BENCH_SOLVERS
 
     p = argparse.ArgumentParser(prog="flowmatch", description="Rectified flow / conditional flow matching.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,speed,reflow,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,speed,reflow,adapter,demo}")
 
     t = sub.add_parser("train", help="train a flow from a YAML config")
     t.add_argument("config", help="experiment YAML (see experiments/)")
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=10_000, help="points solved at once")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", required=True, help="output file (.pt, or .npz)")
+    s.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA adapter of this checkpoint composed with WEIGHT (default 1; repeatable)")
 
     b = sub.add_parser("bench", help="benchmark checkpoints of one task across solvers, time grids and NFE")
     b.add_argument("checkpoints", nargs="+")
@@ -126,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="parent directory: each task goes to OUT/<name>; all summaries to OUT/few_step.md")
     dr.add_argument("--no-progress", action="store_true")
 
+    a = sub.add_parser("adapter", help="LoRA adapters: merge into a full checkpoint, or extract a run's")
+    asub = a.add_subparsers(dest="adapter_command", required=True, metavar="{merge,extract}")
+    am = asub.add_parser("merge", help="fold weighted adapters into their base: a full checkpoint")
+    am.add_argument("base", help="the base checkpoint the adapters were trained on")
+    am.add_argument("--adapter", dest="adapters", action="append", required=True, metavar="PATH[:WEIGHT]",
+                    help="an adapter and its weight (default 1; repeatable)")
+    am.add_argument("--out", required=True, help="the merged checkpoint (.pt)")
+    ae = asub.add_parser("extract", help="write the adapter of a LoRA run's checkpoint alone")
+    ae.add_argument("checkpoint", help="a LoRA run's checkpoint (lora.rank > 0)")
+    ae.add_argument("--out", help="adapter file (default adapter.pt beside the checkpoint)")
+
     d = sub.add_parser("demo", help="train and benchmark the toy experiments, write report.md")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--configs", nargs="*", help="experiment YAMLs (default experiments/toy/*.yaml)")
@@ -159,8 +172,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "sample":
         rec = pipelines.sample_from_checkpoint(args.checkpoint, args.out, n=args.n, solver=args.solver, nfe=args.nfe,
                                                atol=args.atol, rtol=args.rtol, seed=args.seed, device=args.device,
-                                               batch_size=args.batch_size, progress=not args.no_progress)
+                                               batch_size=args.batch_size, progress=not args.no_progress,
+                                               adapters=args.adapters)
         print(json.dumps({k: rec[k] for k in ("solver", "num_steps", "nfe", "n", "seconds")}) + f"  -> {args.out}")
+        return 0
+    if args.command == "adapter":
+        from flowmatch.config import check_output_path
+        from flowmatch.distill import adapters
+
+        if args.adapter_command == "merge":
+            specs = [adapters.parse_adapter_spec(a) for a in args.adapters]
+            check_output_path("out", args.out, kind="file")
+            out = adapters.merge_adapters(args.base, specs, args.out)
+            print(f"merged {len(specs)} adapter(s) into {args.base} -> {out}")
+        else:
+            if args.out is not None:
+                check_output_path("out", args.out, kind="file")
+            out = adapters.write_run_adapter(args.checkpoint, args.out)
+            print(f"adapter of {args.checkpoint} -> {out} ({os.path.getsize(out):,} bytes)")
         return 0
     if args.command == "bench":
         from flowmatch.bench import MODEL_COLUMNS, pareto_table, rows_to_markdown

@@ -42,6 +42,7 @@ __all__ = [
     "ReflowConfig",
     "DistillConfig",
     "ConsistencyConfig",
+    "LoraConfig",
     "ExperimentConfig",
     "FAST_MODES",
     "COMPILE_MODES",
@@ -455,6 +456,35 @@ class DistillConfig:
         _check_ranges(self, {"steps": _int(1), "lr": _float(gt=0.0)})
 
 
+def _names(optional: bool = False):
+    def rule(k, v):
+        if v is None and optional:
+            return
+        if not isinstance(v, list) or not v or not all(isinstance(s, str) and s.strip() for s in v):
+            raise ConfigError(f"{k} = {v!r}: must be a non-empty list of non-empty names{' or null' if optional else ''}")
+    return rule
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA adapter (Hu et al. 2022) trained on the weights of ``train.init``'s checkpoint instead of a
+    full copy (:mod:`flowmatch.distill.adapters`): every target layer ``W`` becomes
+    ``W + (alpha / rank) B A`` with ``A`` ``[rank, in]`` and ``B`` ``[out, rank]`` (``B = 0`` at the start),
+    and only ``A`` and ``B`` are trained. ``rank = 0`` turns it off. ``targets``: module names (or
+    name suffixes) of the Linear / Conv2d layers to adapt; ``None`` takes the model type's defaults
+    (the MLP: its Linear layers; the UNet: its convolutions, attention projections and time-embedding
+    linears)."""
+
+    rank: int = 0
+    alpha: float = 8.0
+    targets: Optional[list[str]] = None
+
+    _section: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"rank": _int(0), "alpha": _float(gt=0.0), "targets": _names(optional=True)})
+
+
 @dataclass
 class ConsistencyConfig:
     """Consistency distillation (``train.objective: cd``) and consistency training (``ct``),
@@ -500,6 +530,7 @@ class ExperimentConfig:
     reflow: ReflowConfig = field(default_factory=ReflowConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     _section: ClassVar[str] = ""
 

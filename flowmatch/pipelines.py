@@ -25,6 +25,7 @@ from flowmatch.bench import (BENCH_NFES, BENCH_SOLVERS, BenchResult, bench_suite
                              write_suite)
 from flowmatch.config import (ExperimentConfig, check_int, check_output_path, config_diff, from_dict, load_config,
                               to_dict)
+from flowmatch.distill import adapters as lora_adapters
 from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.errors import FlowmatchError
 from flowmatch.evaluation import LabeledField, check_image_metric, make_scorer, sampling_field, straightness_n
@@ -93,6 +94,8 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
     if evaluate and is_image_task(cfg.data):
         check_image_metric(cfg)
     result = train(cfg, out, resume=bool(resume), overwrite=overwrite, progress=progress, finish_tracker=False)
+    if cfg.lora.rank > 0 and result.is_main:  # the adapter alone, with its provenance, beside the checkpoint
+        lora_adapters.write_run_adapter(result.checkpoint)
     if not result.is_main:  # rank > 0 under torchrun: rank 0 evaluates and writes summary.json
         return TrainSummary(name=result.config.name, run_dir=out, checkpoint=result.checkpoint, step=result.step,
                             steps_per_sec=result.steps_per_sec, eval={})
@@ -116,17 +119,23 @@ def train_from_config(cfg: ExperimentConfig, out: str, *, resume: bool | str = F
 
 def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = "euler", nfe: Optional[int] = None,
                            atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0, device: str = "auto",
-                           use_ema: bool = True, batch_size: int = 10_000, progress: bool = True) -> dict:
+                           use_ema: bool = True, batch_size: int = 10_000, progress: bool = True,
+                           adapters: Sequence[str | lora_adapters.AdapterSpec] = ()) -> dict:
     """Sample ``n`` points from a checkpoint; saves ``{samples, x0, solver, num_steps, nfe, ...}`` to
     ``out`` (``.pt``, or ``.npz`` by extension) and returns that record without the tensors.
 
     The source draws are made at once (so the samples do not depend on ``batch_size``) and solved in
     batches of ``batch_size``; ``nfe`` is the evaluations per sample (for adaptive solvers, the
-    largest over batches, each batch listed in ``nfe_per_batch``)."""
+    largest over batches, each batch listed in ``nfe_per_batch``). ``adapters``: LoRA adapters composed
+    on the checkpoint's model (``PATH`` or ``PATH:WEIGHT``, see :func:`~flowmatch.distill.adapters.apply_adapters`),
+    each checked to be made for this checkpoint."""
     n, batch_size = check_int("n", n, 1), check_int("batch_size", batch_size, 1)
     check_output_path("out", out, kind="file")  # before any work: a bad path would lose the samples
     dev = resolve_device(device)
+    specs = [a if isinstance(a, lora_adapters.AdapterSpec) else lora_adapters.parse_adapter_spec(a) for a in adapters]
     lm = load_model(ckpt, use_ema=use_ema, device=dev)
+    if specs:
+        lora_adapters.apply_adapters(lm.model, specs, base=ckpt)
     cfg = lm.config
     s = get_solver(solver, atol=atol, rtol=rtol)
     num_steps = num_steps_for(s, nfe, takes=("nfe",))
@@ -145,6 +154,7 @@ def sample_from_checkpoint(ckpt: str, out: str, *, n: int = 1000, solver: str = 
             nfes.append(traj.nfe)
     seconds = time.perf_counter() - t0
     record = {"checkpoint": os.path.abspath(ckpt), "step": lm.step, "solver": s.name,
+              "adapters": [{"path": os.path.abspath(a.path), "weight": a.weight} for a in specs],
               "num_steps": num_steps, "nfe": max(nfes),
               "nfe_per_batch": nfes, "batch_size": batch_size, "atol": atol if s.adaptive else None, "rtol": rtol if s.adaptive else None, "n": n, "seed": seed,
               "seconds": seconds}

@@ -103,3 +103,23 @@ def test_cd_refuses_a_missing_teacher_and_one_of_another_shape(tmp_path):
                 str(tmp_path / "img"), progress=False)
     with pytest.raises(ConfigError, match=r"shape \(1, 8, 8\); this run's data have shape \(2,\)"):
         build_trainer(make_tiny_cfg("train.objective=cd", f"consistency.teacher={img.checkpoint}", "train.init=random"))
+
+
+def test_cd_with_a_lora_uses_the_disabled_adapter_as_its_teacher(tmp_path):
+    import flowmatch.distill.adapters as adapters
+
+    teacher = train(make_tiny_cfg("train.steps=10"), str(tmp_path / "teacher"), progress=False)
+    cfg = make_tiny_cfg("train.objective=cd", f"train.init={teacher.checkpoint}", "lora.rank=2", "train.steps=6")
+    tr = build_trainer(cfg)
+    assert isinstance(tr.nets_raw["teacher"], adapters.AdapterDisabled) and not tr.objective.compilable
+    trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    assert 0 < trainable < 0.5 * sum(p.numel() for p in tr.model.parameters())
+    base = load_checkpoint(teacher.checkpoint)["ema"]["model"]
+    tr.run(6)
+    x = torch.randn(16, 2, generator=make_generator(2))
+    with torch.no_grad():  # the teacher is still the base: only the adapter trained
+        ref = build_model(cfg.model, (2,))
+        ref.load_state_dict(base)
+        assert torch.equal(tr.nets_raw["teacher"](x, torch.full((16,), 0.3)), ref(x, torch.full((16,), 0.3)))
+    with pytest.raises(ConfigError, match="must be train.init"):
+        build_trainer(apply_overrides(cfg, [f"consistency.teacher={tmp_path / 'other.pt'}"]))

@@ -73,7 +73,7 @@ def test_every_module_has_a_layer():
 
 def test_core_import_is_light():
     code = ("import sys, flowmatch, flowmatch.pipelines, flowmatch.reflow_chain, flowmatch.cli\n"
-            "heavy = [m for m in ('wandb', 'matplotlib', 'scipy', 'ot', 'torchdiffeq') if m in sys.modules]\n"
+            "heavy = [m for m in ('wandb', 'matplotlib', 'scipy', 'ot', 'torchdiffeq', 'peft', 'transformers') if m in sys.modules]\n"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing flowmatch pulled in: {out}"

@@ -1,7 +1,15 @@
-"""Objectives beyond flow matching, one a module, each registered in
-:data:`flowmatch.training.objectives.OBJECTIVES` when imported (``import flowmatch`` imports them):
-consistency distillation and training (:mod:`flowmatch.distill.consistency`: ``cd``, ``ct``)."""
+"""Objectives beyond flow matching, one a module, and their adapters (layer L5: imports training,
+models, config, io). Importing this package (``import flowmatch`` does) registers them:
 
+- :mod:`flowmatch.distill.consistency`: consistency distillation and training (objectives ``cd``,
+  ``ct`` of :data:`flowmatch.training.objectives.OBJECTIVES`);
+- :mod:`flowmatch.distill.adapters`: LoRA adapters through peft (imported lazily): train an adapter on a
+  base checkpoint's weights (``lora.rank > 0``), save it alone with its provenance, load it onto its
+  base, compose several with weights, merge them into a full checkpoint (registers the ``lora`` hook of
+  :func:`~flowmatch.training.builders.build_components`).
+"""
+
+from flowmatch.distill import adapters
 from flowmatch.distill.consistency import ConsistencyDistillation, ConsistencyTraining, consistency_fn, ct_intervals
 
-__all__ = ["ConsistencyDistillation", "ConsistencyTraining", "consistency_fn", "ct_intervals"]
+__all__ = ["adapters", "ConsistencyDistillation", "ConsistencyTraining", "consistency_fn", "ct_intervals"]

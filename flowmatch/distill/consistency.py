@@ -136,13 +136,17 @@ class _Consistency(Objective):
 
 class ConsistencyDistillation(_Consistency):
     """CD: the next point is one step of the frozen flow teacher (``consistency.teacher``, default
-    ``train.init``'s checkpoint; its EMA weights) by ``consistency.teacher_solver``."""
+    ``train.init``'s checkpoint; its EMA weights) by ``consistency.teacher_solver``. With a LoRA
+    (``lora.rank > 0``: the student is ``train.init``'s weights plus an adapter) the teacher is the
+    student with its adapter disabled: one copy of the weights."""
 
     name = "cd"
 
     def __init__(self, cfg, comp):
         super().__init__(cfg, comp)
         self.solver = get_solver(cfg.consistency.teacher_solver)
+        # the disabled-adapter teacher switches the adapter off inside the loss: not one graph
+        self.compilable = cfg.lora.rank == 0
         self.teacher_evals = 0  # velocity evaluations of the teacher (per sample): the cost table's
 
     def teacher_path(self) -> Optional[str]:
@@ -154,8 +158,16 @@ class ConsistencyDistillation(_Consistency):
         if self.teacher_path() is None:
             raise ConfigError("train.objective=cd distils a flow teacher: set consistency.teacher (or train.init) "
                               "to its checkpoint")
+        cc, init = self.cfg.consistency, self.cfg.train.init
+        if self.cfg.lora.rank > 0 and cc.teacher and cc.teacher != init:
+            raise ConfigError(f"train.objective=cd with a LoRA distils the adapter's own base: consistency.teacher "
+                              f"({cc.teacher}) must be train.init ({init}) or unset")
 
     def build_nets(self) -> dict:
+        if self.cfg.lora.rank > 0:  # the base under the adapter is the teacher
+            from flowmatch.distill.adapters import adapter_disabled
+
+            return {**super().build_nets(), "teacher": adapter_disabled(self.comp.model)}
         path = self.teacher_path()
         teacher = load_model(path, device=self.device)
         got, want = data_shape(teacher.config.data), data_shape(self.cfg.data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,12 @@ from flowmatch.training.schedule import LR_SCHEDULES
 from flowmatch.training.tracking import TRACKING_MODES
 from flowmatch.utils import lookup, resolve_device
 
-__all__ = ["Components", "build_components"]
+__all__ = ["Components", "build_components", "MODEL_ADAPTERS"]
+
+# Adapters added to a model after its initial weights, by config section: a higher layer registers the
+# function of its section (flowmatch.distill.adapters registers "lora"), so training knows only that
+# the section is on (``lora.rank > 0``) and that the function leaves trainable what it should train.
+MODEL_ADAPTERS: dict[str, Callable[[nn.Module, ExperimentConfig], nn.Module]] = {}
 
 
 @dataclass
@@ -84,13 +89,29 @@ def _init_weights(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[di
     return path
 
 
+def _add_adapter(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[dict]) -> nn.Module:
+    """``model`` with the ``lora`` section's adapter when ``lora.rank > 0`` (on the base weights that
+    ``train.init`` names), else ``model``."""
+    if cfg.lora.rank == 0:
+        return model
+    init = cfg.train.init
+    if init == "random" or (init == "auto" and manifest is None):
+        raise ConfigError(f"lora.rank = {cfg.lora.rank} trains an adapter on a base model: set train.init to the "
+                          f"base checkpoint (train.init = {init} starts from random weights)")
+    if "lora" not in MODEL_ADAPTERS:
+        raise ConfigError("lora.rank > 0 needs the adapters of flowmatch.distill: import flowmatch.distill "
+                          "(the CLI and the pipelines do)")
+    return MODEL_ADAPTERS["lora"](model, cfg)
+
+
 def build_components(cfg: ExperimentConfig, device: str | torch.device | None = None, *,
                      init_weights: bool = True) -> Components:
     """Validate every name in ``cfg`` against its registry and build the training objects.
 
     The model is initialised from ``torch.manual_seed(cfg.train.seed)`` so a config fixes it, then,
     if ``init_weights``, from the checkpoint ``cfg.train.init`` names (for a paired coupling the
-    default is its teacher, checked against the pair manifest's hash).
+    default is its teacher, checked against the pair manifest's hash); with ``lora.rank > 0`` a LoRA
+    adapter is then added (:data:`MODEL_ADAPTERS`), leaving only its parameters trainable.
     """
     dev = resolve_device(cfg.train.device if device is None else device)
     task = build_task(cfg.data)
@@ -115,4 +136,5 @@ def build_components(cfg: ExperimentConfig, device: str | torch.device | None = 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, task.shape, task.num_classes)
     init_from = _init_weights(model, cfg, manifest) if init_weights else None
+    model = _add_adapter(model, cfg, manifest)  # after the base weights; a resumed run loads it all
     return Components(dev, source, target, path, coupling, time_sampler, model.to(dev), real, manifest, init_from)

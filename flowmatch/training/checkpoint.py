@@ -61,6 +61,10 @@ def load_model(path: str, *, use_ema: bool = True, device: str | torch.device = 
         cfg = from_dict(ckpt["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path} holds an invalid config: {e}") from None
+    if cfg.lora.rank > 0:  # its weights are a base's with an adapter injected: not the plain model's
+        raise CheckpointError(f"{path} is a LoRA run's checkpoint (lora.rank = {cfg.lora.rank}): use its adapter "
+                              f"(adapter.pt beside it) on the base, e.g. `flowmatch sample BASE --adapter ADAPTER`, "
+                              f"or `flowmatch adapter merge` for a full checkpoint")
     state = ckpt["ema"]["model"] if use_ema else ckpt["model"]
     classes = None
     if cfg.model.class_cond:  # from the weights (the class embedding has a row per class + the null one),

@@ -63,6 +63,8 @@ def fused_mlp_reason(model: nn.Module) -> Optional[str]:
 
     if not isinstance(model, MLPVelocity):
         return f"the model is {type(model).__name__}, not the MLP"
+    if any(not p.requires_grad for p in model.parameters()):
+        return "it trains every parameter, and this model has frozen ones (an adapter on a frozen base)"
     layers = list(model.net)
     for i, m in enumerate(layers):
         if i % 2 == 0 and not isinstance(m, nn.Linear):

@@ -50,7 +50,7 @@ import torch
 
 from flowmatch.config import ExperimentConfig, config_diff, from_dict, save_config, to_dict
 from flowmatch.errors import ConfigMismatchError, FlowmatchError, NonFiniteLossError, RunDirError
-from flowmatch.io import remove_temporaries
+from flowmatch.io import file_sha256, remove_temporaries
 from flowmatch.training import distributed as dist_utils
 from flowmatch.training.builders import Components, build_components
 from flowmatch.training.checkpoint import load_checkpoint, save_checkpoint
@@ -260,11 +260,15 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     ckpt_path = last_checkpoint(run_dir)
     last_good = ckpt_path if ckpt is not None else None
     init_from = ckpt.get("init_from") if ckpt is not None else comp.init_from
+    # the initial weights' file hash, taken once at the start: the provenance of what the run builds on
+    # (a LoRA run's adapter names its base by it)
+    init_sha256 = ckpt.get("init_sha256") if ckpt is not None else (file_sha256(init_from) if init_from else None)
 
     def save() -> None:
         state = trainer.state_dict()  # a collective with several ranks: every rank gets here
         if main:
-            save_checkpoint(ckpt_path, {**state, "config": to_dict(cfg), "init_from": init_from})
+            save_checkpoint(ckpt_path, {**state, "config": to_dict(cfg), "init_from": init_from,
+                                         "init_sha256": init_sha256})
 
     def checked(fn):
         """``fn()``, naming the last good checkpoint in a NonFiniteLossError."""
@@ -322,7 +326,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     if start == tc.steps:  # pragma: no cover - defensive: a finished run resumed keeps its checkpoint
         state = trainer.state_dict()
         if main and not os.path.exists(ckpt_path):
-            save_checkpoint(ckpt_path, {**state, "config": to_dict(cfg), "init_from": init_from})
+            save_checkpoint(ckpt_path, {**state, "config": to_dict(cfg), "init_from": init_from,
+                                         "init_sha256": init_sha256})
     # no rank returns before rank 0 has written the final checkpoint (the next stage may read it)
     dist_utils.barrier()
     elapsed = time.perf_counter() - t_begin

@@ -103,6 +103,8 @@ class Objective:
     # roles other than the players whose weights are part of the training state (an EMA target); a
     # frozen teacher is rebuilt from its file, not saved
     saved_nets: tuple = ()
+    # whether the plan may compile the loss (train.compile); False: auto stays eager, an explicit mode is refused
+    compilable: bool = True
 
     def __init__(self, cfg: ExperimentConfig, comp: Components):
         self.cfg, self.comp = cfg, comp

@@ -127,7 +127,9 @@ class Trainer:
         self.players: list[Player] = []
         for name in self.objective.players:
             module = self.nets_raw[name]
-            params = [self.fused.param] if (self.fused is not None and name == "student") else list(module.parameters())
+            # the parameters that require grad: all of them, or an adapter's alone (a frozen base)
+            params = [self.fused.param] if (self.fused is not None and name == "student") else \
+                [p for p in module.parameters() if p.requires_grad]
             impl = {self.plan.optimizer: True}
             opt = self.objective.make_optimizer(name, params, impl)
             if opt is None:
