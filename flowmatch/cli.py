@@ -122,11 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     dr = dsub.add_parser("run", help="teacher -> reflow, distill, cd, ct, ...; one table, quality beside cost")
     dr.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment YAML(s) with reflow: and consistency:")
     dr.add_argument("--methods", type=_csv_list, default=None,
-                    help="comma-separated, of reflow, distill, cd, ct (default: all)")
+                    help="comma-separated, of reflow, distill, cd, ct, cd-lora (default: all)")
     dr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dr.add_argument("--out", default=os.path.join("runs", "few_step"),
                     help="parent directory: each task goes to OUT/<name>; all summaries to OUT/few_step.md")
     dr.add_argument("--no-progress", action="store_true")
+    dc = dsub.add_parser("compose", help="a style LoRA + an acceleration LoRA composed, against a dedicated one")
+    dc.add_argument("config", help="a toy experiment YAML (its 1-RF is the base)")
+    dc.add_argument("--style-target", default="upper_moon", help="the style's target dataset (default upper_moon)")
+    dc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dc.add_argument("--out", required=True, help="the task's directory (a few-step run's is reused)")
+    dc.add_argument("--no-progress", action="store_true")
 
     a = sub.add_parser("adapter", help="LoRA adapters: merge into a full checkpoint, or extract a run's")
     asub = a.add_subparsers(dest="adapter_command", required=True, metavar="{merge,extract}")
@@ -279,6 +285,15 @@ def _run(args: argparse.Namespace) -> int:
 
         atomic_write_text(os.path.join(args.out, "few_step.md"), "\n".join(parts))
         print(f"wrote {args.out}/<name>/few_step.* and {args.out}/few_step.md")
+        return 0
+    if args.command == "distill" and args.distill_command == "compose":
+        from flowmatch.bench import rows_to_markdown
+        from flowmatch.few_step import composition_from_config
+
+        rows = composition_from_config(load_config(args.config, args.overrides), args.out,
+                                       style_target=args.style_target, progress=not args.no_progress)
+        print(rows_to_markdown(rows, ("model", "solver", "nfe", "w2", "w2_floor", "mmd")), end="")
+        print(f"wrote {args.out}/composition.json, composition.md")
         return 0
     if args.command == "demo":
         report = pipelines.run_demo(args.out, args.configs or None, overrides=args.overrides, n=args.n,

@@ -8,7 +8,14 @@
 - ``cd``: consistency distillation of the teacher (``train.objective: cd``, initialised from it; the
   ``consistency`` section's steps, lr and distance);
 - ``ct``: consistency training from scratch (no teacher; the same steps), the baseline that shows what
-  the teacher buys.
+  the teacher buys;
+- ``cd-lora``: CD as a LoRA on the teacher's weights (``lora.rank``, :data:`LORA_RANK` when the config
+  leaves it at 0; the teacher is the adapter disabled), benched as the base with the adapter merged.
+
+:func:`composition_from_config` tests the LCM-LoRA claim on a toy task: a "style" LoRA fine-tunes the
+teacher to another target (``upper_moon``: the upper moon of moons), an acceleration LoRA (CD) is
+trained on the base, and on the style's target at NFE 1, 2 and 4 it compares the two composed, an
+acceleration trained on the style model itself, and the style model with Euler.
 
 Every model is scored by the reflow chain's bench (Euler at ``reflow.bench_nfes`` and dopri5); the
 consistency models also by multistep consistency sampling (:class:`~flowmatch.solvers.multistep.ConsistencySampler`)
@@ -41,9 +48,11 @@ from flowmatch.reflow_chain import stage_config, train_stage, reflow_stage_confi
 from flowmatch.reports import stage_columns
 from flowmatch.training import load_checkpoint
 
-__all__ = ["FEW_STEP_METHODS", "T1_CANDIDATES", "few_step_from_config"]
+__all__ = ["FEW_STEP_METHODS", "T1_CANDIDATES", "LORA_RANK", "few_step_from_config", "best_t1", "few_step_summary",
+           "composition_from_config"]
 
-FEW_STEP_METHODS = ("reflow", "distill", "cd", "ct")
+FEW_STEP_METHODS = ("reflow", "distill", "cd", "ct", "cd-lora")
+LORA_RANK = 4
 T1_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _VALIDATION_SEED = 10_007  # the validation draw's seed: never the bench's (0)
 
@@ -79,20 +88,18 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
                          + m["count"] * m["nfe_per_sample"])
             stages.append(("reflow" if i == 0 else "distill", s.checkpoint, cost))
             prev = s.checkpoint
-    for method in ("cd", "ct"):
+    for method in ("cd", "ct", "cd-lora"):
         if method not in methods:
             continue
-        init = teacher if method == "cd" else "random"
-        stage_cfg = stage_config(cfg, f"{cfg.name}-{method}",
-                                  train={"objective": method, "steps": cc.steps, "lr": cc.lr, "loss": cc.loss,
-                                         "init": init},
-                                  eval={"solver": "euler", "nfe": 1})
-        s = train_stage(stage_cfg, out, method.upper(), progress)
+        s = train_stage(_consistency_stage(cfg, method, teacher if method != "ct" else "random"), out,
+                        method.upper(), progress)
         evals = load_checkpoint(s.checkpoint)["objective"]["state"].get("teacher_evals", 0)
-        if method == "cd":
-            stages.append(("cd", s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals)))
-        else:  # no teacher: its own cost only
+        if method == "ct":  # no teacher: its own cost only
             stages.append(("ct", s.checkpoint, _cost(s.checkpoint, s, 0, 0, 0)))
+            continue
+        cost = _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals)
+        ckpt = s.checkpoint if method == "cd" else _merged(teacher, s.checkpoint, os.path.join(out, method.upper()))
+        stages.append((method, ckpt, cost))
     rows = _bench(cfg, stages, progress)
     cols = stage_columns(rows)
     lead = ["method", *cols]
@@ -104,13 +111,34 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
     return rows
 
 
+def _consistency_stage(cfg: ExperimentConfig, method: str, init: str, name: Optional[str] = None):
+    """The training config of ``cd``, ``ct`` or ``cd-lora`` from ``init`` (the consistency section's
+    steps, lr and distance; one-step evaluation)."""
+    cc = cfg.consistency
+    lora = {"rank": cfg.lora.rank or LORA_RANK} if method == "cd-lora" else {"rank": 0}
+    return stage_config(cfg, name or f"{cfg.name}-{method}",
+                        train={"objective": "ct" if method == "ct" else "cd", "steps": cc.steps, "lr": cc.lr,
+                               "loss": cc.loss, "init": init},
+                        lora=lora, eval={"solver": "euler", "nfe": 1})
+
+
+def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = None, name: str = "merged.pt") -> str:
+    """The base with a LoRA run's adapter merged at weight 1 (``run_dir/name``), for the bench."""
+    from flowmatch.distill.adapters import AdapterSpec, merge_adapters
+
+    adapter = os.path.join(os.path.dirname(run_ckpt), "adapter.pt")
+    return merge_adapters(base, [AdapterSpec(adapter, 1.0)], os.path.join(run_dir, name), config=config)
+
+
 def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0) -> dict:
     """The cumulative cost of the model in ``ckpt``: its own run's steps and seconds added to
-    ``steps`` and ``wall``; ``params`` its trainable parameters."""
+    ``steps`` and ``wall``; ``params`` its trainable parameters (a LoRA run's: the adapter's)."""
     state = load_checkpoint(ckpt)
     own_steps = int(state["step"]) if s is not None else 0
     own_wall = (own_steps / s.steps_per_sec) if s is not None and s.steps_per_sec > 0 else 0.0
-    params = sum(v.numel() for v in state["model"].values() if v.is_floating_point())
+    floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
+    lora = {k: v for k, v in floats.items() if "lora_" in k}
+    params = sum(v.numel() for v in (lora or floats).values())
     return {"steps": steps + own_steps, "wall_s": round(wall + own_wall, 1), "teacher_evals": int(teacher_evals),
             "params": params}
 
@@ -121,7 +149,7 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
               plot=False)
     rows = bench_from_checkpoints([c for _, c, _ in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
                                   names=[m for m, _, _ in stages], **kw)
-    consistency = [(m, c) for m, c, _ in stages if m in ("cd", "ct")]
+    consistency = [(m, c) for m, c, _ in stages if m in ("cd", "ct", "cd-lora")]
     if consistency:
         nfes = [k for k in (2, 4, 8) if k in rc.bench_nfes or k == 2]
         rows += bench_from_checkpoints([c for _, c in consistency], None, solvers=["consistency"], nfes=nfes,
@@ -181,3 +209,46 @@ def few_step_summary(rows: Sequence[dict]) -> str:
                     "floor": f"{first[f'{metric}_floor']:.3f}", "steps": first["steps"], "wall_s": first["wall_s"],
                     "teacher_evals": first["teacher_evals"], "params": first["params"]})
     return rows_to_markdown(out)
+
+
+def composition_from_config(cfg: ExperimentConfig, out: str, *, style_target: str = "upper_moon",
+                            nfes: Sequence[int] = (1, 2, 4), progress: bool = True) -> list[dict]:
+    """The LCM-LoRA composition claim on a toy task (see the module docstring). Trains under ``OUT``:
+    the 1-RF teacher (``1-RF``, reused from the few-step table when it is there), a style LoRA on it
+    (``style-LoRA``: flow matching onto ``style_target`` for ``consistency.steps`` steps at ``train.lr``, rank
+    ``lora.rank`` or :data:`LORA_RANK`), an acceleration LoRA on the base (``CD-LORA``: as the few-step
+    table's ``cd-lora``) and one on the style model (``CD-LORA-style``); then scores on the style's target,
+    at Euler NFE ``nfes`` and consistency sampling at NFE 2 and 4: ``style+accel`` (the two adapters
+    composed at weight 1), ``style+own accel`` (the dedicated acceleration) and ``style`` (Euler).
+    Writes ``OUT/composition.json`` / ``.md``."""
+    from flowmatch.config import to_dict
+    from flowmatch.distill.adapters import AdapterSpec, merge_adapters
+
+    rc = cfg.reflow
+    teacher = rc.teacher or train_stage(stage_config(cfg, f"{cfg.name}-1RF"), out, "1-RF", progress).checkpoint
+    rank = cfg.lora.rank or LORA_RANK
+    style_cfg = stage_config(cfg, f"{cfg.name}-style-lora", data={"target": style_target},
+                             train={"init": teacher, "steps": cfg.consistency.steps}, lora={"rank": rank})
+    style = train_stage(style_cfg, out, "style-LoRA", progress).checkpoint
+    style_adapter = os.path.join(os.path.dirname(style), "adapter.pt")
+    accel = train_stage(_consistency_stage(cfg, "cd-lora", teacher), out, "CD-LORA", progress).checkpoint
+    accel_adapter = os.path.join(os.path.dirname(accel), "adapter.pt")
+    style_task = to_dict(stage_config(cfg, f"{cfg.name}-style", data={"target": style_target}))
+    style_model = merge_adapters(teacher, [AdapterSpec(style_adapter)], os.path.join(out, "style.pt"), config=style_task)
+    composed = merge_adapters(teacher, [AdapterSpec(style_adapter), AdapterSpec(accel_adapter)],
+                              os.path.join(out, "style+accel.pt"), config=style_task)
+    own_cfg = stage_config(_consistency_stage(cfg, "cd-lora", style_model, f"{cfg.name}-cd-lora-style"),
+                           f"{cfg.name}-cd-lora-style", data={"target": style_target})
+    own = train_stage(own_cfg, out, "CD-LORA-style", progress).checkpoint
+    own_model = _merged(style_model, own, out, config=style_task, name="style+own accel.pt")
+    models = [("style+accel", composed), ("style+own accel", own_model), ("style", style_model)]
+    kw = dict(n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, tracking="disabled", progress=progress, plot=False)
+    rows = bench_from_checkpoints([c for _, c in models], None, solvers=["euler"], nfes=list(nfes),
+                                  names=[m for m, _ in models], **kw)
+    rows += bench_from_checkpoints([c for _, c in models[:2]], None, solvers=["consistency"],
+                                   nfes=[k for k in nfes if k > 1], names=[m for m, _ in models[:2]], **kw)
+    for r in rows:
+        r["task"] = f"{cfg.data.source}->{style_target}"
+    cols = ["model", "solver", "nfe", "w2", "w2_floor", "mmd"]
+    write_bench(rows, out, plot=False, name="composition", columns=cols)
+    return rows

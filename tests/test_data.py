@@ -298,3 +298,12 @@ def test_gaussian_refuses_a_bad_shape(shape):
 def test_only_gaussian_takes_a_shape(name):
     with pytest.raises(ConfigError, match="shape"):
         get_dataset(name, shape=(1, 8, 8))
+
+
+def test_upper_moon_is_the_upper_moon_of_moons():
+    """theta ~ U[0, pi]: E[(cos, sin)] = (0, 2 / pi), so the mean is (-1, 6 / pi - 1); the same noise."""
+    x = get_dataset("upper_moon").sample(200_000, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([-1.0, 6 / math.pi - 1])
+    assert torch.allclose(x.mean(0), mean, atol=0.01)
+    # Var[3 cos theta] = 4.5, plus the noise's (3 * 0.2)^2 = 0.36
+    assert x[:, 0].var().item() == pytest.approx(4.5 + 0.36, rel=0.02)

@@ -17,7 +17,7 @@ TINY = ("train.steps=20", "reflow.num_pairs=64", "reflow.shard_size=64", "reflow
 
 def test_every_method_is_benched_with_its_cost_and_reused(make_cfg, tmp_path):
     cfg = make_cfg(*TINY)
-    rows = few_step_from_config(cfg, str(tmp_path), progress=False)
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["reflow", "distill", "cd", "ct"], progress=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     assert methods == ["1-RF", "reflow", "distill", "cd", "ct"]
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
@@ -40,8 +40,24 @@ def test_every_method_is_benched_with_its_cost_and_reused(make_cfg, tmp_path):
     assert {r["method"] for r in again} == {"1-RF", "cd"}
 
 
-@pytest.mark.parametrize("methods,match", [(["cm"], "unknown few-step method 'cm'.*reflow, distill, cd, ct"),
+@pytest.mark.parametrize("methods,match", [(["cm"], "unknown few-step method 'cm'.*reflow, distill, cd, ct, cd-lora"),
                                            (["distill"], "add reflow")])
 def test_bad_methods_are_refused(make_cfg, tmp_path, methods, match):
     with pytest.raises(FlowmatchError, match=match):
         few_step_from_config(make_cfg(*TINY), str(tmp_path), methods=methods, progress=False)
+
+
+def test_lora_acceleration_and_composition(make_cfg, tmp_path):
+    from flowmatch.few_step import composition_from_config
+
+    cfg = make_cfg(*TINY)
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["cd-lora"], progress=False)
+    lora = next(r for r in rows if r["method"] == "cd-lora")
+    full = next(r for r in rows if r["method"] == "1-RF")
+    assert 0 < lora["params"] < full["params"] and lora["teacher_evals"] == 10 * 32
+    assert (tmp_path / "CD-LORA" / "checkpoints" / "adapter.pt").is_file()
+    comp = composition_from_config(cfg, str(tmp_path), progress=False)
+    assert {r["model"] for r in comp} == {"style+accel", "style+own accel", "style"}
+    assert all(r["task"] == "gaussian->upper_moon" and r["w2"] == r["w2"] for r in comp)
+    assert {(r["solver"], r["nfe"]) for r in comp if r["model"] == "style"} == {("euler", k) for k in (1, 2, 4)}
+    assert (tmp_path / "composition.md").is_file()

@@ -141,6 +141,18 @@ class Moons(ToyDistribution):
         return x * 3 - 1
 
 
+class UpperMoon(Moons):
+    """The upper moon of :class:`Moons` alone (the same noise and scale): a "style" of the moons task
+    for fine-tuning experiments."""
+
+    name = "upper_moon"
+
+    def _sample(self, n, g, device, dtype):
+        theta = math.pi * _rand(n, g, device, dtype)
+        x = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1) + self.noise * _randn(n, 2, g, device, dtype)
+        return x * 3 - 1
+
+
 class Checkerboard(ToyDistribution):
     name = "checkerboard"
 
@@ -175,7 +187,7 @@ class Circles(ToyDistribution):
 
 
 DATASETS: dict[str, type[ToyDistribution]] = {
-    cls.name: cls for cls in (Gaussian, EightGaussians, Moons, Checkerboard, Spirals, Circles)
+    cls.name: cls for cls in (Gaussian, EightGaussians, Moons, UpperMoon, Checkerboard, Spirals, Circles)
 }
 
 

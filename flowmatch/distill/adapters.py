@@ -363,10 +363,11 @@ def _plain_state(model: nn.Module) -> dict:
             if not any(p in k for p in _LORA_KEYS)}
 
 
-def merge_adapters(base: str, specs: Sequence[AdapterSpec], out: str) -> str:
+def merge_adapters(base: str, specs: Sequence[AdapterSpec], out: str, *, config: Optional[dict] = None) -> str:
     """Fold the weighted adapters into the base checkpoint's (EMA) weights and write a full checkpoint
     to ``out``, which :func:`~flowmatch.training.load_model` loads like any other: ``model`` and
-    ``ema`` the merged weights, ``step`` and ``config`` the base's, ``merged`` the provenance (the
+    ``ema`` the merged weights, ``step`` and ``config`` the base's (``config``: another config to record,
+    e.g. a style adapter's task, which the bench then scores on), ``merged`` the provenance (the
     base's hash, each adapter's hash, weight, objective and step)."""
     if not specs:
         raise ConfigError("adapter merge needs at least one --adapter")
@@ -382,5 +383,6 @@ def merge_adapters(base: str, specs: Sequence[AdapterSpec], out: str) -> str:
     ema = ckpt["ema"]
     save_checkpoint(out, {"model": state, "ema": {"model": state, "decay": ema.get("decay", 0.0),
                                                   "num_updates": ema.get("num_updates", 0)},
-                          "step": int(ckpt["step"]), "config": ckpt["config"], "merged": record})
+                          "step": int(ckpt["step"]), "config": ckpt["config"] if config is None else config,
+                          "merged": record})
     return out
