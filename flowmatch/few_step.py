@@ -33,13 +33,13 @@ columns) and ``OUT/few_step_summary.md`` (per method: best W2 or FD at NFE 1 and
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Optional, Sequence
 
 from flowmatch.bench import rows_to_markdown, write_bench
 from flowmatch.config import ExperimentConfig
 from flowmatch.data.pairs import read_manifest
+from flowmatch.data.task import is_image_task
 from flowmatch.errors import FlowmatchError
 from flowmatch.io import atomic_write_text
 from flowmatch.pipelines import TrainSummary, bench_from_checkpoints
@@ -152,14 +152,17 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     consistency = [(m, c) for m, c, _ in stages if m in ("cd", "ct", "cd-lora")]
     if consistency:
         nfes = [k for k in (2, 4, 8) if k in rc.bench_nfes or k == 2]
-        rows += bench_from_checkpoints([c for _, c in consistency], None, solvers=["consistency"], nfes=nfes,
-                                       names=[m for m, _ in consistency], **kw)
+        # the field's straightness is the first bench's: measured on one draw here, then taken from there
+        more = bench_from_checkpoints([c for _, c in consistency], None, solvers=["consistency"], nfes=nfes,
+                                      names=[m for m, _ in consistency], straightness_draws=1, **kw)
+        first = {r["model"]: r for r in rows}
+        rows += [r | {k: first[r["model"]][k] for k in ("straightness", "straightness_rel") if k in r} for r in more]
         for m, c in consistency:
             t1, val = best_t1(c, cfg, progress=progress)
-            rho = math.log(t1) / math.log(0.5)  # power grid: t1 = 0.5 ** rho at two steps
-            r = bench_from_checkpoints([c], None, solvers=["consistency"], nfes=[2], grid=f"power:{rho:.6g}",
-                                       names=[m], **kw)[0]
-            rows.append(r | {"t1": t1, "t1_validation": val})
+            # scored like the uniform two-step row (same source draws and reference, seed 0), at t1
+            uniform = next(r for r in rows if r["model"] == m and r["solver"] == "consistency" and r["nfe"] == 2)
+            scores = _two_step_scores(c, cfg, t1, seed=0)
+            rows.append(uniform | scores | {"grid": f"t1={t1}", "t1": t1, "t1_validation": val})
     costs = {m: cost for m, _, cost in stages}
     for r in rows:
         r["method"] = r.pop("model")
@@ -169,21 +172,39 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     return rows
 
 
+def _two_step_scores(ckpt: str, cfg: ExperimentConfig, t1s: float | Sequence[float], *, seed: int) -> dict | list:
+    """The bench scorer's scores (``w2``, ``mmd`` or ``fd``, ``kid``) of two-step consistency sampling
+    re-noised at ``t1`` (or each of a list), on ``reflow.bench_n`` source draws and the reference of the
+    bench's ``seed`` (the bench draws its source from ``seed`` and its reference from ``seed + 1``)."""
+    import torch
+
+    from flowmatch.data.task import build_source
+    from flowmatch.evaluation import make_scorer
+    from flowmatch.solvers import get_solver
+    from flowmatch.training import load_model
+    from flowmatch.utils import make_generator
+
+    n = cfg.reflow.bench_n
+    model = load_model(ckpt).model
+    scorer = make_scorer(cfg, n, seed=seed)
+    x0 = build_source(cfg.data).sample(n, generator=make_generator(seed))
+    out = []
+    with torch.no_grad():
+        for t1 in ([t1s] if isinstance(t1s, float) else t1s):
+            x1 = get_solver("consistency").integrate(model, x0, torch.tensor([0.0, t1, 1.0])).x1
+            out.append({k: float(v) for k, v in scorer(x1).items()})
+    return out[0] if isinstance(t1s, float) else out
+
+
 def best_t1(ckpt: str, cfg: ExperimentConfig, *, candidates: Sequence[float] = T1_CANDIDATES,
             progress: bool = False) -> tuple[float, float]:
     """The re-noising time ``t1`` of two-step consistency sampling with the best W2 (toy) or FD
-    (images) on a validation draw (seed :data:`_VALIDATION_SEED`, ``reflow.bench_n`` points); returns
-    ``(t1, its validation score)``."""
-    best = None
-    for t1 in candidates:
-        rho = math.log(t1) / math.log(0.5)
-        r = bench_from_checkpoints([ckpt], None, solvers=["consistency"], nfes=[2], grid=f"power:{rho:.6g}",
-                                   n=cfg.reflow.bench_n, seed=_VALIDATION_SEED, tracking="disabled",
-                                   progress=progress, plot=False)[0]
-        score = r.get("fd", r.get("w2"))
-        if best is None or score < best[1]:
-            best = (t1, score)
-    return best
+    (images) on a validation draw (source and reference from seed :data:`_VALIDATION_SEED`, never the
+    bench's), among ``candidates``; returns ``(t1, its validation score)``."""
+    metric = "fd" if is_image_task(cfg.data) else "w2"
+    scores = _two_step_scores(ckpt, cfg, list(candidates), seed=_VALIDATION_SEED)
+    i = min(range(len(scores)), key=lambda k: scores[k][metric])
+    return candidates[i], scores[i][metric]
 
 
 def few_step_summary(rows: Sequence[dict]) -> str:

@@ -246,17 +246,20 @@ def bench_from_checkpoints(ckpts: Sequence[str], out: Optional[str] = None, *,
                            solvers: Sequence[str] = DEMO_SOLVERS, nfes: Sequence[int] = DEMO_NFES, n: int = 2000,
                            seed: int = 0, grid: str = "uniform", atol: float = 1e-5, rtol: float = 1e-5,
                            device: str = "auto", tracking: str = "offline", progress: bool = True,
-                           names: Optional[Sequence[str]] = None, plot: bool = True) -> list[dict]:
+                           names: Optional[Sequence[str]] = None, plot: bool = True,
+                           straightness_draws: Optional[int] = None) -> list[dict]:
     """Benchmark checkpoints of one task on every solver x NFE on one time grid; returns the rows.
     With ``out``: ``bench.json``/``.csv``/``.md`` and ``bench_w2_vs_nfe.png`` (the compact form used
-    by the demo and the reflow stage tables; :func:`bench_checkpoints` is the full bench)."""
+    by the demo and the reflow stage tables; :func:`bench_checkpoints` is the full bench).
+    ``straightness_draws``: the source draws straightness is measured on (default: the task's,
+    :func:`~flowmatch.evaluation.straightness_n`)."""
     dev = resolve_device(device)
     models, cfg, guidance = _load_task_models(ckpts, dev, names)
     data = build_task(cfg.data)
     rows = benchmark(_bench_fields(models, guidance, n), data.source, data.target,
                      solvers=solvers, nfes=nfes, n=n, seed=seed, grid=grid, atol=atol, rtol=rtol, device=dev,
                      progress=progress, scorer=make_scorer(cfg, n, seed=seed, device=dev),
-                     straightness_n=straightness_n(data.is_image))
+                     straightness_n=straightness_draws or straightness_n(data.is_image))
     task = f"{cfg.data.source}->{cfg.data.target}"
     for r in rows:
         r["task"] = task

@@ -273,3 +273,16 @@ def test_stage_columns_of_toy_image_and_mixed_tables():
     assert stage_columns([toy]) == STAGE_COLUMNS and stage_columns([img]) == IMAGE_STAGE_COLUMNS
     both = stage_columns([toy, img])
     assert {"w2", "w2_floor", "mmd", "fd", "fd_floor", "kid"} <= set(both) and len(both) == len(set(both))
+
+
+def test_few_step_table_on_images(run, tmp_path):
+    """CD on the digits from the module's 1-RF: scored by classifier FD, its two-step re-noising time
+    chosen on a validation draw."""
+    from flowmatch.few_step import few_step_from_config
+
+    cfg = _cfg(consistency={"steps": 5, "num_steps": 4},
+               reflow={"bench_solvers": ["euler"], "bench_nfes": [1], "teacher": run[0].checkpoint})
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["cd"], progress=False)
+    cd = [r for r in rows if r["method"] == "cd"]
+    assert {"fd", "fd_floor", "kid"} <= set(cd[0]) and all(r["fd"] == r["fd"] for r in cd)
+    assert sum(r.get("t1") is not None for r in cd) == 1 and cd[0]["teacher_evals"] == 5 * 32

@@ -46,19 +46,19 @@ def main() -> None:
     p.add_argument("--mu", type=_floats, default=[0.0, 0.95])
     p.add_argument("--num-steps", type=lambda v: [int(x) for x in v.split(",")], default=[16])
     p.add_argument("--loss", default="pseudo_huber")
+    p.add_argument("--teacher-solver", default="euler", choices=["euler", "heun"])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--out", default=os.path.join("runs", "consistency_settings"))
     args = p.parse_args()
-    base = load_config(args.config, ["tracking.mode=disabled", "train.objective=cd", f"train.init={args.teacher}",
-                                     f"train.steps={args.steps}", f"train.loss={args.loss}"])
-    task = build_task(base.data)
+    task = build_task(load_config(args.config).data)
     rows = []
     for lr, mu, n_int in itertools.product(args.lr, args.mu, args.num_steps):
         cfg = load_config(args.config, ["tracking.mode=disabled", "train.objective=cd", f"train.init={args.teacher}",
                                         f"train.steps={args.steps}", f"train.loss={args.loss}", f"train.lr={lr}",
-                                        f"consistency.mu={mu}", f"consistency.num_steps={n_int}"])
+                                        f"consistency.mu={mu}", f"consistency.num_steps={n_int}",
+                                        f"consistency.teacher_solver={args.teacher_solver}"])
         t0 = time.perf_counter()
         tr = build_trainer(cfg)
         tr.run(args.steps)
@@ -71,7 +71,7 @@ def main() -> None:
                 ref = task.target.sample(args.n, generator=make_generator(VALIDATION_SEED + 1000 + d))
                 one.append(w2(get_solver("euler").integrate(model, x0, torch.tensor([0.0, 1.0])).x1, ref))
                 two.append(w2(get_solver("consistency").integrate(model, x0, torch.tensor([0.0, 0.5, 1.0])).x1, ref))
-        rows.append({"lr": lr, "mu": mu, "num_steps": n_int, "steps": args.steps,
+        rows.append({"lr": lr, "mu": mu, "num_steps": n_int, "teacher_solver": args.teacher_solver, "steps": args.steps,
                      "w2 1 step": statistics.mean(one), "sd 1": statistics.stdev(one) if len(one) > 1 else 0.0,
                      "w2 2 steps": statistics.mean(two), "sd 2": statistics.stdev(two) if len(two) > 1 else 0.0,
                      "seconds": round(time.perf_counter() - t0, 1)})
