@@ -24,7 +24,7 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step images gpu-mnist clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step few-step-images images gpu-mnist clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -122,6 +122,11 @@ few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, 
 	$(PY) -m flowmatch distill run experiments/toy/reflow_noise_to_moons.yaml \
 	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
 	  --out $(REFLOW_OUT) --no-progress
+	$(PY) -m flowmatch distill compose experiments/toy/reflow_noise_to_moons.yaml --out $(REFLOW_OUT)/noise_to_moons --no-progress
+
+# the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused)
+few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (CD, CT, CD-LoRA beside make images' stages) -> runs/images/digits/few_step.md
+	$(PY) -m flowmatch distill run experiments/images/reflow_digits.yaml --out $(IMAGES_OUT) --no-progress
 
 clean: ## remove run outputs (runs/, wandb/)
 	rm -rf runs wandb
