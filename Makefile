@@ -22,7 +22,7 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps images gpu-mnist clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps images gpu-mnist figures clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -112,6 +112,14 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 	  --set reflow.solver=euler $(SWEEP_SET) --set reflow.bench_nfes=[1] --out runs/sweeps/teacher_euler_nfe --no-progress
 	$(PY) -m flowmatch reflow sweep experiments/toy/reflow_mix_noise_to_moons.yaml --key reflow.mix --values 1.0,0.7,0.5,0.3 \
 	  --set reflow.bench_nfes=[1] --out runs/sweeps/mix --no-progress
+
+# the README's figures, from the outputs of make demo and make reflow under FIGURES_RUNS
+FIGURES_RUNS ?= runs
+FIGURES_OUT ?= docs
+figures: $(STAMP) ## the README's figures (trajectories per stage, samples against the target, W2 against NFE) from runs/demo and runs/reflow -> docs/*.png (~3 min)
+	@test -d $(FIGURES_RUNS)/demo/runs || $(MAKE) demo DEMO_OUT=$(FIGURES_RUNS)/demo || exit 1
+	@ls $(FIGURES_RUNS)/reflow/*/stages.json >/dev/null 2>&1 || $(MAKE) reflow REFLOW_OUT=$(FIGURES_RUNS)/reflow || exit 1
+	$(PY) experiments/docs_figures.py --runs $(FIGURES_RUNS) --out $(FIGURES_OUT)
 
 clean: ## remove run outputs (runs/, wandb/)
 	rm -rf runs wandb
