@@ -78,6 +78,9 @@ def fit(fig, rounds: int = 4) -> None:
             rows[r] = min(rows.get(r, 1.0), cell.height - box.height)
             cols[c] = min(cols.get(c, 1.0), cell.width - box.width)
         dh, dw = sum(rows.values()) * h, sum(cols.values()) * w
+        # never narrower than a figure legend or the title (the layout would cut them)
+        wide = [a.get_window_extent().width / fig.dpi + 0.1 for a in fig.legends + ([fig._suptitle] if fig._suptitle else [])]
+        dw = min(dw, max(0.0, w - max(wide, default=0.0)))
         if dw < 0.03 and dh < 0.03:
             return
         fig.set_size_inches(w - dw, h - dh)
@@ -134,13 +137,14 @@ def aspect(lims) -> float:
     return (y1 - y0) / max(x1 - x0, 1e-9)
 
 
-def density(ax, x: torch.Tensor, lims, color: str, *, bins: int = 90, strength: float = 0.8) -> None:
+def density(ax, x: torch.Tensor, lims, color: str, *, bins: Optional[int] = None, strength: float = 0.8) -> None:
     """A light 2-D histogram of the points ``x`` ``[n, 2]`` tinted ``color`` (empty bins
     transparent; the fullest bin at ``strength`` opacity) behind everything else on ``ax``."""
     from matplotlib.colors import LinearSegmentedColormap
 
     (x0, x1), (y0, y1) = lims
     x = x.reshape(-1, 2).float().cpu()
+    bins = bins or int(min(90, max(25, len(x) ** 0.5 / 1.5)))  # ~20k draws: 90 bins a side; fewer: coarser
     hist = torch.histogramdd(x, bins=[bins, bins], range=[x0, x1, y0, y1]).hist  # [bins_x, bins_y]
     hist = hist / hist.max().clamp_min(1)
     img = hist.pow(0.6).T.numpy()  # a power below 1: the thin tails show beside the dense cores

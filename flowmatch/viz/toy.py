@@ -55,7 +55,7 @@ def _paths(ax, xs: torch.Tensor, highlight: int) -> None:
         ax.scatter(xs[-1, i, 0], xs[-1, i, 1], s=26, color=c, edgecolors="white", lw=0.6, zorder=6)
 
 
-def _legend(fig, *, source: bool, target: bool, paths: bool) -> None:
+def _legend(fig, *, source: bool, target: bool, paths: bool, panels: int = 2) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -68,7 +68,7 @@ def _legend(fig, *, source: bool, target: bool, paths: bool) -> None:
         h += [Line2D([], [], color="#303030", marker="o", mfc="white", ms=4, lw=0.8, label="start (t = 0)"),
               Line2D([], [], color="black", marker="o", ms=3.5, ls="none", label="end (t = 1)")]
     if h:
-        fig.legend(handles=h, loc="outside lower center", ncols=len(h), fontsize=8, frameon=False)
+        fig.legend(handles=h, loc="outside lower center", ncols=min(len(h), 2 * panels), fontsize=8, frameon=False)
 
 
 def plot_trajectory_grid(trajs: Mapping[str, torch.Tensor], path: str, *, target: Optional[torch.Tensor] = None,
@@ -106,7 +106,7 @@ def plot_trajectory_grid(trajs: Mapping[str, torch.Tensor], path: str, *, target
         frame(ax, lims)
     for ax in axes.flat[len(trajs):]:
         ax.axis("off")
-    _legend(fig, source=source is not None, target=target is not None, paths=True)
+    _legend(fig, source=source is not None, target=target is not None, paths=True, panels=ncols)
     if title:
         fig.suptitle(title, fontsize=11)
     if px is None:
