@@ -87,25 +87,28 @@ def plot_quality_vs_nfe(rows: Sequence[dict], path: str, *, metric: str = "w2", 
                         px: Optional[tuple[int, int]] = None) -> str:
     """``metric`` (e.g. ``w2``, ``fd``) against NFE on log-log axes: a line per series (the rows'
     ``series`` key, default ``stage`` when every row has one, else ``model``) and fixed-step
-    solver (colour and marker per series, line style per solver); adaptive solves (``grid ==
+    solver and time grid (colour and marker per series, line style per solver/grid); adaptive solves (``grid ==
     "adaptive"``) as large hollow markers at the NFE they measured; the noise floor as a grey band
     (``floor``, its spread over several draws; without it the rows' stored ``{metric}_floor``
     values: a band over several, a dashed line labelled "one draw" for a single one)."""
     key = series or _series_key(rows)
     rows = [r for r in rows if _finite(r.get(metric)) and _finite(r.get("nfe"))]
     names = list(dict.fromkeys(r[key] for r in rows))
-    solvers = list(dict.fromkeys(r["solver"] for r in rows if r.get("grid") != "adaptive"))
-    many = len(solvers) > 1
+    # a line per fixed-step (solver, time grid); the grid named only when the rows hold several
+    lines = list(dict.fromkeys((r["solver"], r.get("grid")) for r in rows if r.get("grid") != "adaptive"))
+    grids = len({g for _, g in lines}) > 1
+    many = len(lines) > 1
     fig, ax = figure(px, (7.2 if many or len(names) > 3 else 6.4, 3.8))
     for i, name in enumerate(names):
         st = style(i)
-        for j, solver in enumerate(solvers):
-            line = sorted((r for r in rows if r[key] == name and r["solver"] == solver and r.get("grid") != "adaptive"),
+        for j, (solver, grid) in enumerate(lines):
+            line = sorted((r for r in rows if r[key] == name and r["solver"] == solver and r.get("grid") == grid),
                           key=lambda r: r["nfe"])
+            what = f"{solver} {grid}" if grids else solver
             if line:
                 ax.plot([r["nfe"] for r in line], [r[metric] for r in line], color=st["color"], marker=st["marker"],
                         ms=4.5, lw=1.6, ls=LINESTYLES[j % len(LINESTYLES)] if many else st["ls"],
-                        label=f"{name} {solver}" if many else f"{name} ({solver})")
+                        label=f"{name} {what}" if many else f"{name} ({what})")
         for r in (r for r in rows if r[key] == name and r.get("grid") == "adaptive"):
             ax.plot([r["nfe"]], [r[metric]], ls="none", marker=st["marker"], ms=10, mfc="white", mec=st["color"],
                     mew=2, label=f"{name} {r['solver']} (measured NFE)", zorder=4)

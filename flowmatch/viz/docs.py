@@ -153,11 +153,10 @@ def reflow_figures(task_dir: str, out: str, *, sizes: DocsFigureSizes = FULL, se
             if r is not None and r.get(metric) is not None:
                 notes[s][label] = f"{metric.upper()} {r[metric]:.3f}"
         ad = solve(m.model, xs, "dopri5", atol=sizes.atol, rtol=sizes.rtol)
-        label = f"dopri5 (NFE {ad.nfe})"
-        grid[s][label] = ad.x1
+        grid[s]["dopri5"] = ad.x1
         r = _row(rows, s, "dopri5")
-        if r is not None and r.get(metric) is not None:
-            notes[s][label] = f"{metric.upper()} {r[metric]:.3f}"
+        notes[s]["dopri5"] = (f"{metric.upper()} {r[metric]:.3f}, " if r is not None and r.get(metric) is not None
+                              else "") + f"NFE {ad.nfe}"
     paths.append(plot_sample_grid(grid, os.path.join(out, f"reflow_{task}_samples.png"), target=target, notes=notes,
                                   title=f"{task}: samples over the target density (W2 from the stage table)"))
     n = sizes.floor_n or int(rows[0].get("n") or 5000)

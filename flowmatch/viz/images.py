@@ -93,18 +93,21 @@ def plot_image_stage_grid(samples: Mapping[str, Mapping[str, torch.Tensor]], pat
     g0 = image_grid(tiles[0][:per], nrow)
     ratio = g0.shape[0] / g0.shape[1]
     pw = 1.9
-    fig, axes = figure(px, (0.35 + pw * ncols, len(samples) * (pw * ratio + 0.28) + (0.4 if title else 0)),
+    fig, axes = figure(px, (0.35 + pw * ncols, len(samples) * pw * ratio + 0.3 + (0.4 if title else 0)),
                        nrows=len(samples), ncols=ncols, squeeze=False)
+    first = next(iter(samples.values()))
     for i, (stage, cols) in enumerate(samples.items()):
         for j, (label, x) in enumerate(cols.items()):
             _show(axes[i][j], image_grid(x[:per], nrow))
-            axes[i][j].set_title(label, fontsize=9)
+            if i == 0 or j >= len(first) or label != list(first)[j]:  # column titles on the top row
+                axes[i][j].set_title(label, fontsize=9)
         for j in range(len(cols), ncols - (real is not None)):
             axes[i][j].axis("off")
         if real is not None:
             ax = axes[i][ncols - 1]
             _show(ax, image_grid(real[i * per:(i + 1) * per] if len(real) >= (i + 1) * per else real[:per], nrow))
-            ax.set_title("real images", fontsize=9)
+            if i == 0:
+                ax.set_title("real images", fontsize=9)
         axes[i][0].set_ylabel(stage, fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -20,13 +20,14 @@ _TITLE_IN = 0.4  # the figure title's
 _LEGEND_IN = 0.35
 
 
-def _grid(nrows: int, ncols: int, lims, px, *, title: bool, legend: bool = False, left_in: float = 0.0):
+def _grid(nrows: int, ncols: int, lims, px, *, title: bool, legend: bool = False, left_in: float = 0.0,
+          panel_in: float = PANEL_IN):
     """A figure of ``nrows`` x ``ncols`` equal-scale panels whose height follows the limits' aspect
     (so the panels fill it), and its ``[nrows, ncols]`` axes."""
     ratio = aspect(lims)
     if px is None:
-        w = left_in + PANEL_IN * ncols
-        h = 1.15 * nrows * (PANEL_IN * ratio + _HEAD_IN) + (_TITLE_IN if title else 0) + (_LEGEND_IN if legend else 0)
+        w = left_in + panel_in * ncols
+        h = 1.15 * nrows * (panel_in * ratio + _HEAD_IN) + (_TITLE_IN if title else 0) + (_LEGEND_IN if legend else 0)
         size = None, (w, h)
     else:
         size = px, None
@@ -156,7 +157,8 @@ def plot_sample_grid(samples: Mapping[str, Mapping[str, torch.Tensor]], path: st
     (e.g. Euler NFE 1, 2, 4 and dopri5), ``samples[row][column]`` ``[n, 2]`` as dots over the
     ``target`` density, all panels at equal scale on shared limits; ``notes[row][column]`` (e.g.
     ``"W2 0.41"``) in the panel's corner. Rows may name their columns differently (an adaptive
-    solve's NFE), and the panels take the row's order of columns."""
+    solve's NFE), and the panels take the row's order of columns; column titles are drawn on the
+    top row, and below it only where a row's column differs."""
     check_px(px)
     if not samples or not any(samples.values()):
         raise FlowmatchError("plot_sample_grid: no samples to draw")
@@ -165,7 +167,9 @@ def plot_sample_grid(samples: Mapping[str, Mapping[str, torch.Tensor]], path: st
     clouds = [x for cols in rows.values() for x in cols.values()] + ([target] if target is not None else [])
     lims = limits(clouds, q=0.995)
     ncols = max(len(c) for c in rows.values())
-    fig, axes = _grid(len(rows), ncols, lims, px, title=bool(title), legend=target is not None, left_in=0.3)
+    fig, axes = _grid(len(rows), ncols, lims, px, title=bool(title), legend=target is not None, left_in=0.3,
+                      panel_in=2.5)
+    first = next(iter(rows.values()))
     for i, (r, cols) in enumerate(rows.items()):
         for j in range(ncols):
             ax = axes[i][j]
@@ -176,7 +180,9 @@ def plot_sample_grid(samples: Mapping[str, Mapping[str, torch.Tensor]], path: st
             if target is not None:
                 density(ax, target, lims, TARGET_COLOR)
             ax.scatter(x[:, 0], x[:, 1], s=1.5, color="black", alpha=0.5, lw=0, zorder=2)
-            ax.set_title(c, fontsize=9)
+            top = list(first)[j] if j < len(first) else None
+            if i == 0 or c != top:  # the top row names the columns; a row whose column differs says so
+                ax.set_title(c, fontsize=9)
             note = (notes or {}).get(r, {}).get(c)
             if note:
                 ax.text(0.03, 0.03, note, transform=ax.transAxes, fontsize=8, va="bottom", ha="left", zorder=4,
