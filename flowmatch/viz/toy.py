@@ -24,14 +24,10 @@ def _grid(nrows: int, ncols: int, lims, px, *, title: bool, legend: bool = False
           panel_in: float = PANEL_IN):
     """A figure of ``nrows`` x ``ncols`` equal-scale panels whose height follows the limits' aspect
     (so the panels fill it), and its ``[nrows, ncols]`` axes."""
-    ratio = aspect(lims)
-    if px is None:
-        w = left_in + panel_in * ncols
-        h = 1.15 * nrows * (panel_in * ratio + _HEAD_IN) + (_TITLE_IN if title else 0) + (_LEGEND_IN if legend else 0)
-        size = None, (w, h)
-    else:
-        size = px, None
-    fig, axes = figure(size[0], size[1] or (1, 1), nrows=nrows, ncols=ncols, squeeze=False)
+    # 15 % taller than the panels need: the width binds, and :func:`fit` then takes the height's slack
+    w = left_in + panel_in * ncols
+    h = 1.15 * nrows * (panel_in * aspect(lims) + _HEAD_IN) + (_TITLE_IN if title else 0) + (_LEGEND_IN if legend else 0)
+    fig, axes = figure(px, (w, h), nrows=nrows, ncols=ncols, squeeze=False)
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     return fig, axes
 
