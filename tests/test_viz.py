@@ -190,3 +190,14 @@ def test_docs_figures_script_in_smoke_mode(tmp_path, make_cfg, capsys):
     assert script.main(["--smoke", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "d2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "neither demo/runs nor a reflow chain" in err
+
+
+def test_series_differ_without_colour():
+    """Seven series in a row get seven markers and seven line styles, so they stay apart in greyscale
+    and under colour blindness; the palette is the Okabe-Ito set (no red-green pair)."""
+    from flowmatch.viz._style import PALETTE, style
+
+    styles = [style(i) for i in range(7)]
+    assert len({s["marker"] for s in styles}) == 7 and len({str(s["ls"]) for s in styles}) == 7
+    assert len({s["color"] for s in styles}) == 7 and style(7) == style(0)
+    assert set(PALETTE) == {"#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"}
