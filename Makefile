@@ -116,7 +116,7 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 # the README's figures, from the outputs of make demo and make reflow under FIGURES_RUNS
 FIGURES_RUNS ?= runs
 FIGURES_OUT ?= docs
-figures: $(STAMP) ## the README's figures (trajectories per stage, samples against the target, W2 against NFE) from runs/demo and runs/reflow -> docs/*.png (~3 min)
+figures: $(STAMP) ## the README's figures (trajectories per stage, samples against the target, W2 against NFE) from runs/demo, runs/reflow (and runs/images when make images has run) -> docs/*.png (~3 min)
 	@test -d $(FIGURES_RUNS)/demo/runs || $(MAKE) demo DEMO_OUT=$(FIGURES_RUNS)/demo || exit 1
 	@ls $(FIGURES_RUNS)/reflow/*/stages.json >/dev/null 2>&1 || $(MAKE) reflow REFLOW_OUT=$(FIGURES_RUNS)/reflow || exit 1
 	$(PY) experiments/docs_figures.py --runs $(FIGURES_RUNS) --out $(FIGURES_OUT)

@@ -189,7 +189,7 @@ def test_docs_figures_script_in_smoke_mode(tmp_path, make_cfg, capsys):
     (tmp_path / "empty").mkdir()
     assert script.main(["--smoke", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "d2")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "neither demo/runs nor a reflow chain" in err
+    assert err.count("\n") == 0 and "neither demo/runs nor a chain with stages.json" in err
 
 
 def test_series_differ_without_colour():

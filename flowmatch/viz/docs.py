@@ -1,5 +1,5 @@
-"""The README's figures, made from the outputs of ``make demo`` (``RUNS/demo``) and ``make reflow``
-(``RUNS/reflow/<task>``): the data are drawn here (stage checkpoints solved from fixed source
+"""The README's figures, made from the outputs of ``make demo`` (``RUNS/demo``), ``make reflow``
+(``RUNS/reflow/<task>``) and, when it has run, ``make images`` (``RUNS/images/digits``): the data are drawn here (stage checkpoints solved from fixed source
 draws, target and source draws for the densities, noise-floor draws for the band) and handed to the
 figure functions of :mod:`flowmatch.viz`. ``make figures`` (``experiments/docs_figures.py``) writes
 them under ``docs/``:
@@ -212,15 +212,17 @@ def demo_figures(demo_dir: str, out: str, *, sizes: DocsFigureSizes = FULL, seed
 def docs_figures(runs: str = "runs", out: str = "docs", *, sizes: DocsFigureSizes = FULL, seed: int = 0,
                  tasks: Optional[Sequence[str]] = None) -> list[str]:
     """Every figure :mod:`flowmatch.viz.docs` makes from ``RUNS/demo`` and each chain under
-    ``RUNS/reflow`` (only ``tasks`` when given), written under ``out``; returns their paths. A
-    missing demo or reflow folder is skipped; none at all is an error."""
-    demo, reflow = os.path.join(runs, "demo"), os.path.join(runs, "reflow")
-    chains = sorted(d for d in (os.listdir(reflow) if os.path.isdir(reflow) else [])
-                    if os.path.isfile(os.path.join(reflow, d, "stages.json")) and (tasks is None or d in tasks))
+    ``RUNS/reflow`` (``make reflow``) and ``RUNS/images`` (``make images``), only ``tasks`` when
+    given, written under ``out``; returns their paths. A missing folder is skipped; none at all is
+    an error."""
+    demo = os.path.join(runs, "demo")
+    chains = sorted(os.path.join(runs, kind, d) for kind in ("reflow", "images")
+                    if os.path.isdir(os.path.join(runs, kind)) for d in os.listdir(os.path.join(runs, kind))
+                    if os.path.isfile(os.path.join(runs, kind, d, "stages.json")) and (tasks is None or d in tasks))
     if not os.path.isdir(os.path.join(demo, "runs")) and not chains:
-        raise FlowmatchError(f"{runs}: neither demo/runs nor a reflow chain with stages.json "
+        raise FlowmatchError(f"{runs}: neither demo/runs nor a chain with stages.json under reflow/ or images/ "
                              f"(run make demo and make reflow first)")
     paths = demo_figures(demo, out, sizes=sizes, seed=seed) if os.path.isdir(os.path.join(demo, "runs")) else []
     for d in chains:
-        paths += reflow_figures(os.path.join(reflow, d), out, sizes=sizes, seed=seed)
+        paths += reflow_figures(d, out, sizes=sizes, seed=seed)
     return paths
