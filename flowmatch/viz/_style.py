@@ -106,10 +106,11 @@ def save(fig, path: str) -> str:
     rgb = Image.open(buf).convert("RGB")
     fixed = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in PALETTE + (TARGET_COLOR, SOURCE_COLOR, FLOOR_COLOR)]
     fixed = list(dict.fromkeys(fixed + [(255, 255, 255), (0, 0, 0)]))
-    cut = rgb.quantize(colors=256 - len(fixed), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    no_dither = getattr(Image, "Dither", Image).NONE  # the enums are Pillow >= 9.1's; the constants before
+    cut = rgb.quantize(colors=256 - len(fixed), method=getattr(Image, "Quantize", Image).MEDIANCUT, dither=no_dither)
     pal = Image.new("P", (1, 1))
     pal.putpalette([v for c in fixed for v in c] + cut.getpalette()[: 3 * (256 - len(fixed))])
-    img = rgb.quantize(palette=pal, dither=Image.Dither.NONE)
+    img = rgb.quantize(palette=pal, dither=no_dither)
     atomic_write(path, lambda f: img.save(f, format="PNG", optimize=True))
     return path
 
