@@ -155,8 +155,9 @@ def reflow_figures(task_dir: str, out: str, *, sizes: DocsFigureSizes = FULL, se
         ad = solve(m.model, xs, "dopri5", atol=sizes.atol, rtol=sizes.rtol)
         grid[s]["dopri5"] = ad.x1
         r = _row(rows, s, "dopri5")
-        notes[s]["dopri5"] = (f"{metric.upper()} {r[metric]:.3f}, " if r is not None and r.get(metric) is not None
-                              else "") + f"NFE {ad.nfe}"
+        # the table's W2 with the table's NFE (its n draws); without a row, the NFE of this solve
+        notes[s]["dopri5"] = (f"{metric.upper()} {r[metric]:.3f}, NFE {r['nfe']}" if r is not None
+                              and r.get(metric) is not None else f"NFE {ad.nfe}")
     paths.append(plot_sample_grid(grid, os.path.join(out, f"reflow_{task}_samples.png"), target=target, notes=notes,
                                   title=f"{task}: samples over the target density (W2 from the stage table)"))
     n = sizes.floor_n or int(rows[0].get("n") or 5000)
