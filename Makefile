@@ -24,7 +24,7 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step few-step-images images gpu-mnist clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step few-step-images images gpu-mnist figures clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -127,6 +127,14 @@ few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, 
 # the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused)
 few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (CD, CT, CD-LoRA beside make images' stages) -> runs/images/digits/few_step.md
 	$(PY) -m flowmatch distill run experiments/images/reflow_digits.yaml --out $(IMAGES_OUT) --no-progress
+
+# the README's figures, from the outputs of make demo and make reflow under FIGURES_RUNS
+FIGURES_RUNS ?= runs
+FIGURES_OUT ?= docs
+figures: $(STAMP) ## the README's figures (trajectories per stage, samples against the target, W2 against NFE) from runs/demo, runs/reflow (and runs/images when make images has run) -> docs/*.png (~3 min)
+	@test -d $(FIGURES_RUNS)/demo/runs || $(MAKE) demo DEMO_OUT=$(FIGURES_RUNS)/demo || exit 1
+	@ls $(FIGURES_RUNS)/reflow/*/stages.json >/dev/null 2>&1 || $(MAKE) reflow REFLOW_OUT=$(FIGURES_RUNS)/reflow || exit 1
+	$(PY) experiments/docs_figures.py --runs $(FIGURES_RUNS) --out $(FIGURES_OUT)
 
 clean: ## remove run outputs (runs/, wandb/)
 	rm -rf runs wandb

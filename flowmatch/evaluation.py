@@ -173,8 +173,8 @@ def _toy_plots(cfg, x0, x1, xs, ref, pd: str, how: str, s_rel: float) -> dict:
     from flowmatch.viz import plot_samples, plot_trajectories
 
     return {"samples": plot_samples({"source (t=0)": x0.cpu(), f"model ({how})": x1, "target": ref},
-                                    os.path.join(pd, "samples.png"), title=cfg.name),
-            "trajectories": plot_trajectories(xs, os.path.join(pd, "trajectories.png"),
+                                    os.path.join(pd, "samples.png"), title=cfg.name, target=ref),
+            "trajectories": plot_trajectories(xs, os.path.join(pd, "trajectories.png"), target=ref, source=x0,
                                               title=f"{cfg.name}: S/E|Z1-Z0|^2 = {s_rel:.3g}")}
 
 

@@ -24,7 +24,7 @@ import torch
 from flowmatch.bench import rows_to_markdown, write_bench
 from flowmatch.config import ExperimentConfig, apply_overrides, from_dict, to_dict
 from flowmatch.data.pairs import read_manifest
-from flowmatch.data.task import build_source, is_image_task
+from flowmatch.data.task import build_source, build_task, is_image_task
 from flowmatch.errors import ConfigMismatchError, FlowmatchError
 from flowmatch.evaluation import sampling_field
 from flowmatch.io import remove_temporaries
@@ -128,7 +128,7 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, f"{metric}_vs_nfe.png"), metric=metric)
     plot_straightness_by_stage(rows, os.path.join(pd, "straightness.png"), title=cfg.name)
     image = is_image_task(cfg.data)
-    x0 = build_source(cfg.data).sample(8 if image else 300, generator=make_generator(cfg.eval.seed))
+    x0 = build_source(cfg.data).sample(8 if image else 40, generator=make_generator(cfg.eval.seed))
     trajs = {}
     with torch.no_grad():
         for label, ckpt in stages:
@@ -141,8 +141,13 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
                                 title=f"{cfg.name}: RK4 trajectories per stage")
         stage_sample_grids(stages, cfg, os.path.join(pd, "samples"), nfes=rc.bench_nfes)
     else:
+        data = build_task(cfg.data)  # the densities behind the paths, and each stage's S from its rows
         plot_trajectory_grid(trajs, os.path.join(pd, "trajectories.png"),
-                             title=f"{cfg.name}: RK4 trajectories per stage")
+                             target=data.target.sample(20_000, generator=make_generator(cfg.eval.seed + 1)),
+                             source=data.source.sample(20_000, generator=make_generator(cfg.eval.seed + 2)),
+                             straightness={r["stage"]: r["straightness"] for r in rows},
+                             ncols=2 if len(trajs) == 4 else None,
+                             title=f"{cfg.name}: RK4 trajectories from the same source points, per stage")
     if cfg.tracking.mode != "disabled":
         with Tracker(out, mode=cfg.tracking.mode, project=cfg.tracking.project, name=f"reflow {cfg.name}",
                      job_type="reflow") as tr:
