@@ -19,13 +19,13 @@ import sys
 import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from flowmatch.errors import FlowmatchError
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_text", "file_sha256", "TMP_PREFIX", "is_temporary",
+__all__ = ["atomic_write", "atomic_save", "atomic_write_text", "file_sha256", "check_format", "TMP_PREFIX", "is_temporary",
            "remove_temporaries", "safe_load"]
 
 TMP_PREFIX = ".tmp-"  # atomic_write's temporaries: TMP_PREFIX + 8 random characters + "-" + the destination's name
@@ -180,3 +180,18 @@ def safe_load(path: str, what: str, *, error: type = FlowmatchError, map_locatio
             detail = first
         raise error(f"{what} {path} is not a readable {what}: corrupt, truncated or not a torch file "
                     f"({detail})") from None
+
+
+def check_format(obj: Any, path: str, what: str, fmt: str, version: int, required: Sequence[str], *,
+                 error: type = FlowmatchError) -> dict:
+    """``obj`` (a file's loaded contents) if it is a dict of format ``fmt`` and version ``version`` with
+    every ``required`` entry; else a one-line ``error`` naming ``path`` and what is wrong (the one wording
+    of checkpoints, adapters, ...: ``what`` names the kind, e.g. ``checkpoint``)."""
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise error(f"{path} is not a flowmatch {what} (no format={fmt!r} entry)")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise error(f"{what} {path} is missing entries: {', '.join(missing)}")
+    if obj["version"] != version:
+        raise error(f"{what} {path} has format version {obj['version']}; this flowmatch reads version {version}")
+    return obj

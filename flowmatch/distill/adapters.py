@@ -48,7 +48,7 @@ from torch import nn
 
 from flowmatch.config import ExperimentConfig, from_dict, to_dict
 from flowmatch.errors import CheckpointError, ConfigError
-from flowmatch.io import atomic_save, file_sha256, safe_load
+from flowmatch.io import atomic_save, check_format, file_sha256, safe_load
 from flowmatch.models import MLPVelocity, UNetVelocity
 from flowmatch.training.builders import MODEL_ADAPTERS
 from flowmatch.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -268,13 +268,7 @@ def load_adapter(path: str, *, base: Optional[str] = None, base_sha256: Optional
     if isinstance(a, dict) and a.get("format") == CHECKPOINT_FORMAT:
         raise AdapterError(f"{path} is a full flowmatch checkpoint, not an adapter (pass it as the base, or write "
                            f"its run's adapter with `flowmatch adapter extract`)")
-    if not isinstance(a, dict) or a.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path} is not a flowmatch LoRA adapter (no format={ADAPTER_FORMAT!r} entry)")
-    missing = [k for k in _REQUIRED if k not in a]
-    if missing:
-        raise AdapterError(f"adapter {path} is missing entries: {', '.join(missing)}")
-    if a["version"] != ADAPTER_VERSION:
-        raise AdapterError(f"adapter {path} has format version {a['version']}; this flowmatch reads {ADAPTER_VERSION}")
+    check_format(a, path, "LoRA adapter", ADAPTER_FORMAT, ADAPTER_VERSION, _REQUIRED, error=AdapterError)
     t = a["tensors"]
     if (not isinstance(t, dict) or not t or not all(isinstance(v, torch.Tensor) for v in t.values())
             or not all(any(p in k for p in _LORA_KEYS) for k in t)):

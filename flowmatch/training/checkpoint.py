@@ -14,7 +14,7 @@ import torch
 
 from flowmatch.config import ExperimentConfig, from_dict
 from flowmatch.errors import CheckpointError, ConfigError
-from flowmatch.io import atomic_save, safe_load
+from flowmatch.io import atomic_save, check_format, safe_load
 from flowmatch.data.task import data_shape, num_classes
 from flowmatch.models import build_model
 
@@ -36,15 +36,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file at {path}")
     ckpt = safe_load(path, "checkpoint", error=CheckpointError, map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a flowmatch checkpoint (no format={FORMAT!r} entry)")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is missing entries: {', '.join(missing)}")
-    if ckpt["version"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {ckpt['version']}; "
-                              f"this flowmatch reads version {FORMAT_VERSION}")
-    return ckpt
+    return check_format(ckpt, path, "checkpoint", FORMAT, FORMAT_VERSION, REQUIRED, error=CheckpointError)
 
 
 class LoadedModel:

@@ -52,6 +52,16 @@ def _paths(ax, xs: torch.Tensor, highlight: int) -> None:
         ax.scatter(xs[-1, i, 0], xs[-1, i, 1], s=26, color=c, edgecolors="white", lw=0.6, zorder=6)
 
 
+def _finish(fig, path: str, title: Optional[str], px, *, target: bool) -> str:
+    """The samples figures' legend (the target density), title and size, then save."""
+    _legend(fig, source=False, target=target, paths=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if px is None:
+        fit(fig)
+    return save(fig, path)
+
+
 def _legend(fig, *, source: bool, target: bool, paths: bool, panels: int = 2) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -137,12 +147,7 @@ def plot_samples(panels: Mapping[str, torch.Tensor], path: str, *, title: Option
         ax.scatter(x[:, 0], x[:, 1], s=2, color="black", alpha=0.55, lw=0, zorder=2)
         ax.set_title(label, fontsize=10)
         frame(ax, lims)
-    _legend(fig, source=False, target=target is not None, paths=False)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    if px is None:
-        fit(fig)
-    return save(fig, path)
+    return _finish(fig, path, title, px, target=target is not None)
 
 
 def plot_sample_grid(samples: Mapping[str, Mapping[str, torch.Tensor]], path: str, *,
@@ -186,9 +191,4 @@ def plot_sample_grid(samples: Mapping[str, Mapping[str, torch.Tensor]], path: st
             frame(ax, lims)
             if j == 0:
                 ax.set_ylabel(r, fontsize=10)
-    _legend(fig, source=False, target=target is not None, paths=False)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    if px is None:
-        fit(fig)
-    return save(fig, path)
+    return _finish(fig, path, title, px, target=target is not None)
