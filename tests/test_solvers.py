@@ -665,8 +665,19 @@ def test_consistency_sampler_renoises_with_fresh_seeded_noise():
     c = torch.tensor([1.5, -0.25], dtype=torch.float64)
     grid = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     tr = get_solver("consistency").integrate(lambda x, t: c.expand_as(x), x0, grid)
-    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    from flowmatch.solvers.multistep import CONSISTENCY_NOISE_SEED
+
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(CONSISTENCY_NOISE_SEED), dtype=torch.float64)
     x = 0.25 * (x0 + c) + 0.75 * z  # step 1: predict, re-noise at 0.25
     assert torch.allclose(tr.x1, x + 0.75 * c, atol=1e-14) and tr.nfe == 2
     one = get_solver("consistency").integrate(lambda x, t: c.expand_as(x), x0, grid[[0, 2]])
     assert torch.equal(one.x1, x0 + c)  # one step: one Euler step
+
+
+def test_consistency_noise_is_not_the_source_stream():
+    """A source drawn from seed 0 (as benches draw theirs) and the sampler's fresh noise must differ:
+    re-noising with z = x0 would make two uniform steps exactly two Euler steps."""
+    x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    curved = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], dim=1) * (1 + t[:, None])  # noqa: E731
+    two = get_solver("consistency").integrate(curved, x0, time_grid(2, dtype=torch.float64)).x1
+    assert not torch.allclose(two, solve(curved, x0, "euler", nfe=2).x1)
