@@ -22,6 +22,7 @@ def _distill(make_cfg, pairs, *extra):
     return make_cfg("coupling.name=paired", f"coupling.pairs={pairs}", "train.objective=distill", *extra)
 
 
+@pytest.mark.crosspath  # two code paths; bit for bit because 1 * x0 + 0 * x1 and x1 - x0 are exact
 def test_distill_is_flow_matching_at_t0_draw_for_draw(make_cfg, pair_store):  # noqa: F811
     """With the linear path, ``train.objective=distill`` equals CFM at constant t = 0 bit for bit (how
     the chain distilled before the objective existed): xt = 1 * x0 + 0 * x1 and ut = x1 - x0 exactly."""
