@@ -37,7 +37,10 @@ from flowmatch.training import Tracker, load_model
 from flowmatch.training.plan import resolve_precision
 from flowmatch.utils import make_generator, resolve_device
 
-__all__ = ["stage_config", "train_stage", "reflow_stage_configs", "reflow_from_config", "stage_sample_grids",
+# target-draw pairs behind the W2 plot's noise-floor band (the first is the stage table's floor)
+FLOOR_DRAWS = 4
+
+__all__ = ["FLOOR_DRAWS", "stage_config", "train_stage", "reflow_stage_configs", "reflow_from_config", "stage_sample_grids",
            "reflow_sweep"]
 
 
@@ -125,7 +128,15 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
     write_bench(rows, out, plot=False, name="stages", columns=cols)
     pd = os.path.join(out, "plots")
     metric = "fd" if "fd" in cols else "w2"
-    plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, f"{metric}_vs_nfe.png"), metric=metric)
+    floor = None
+    if metric == "w2":  # the floor's sampling spread as a band: FLOOR_DRAWS pairs of target draws (pair 0 the table's)
+        from flowmatch.data.task import build_task
+        from flowmatch.viz import floor_band
+        from flowmatch.viz.docs import floor_draws
+
+        floor = floor_band(floor_draws(build_task(cfg.data).target, rc.bench_n, FLOOR_DRAWS), rc.bench_n)
+    plot_w2_vs_nfe([{**r, "model": r["stage"]} for r in rows], os.path.join(pd, f"{metric}_vs_nfe.png"), metric=metric,
+                   floor=floor)
     plot_straightness_by_stage(rows, os.path.join(pd, "straightness.png"), title=cfg.name)
     image = is_image_task(cfg.data)
     x0 = build_source(cfg.data).sample(8 if image else 40, generator=make_generator(cfg.eval.seed))
