@@ -93,11 +93,12 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
             continue
         s = train_stage(_consistency_stage(cfg, method, teacher if method != "ct" else "random"), out,
                         method.upper(), progress)
-        evals = load_checkpoint(s.checkpoint)["objective"]["state"].get("teacher_evals", 0)
+        state = load_checkpoint(s.checkpoint)  # read once: its teacher evaluations and its cost
         if method == "ct":  # no teacher: its own cost only
-            stages.append(("ct", s.checkpoint, _cost(s.checkpoint, s, 0, 0, 0)))
+            stages.append(("ct", s.checkpoint, _cost(s.checkpoint, s, 0, 0, 0, state=state)))
             continue
-        cost = _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals)
+        evals = state["objective"]["state"].get("teacher_evals", 0)
+        cost = _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals, state=state)
         ckpt = s.checkpoint if method == "cd" else _merged(teacher, s.checkpoint, os.path.join(out, method.upper()))
         stages.append((method, ckpt, cost))
     rows = _bench(cfg, stages, progress)
@@ -130,10 +131,12 @@ def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = Non
     return merge_adapters(base, [AdapterSpec(adapter, 1.0)], os.path.join(run_dir, name), config=config)
 
 
-def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0) -> dict:
-    """The cumulative cost of the model in ``ckpt``: its own run's steps and seconds added to
-    ``steps`` and ``wall``; ``params`` its trainable parameters (a LoRA run's: the adapter's)."""
-    state = load_checkpoint(ckpt)
+def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0, *,
+          state: Optional[dict] = None) -> dict:
+    """The cumulative cost of the model in ``ckpt`` (``state``: the checkpoint, when already read): its
+    own run's steps and seconds added to ``steps`` and ``wall``; ``params`` its trainable parameters
+    (a LoRA run's: the adapter's)."""
+    state = load_checkpoint(ckpt) if state is None else state
     own_steps = int(state["step"]) if s is not None else 0
     own_wall = (own_steps / s.steps_per_sec) if s is not None and s.steps_per_sec > 0 else 0.0
     floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
@@ -161,7 +164,7 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
             t1, val = best_t1(c, cfg, progress=progress)
             # scored like the uniform two-step row (same source draws and reference, seed 0), at t1
             uniform = next(r for r in rows if r["model"] == m and r["solver"] == "consistency" and r["nfe"] == 2)
-            scores = _two_step_scores(c, cfg, t1, seed=0)
+            (scores,) = _two_step_scores(c, cfg, [t1], seed=0)
             rows.append(uniform | scores | {"grid": f"t1={t1}", "t1": t1, "t1_validation": val})
     costs = {m: cost for m, _, cost in stages}
     for r in rows:
@@ -172,9 +175,9 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     return rows
 
 
-def _two_step_scores(ckpt: str, cfg: ExperimentConfig, t1s: float | Sequence[float], *, seed: int) -> dict | list:
+def _two_step_scores(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *, seed: int) -> list[dict]:
     """The bench scorer's scores (``w2``, ``mmd`` or ``fd``, ``kid``) of two-step consistency sampling
-    re-noised at ``t1`` (or each of a list), on ``reflow.bench_n`` source draws and the reference of the
+    re-noised at each ``t1`` of ``t1s``, on ``reflow.bench_n`` source draws and the reference of the
     bench's ``seed`` (the bench draws its source from ``seed`` and its reference from ``seed + 1``)."""
     import torch
 
@@ -190,10 +193,10 @@ def _two_step_scores(ckpt: str, cfg: ExperimentConfig, t1s: float | Sequence[flo
     x0 = build_source(cfg.data).sample(n, generator=make_generator(seed))
     out = []
     with torch.no_grad():
-        for t1 in ([t1s] if isinstance(t1s, float) else t1s):
+        for t1 in t1s:
             x1 = get_solver("consistency").integrate(model, x0, torch.tensor([0.0, t1, 1.0])).x1
             out.append({k: float(v) for k, v in scorer(x1).items()})
-    return out[0] if isinstance(t1s, float) else out
+    return out
 
 
 def best_t1(ckpt: str, cfg: ExperimentConfig, *, candidates: Sequence[float] = T1_CANDIDATES,
