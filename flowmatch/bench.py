@@ -76,6 +76,10 @@ class ToyScorer:
         dist, disc = _at_once(lambda: w2(x1, self.ref[:m]), lambda: self._mmd[m](x1))
         return {"w2": dist, "mmd": disc}
 
+    def primary(self, x1: torch.Tensor) -> float:
+        """The W2 of ``__call__`` alone (no MMD), e.g. for a validation choice."""
+        return w2(x1, self.ref[: x1.shape[0]])
+
 
 def _at_once(first: Callable, second: Callable) -> tuple:
     """``(first(), second())``, ``first`` run in a second thread while ``second`` runs in this one."""
@@ -104,6 +108,10 @@ class ImageScorer:
     def __call__(self, x1: torch.Tensor) -> dict:
         kid, _ = self.metrics.kid(x1, generator=make_generator(self.seed))
         return {"fd": self.metrics.fd(x1), "kid": kid}
+
+    def primary(self, x1: torch.Tensor) -> float:
+        """The FD of ``__call__`` alone (no KID), e.g. for a validation choice."""
+        return self.metrics.fd(x1)
 
 
 def bench_columns(metric: str = "w2") -> tuple:

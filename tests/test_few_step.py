@@ -61,3 +61,32 @@ def test_lora_acceleration_and_composition(make_cfg, tmp_path):
     assert all(r["task"] == "gaussian->upper_moon" and r["w2"] == r["w2"] for r in comp)
     assert {(r["solver"], r["nfe"]) for r in comp if r["model"] == "style"} == {("euler", k) for k in (1, 2, 4)}
     assert (tmp_path / "composition.md").is_file()
+
+
+def test_best_t1_is_the_minimum_on_its_own_validation_draw(make_cfg, tmp_path, monkeypatch):
+    import torch
+
+    import flowmatch.few_step as fs
+    from flowmatch.data.task import build_task
+    from flowmatch.few_step import _VALIDATION_SEED, _consistency_stage, best_t1
+    from flowmatch.metrics.distances import w2
+    from flowmatch.pipelines import train_from_config
+    from flowmatch.solvers import get_solver
+    from flowmatch.training import load_model
+    from flowmatch.utils import make_generator
+
+    monkeypatch.setattr(fs, "VALIDATION_N", 300)
+    teacher = train_from_config(make_cfg(*TINY), str(tmp_path / "t"), progress=False,
+                                evaluate=False).checkpoint
+    cfg = make_cfg(*TINY, "reflow.bench_n=500")  # the bench's n: above VALIDATION_N
+    ckpt = train_from_config(_consistency_stage(cfg, "cd", teacher), str(tmp_path / "cd"), progress=False,
+                             evaluate=False).checkpoint
+    t1, score = best_t1(ckpt, cfg, candidates=(0.2, 0.5, 0.8))
+    # by hand: VALIDATION_N (< bench_n: 300 of 500) source draws of the validation seed, its reference from seed + 1
+    task, model = build_task(cfg.data), load_model(ckpt).model
+    x0 = task.source.sample(300, generator=make_generator(_VALIDATION_SEED))
+    ref = task.target.sample(300, generator=make_generator(_VALIDATION_SEED + 1))
+    with torch.no_grad():
+        by_hand = {c: w2(get_solver("consistency").integrate(model, x0, torch.tensor([0.0, c, 1.0])).x1, ref)
+                   for c in (0.2, 0.5, 0.8)}
+    assert score == pytest.approx(by_hand[t1], rel=1e-6) and score == min(by_hand.values())
