@@ -2,7 +2,9 @@
 evaluation of toy and image models alike. The scorers here are shared by training's evaluation, the
 bench and reflow.
 
-Toy tasks score samples by exact W2 and MMD against fresh target draws (:class:`flowmatch.bench.ToyScorer`).
+Toy tasks score samples by exact W2 and MMD against a fresh evaluation reference of the target
+(:class:`flowmatch.bench.ToyScorer`; ``target.reference``: a mixture's components in exact shares,
+see :mod:`flowmatch.data.toy`).
 Image tasks score them in the feature space of a small classifier trained on the same dataset
 (:class:`flowmatch.bench.ImageScorer`): Fréchet distance and KID against the training split; the
 floor is the test split's FD to the same reference (real held-out images of that size). A
@@ -141,7 +143,7 @@ def evaluate(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, *,
         chunks.append(traj.x1.float().cpu())
         nfe, xs = max(nfe, traj.nfe), traj.xs
     x1 = torch.cat(chunks)
-    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: fresh target draws, seeds ec.seed + 1, + 2
+    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: fresh reference, seed ec.seed + 1; floor draw + 2
     scores = {**scorer.floor(ec.n), **scorer(x1)}  # the floor first: the toy scorer keeps its MMD reference
     st = straightness(field_, x0[: min(ec.n, straightness_n(image))])
     res = {**{f"eval/{k}": scores[k] for k in EVAL_KEYS[scorer.metric]}, "eval/nfe": nfe,
