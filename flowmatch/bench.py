@@ -96,13 +96,16 @@ class ImageScorer:
     """Scores image samples in a classifier's feature space (:mod:`flowmatch.metrics.frechet`):
     Fréchet distance ``fd`` and ``kid`` against the reference split held by ``metrics``;
     ``fd_floor`` is the FD of ``floor_images`` (the other split, up to ``m`` of them) to it, what
-    real held-out images of that size score."""
+    real held-out images of that size score. With ``held_out`` (feature metrics whose reference is
+    the held-out split, :func:`flowmatch.evaluation.image_reference` makes them) each row also gets
+    ``fd_test``, the FD against the held-out images: a generator that copies training images scores
+    a low ``fd`` but not a low ``fd_test`` (see also :mod:`flowmatch.metrics.memorisation`)."""
 
     metric = "fd"
-    scores = ("fd", "kid")
 
-    def __init__(self, metrics, floor_images: torch.Tensor, seed: int = 0):
-        self.metrics, self.floor_images, self.seed = metrics, floor_images, seed
+    def __init__(self, metrics, floor_images: torch.Tensor, seed: int = 0, held_out=None):
+        self.metrics, self.floor_images, self.seed, self.held_out = metrics, floor_images, seed, held_out
+        self.scores = ("fd", "kid") + (("fd_test",) if held_out is not None else ())
 
     def floor(self, m: int) -> dict:
         # the held-out split may hold fewer than m images: the floor says how many it used
@@ -110,15 +113,19 @@ class ImageScorer:
 
     def __call__(self, x1: torch.Tensor) -> dict:
         kid, _ = self.metrics.kid(x1, generator=make_generator(self.seed))
-        return {"fd": self.metrics.fd(x1), "kid": kid}
+        out = {"fd": self.metrics.fd(x1), "kid": kid}
+        if self.held_out is not None:
+            out["fd_test"] = self.held_out.fd(x1)
+        return out
 
 
 def bench_columns(metric: str = "w2") -> tuple:
-    """:data:`BENCH_COLUMNS` for rows scored by ``metric`` (``w2`` toy, ``fd`` images)."""
+    """:data:`BENCH_COLUMNS` for rows scored by ``metric`` (``w2`` toy; ``fd`` images, with ``fd_test``
+    after ``kid``)."""
     if metric == "w2":
         return BENCH_COLUMNS
-    swap = {"w2": "fd", "w2_floor": "fd_floor", "mmd": "kid"}
-    return tuple(swap.get(c, c) for c in BENCH_COLUMNS)
+    swap = {"w2": ("fd",), "w2_floor": ("fd_floor",), "mmd": ("kid", "fd_test")}
+    return tuple(x for c in BENCH_COLUMNS for x in swap.get(c, (c,)))
 
 
 @dataclass
