@@ -46,7 +46,7 @@ def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nearest_distances(x: torch.Tensor, reference: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+def nearest_distances(x: torch.Tensor, reference: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """``[M]`` float64 (on the CPU): ``min_j ||x_i - reference_j||_2`` for each row of ``x`` ``[M, *D]``
     over the rows of ``reference`` ``[N, *D]`` (both flattened to ``D`` values a row; same ``D``).
 
@@ -103,7 +103,7 @@ class MemorisationResult:
 
 def memorisation(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor, *, quantile: float = 0.05,
                  features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 batch_size: int = 1024) -> MemorisationResult:
+                 batch_size: int = 256) -> MemorisationResult:
     """Memorisation check of ``samples`` ``[M, *D]`` against the training images ``train`` ``[N, *D]``,
     with ``held_out`` ``[K, *D]`` (real images not in ``train``) as the reference distribution of the
     nearest-training distance. ``features`` (e.g. ``ImageFeatureMetrics.features``, images ``[B, C, H,
