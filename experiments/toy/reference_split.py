@@ -12,7 +12,17 @@ standard deviation over draws of three W2s::
 - ``iid-exact``: W2(sample A, reference B), what a perfect model (i.i.d. samples) scores against an
   exact-split reference.
 
-Writes ``reference_split.json`` to ``--out``.
+Writes ``reference_split.json`` to ``--out``. With the defaults (20 draws of 5,000, seed 30,000),
+mean and sd over draws:
+
+| target | iid-iid | exact-exact | iid-exact |
+|---|---|---|---|
+| moons | 0.1558, sd 0.0190 | 0.1484, sd 0.0113 | 0.1602, sd 0.0254 |
+| 8gaussians | 0.3324, sd 0.0924 | 0.1336, sd 0.0042 | 0.2635, sd 0.0542 |
+
+Two exact references scatter far less than two i.i.d. draws, but they also lie closer together
+than an i.i.d. draw (a perfect model's samples) gets to one: the bench's floor is therefore
+``iid-exact`` (:class:`flowmatch.bench.ToyScorer`), not ``exact-exact``.
 """
 
 from __future__ import annotations
