@@ -172,7 +172,7 @@ def evaluate(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, *,
         chunks.append(traj.x1.float().cpu())
         nfe, xs = max(nfe, traj.nfe), traj.xs
     x1 = torch.cat(chunks)
-    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: fresh reference, seed ec.seed + 1; floor draw + 2
+    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: reference seed ec.seed + 1, floor draw + 2
     scores = {**scorer.floor(ec.n), **scorer(x1)}  # the floor first: the toy scorer keeps its MMD reference
     st = straightness(field_, x0[: min(ec.n, straightness_n(image))])
     res = {**{f"eval/{k}": scores[k] for k in EVAL_KEYS[scorer.metric]}, "eval/nfe": nfe,

@@ -62,7 +62,8 @@ def test_a_copier_is_flagged_and_new_images_are_not(digits):
     fit, val, test = digits["fit"], digits["val"], digits["test"]
     copier = fit[torch.randint(0, len(fit), (400,), generator=gen(2))]  # training images verbatim
     r = memorisation(copier, fit, test)
-    assert isinstance(r, MemorisationResult) and r.space == "pixels" and (r.n, r.n_held_out, r.n_train) == (400, 297, 1300)
+    assert isinstance(r, MemorisationResult) and r.space == "pixels"
+    assert (r.n, r.n_held_out, r.n_train) == (400, 297, 1300)
     assert r.copies_fraction == 1.0 and r.exact_copies_fraction == 1.0 and r.median == 0.0 and r.memorises is True
     # real digits the model never trained on sit as far from the training images as held-out ones
     honest = memorisation(val, fit, test)

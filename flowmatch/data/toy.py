@@ -70,7 +70,8 @@ class ToyDistribution:
     def _sample(self, n: int, g: Optional[torch.Generator], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def _reference(self, n: int, g: Optional[torch.Generator], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _reference(self, n: int, g: Optional[torch.Generator], device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
         return self._sample(n, g, device, dtype)
 
     def __repr__(self) -> str:
