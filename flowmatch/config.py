@@ -189,7 +189,9 @@ class DataConfig:
     a ``gaussian`` source takes it). ``root`` is the local directory of a torchvision-format dataset
     (``mnist``, ``fashion_mnist``, ``cifar10``) or of an image folder (``folder``); ``download`` lets
     torchvision fetch a missing one (never by default). ``image_size`` / ``channels`` fix the shape
-    of an image folder's images. ``split`` is the split the training draws come from."""
+    of an image folder's images. ``split`` is the split the training draws come from (``train``; or
+    ``fit``, the training images less ``val``, for a run that selects on ``val``: see
+    :mod:`flowmatch.data.images`)."""
 
     source: str = "gaussian"
     target: str = "moons"

@@ -2,12 +2,17 @@
 evaluation of toy and image models alike. The scorers here are shared by training's evaluation, the
 bench and reflow.
 
-Toy tasks score samples by exact W2 and MMD against fresh target draws (:class:`flowmatch.bench.ToyScorer`).
+Toy tasks score samples by exact W2 and MMD against a fresh evaluation reference of the target
+(:class:`flowmatch.bench.ToyScorer`; ``target.reference``: a mixture's components in exact shares,
+see :mod:`flowmatch.data.toy`).
 Image tasks score them in the feature space of a small classifier trained on the same dataset
 (:class:`flowmatch.bench.ImageScorer`): Fréchet distance and KID against the training split; the
-floor is the test split's FD to the same reference (real held-out images of that size). A
-class-conditional model is sampled with labels ``0, 1, ..., K - 1, 0, 1, ...`` (balanced classes) and
-classifier-free guidance of ``eval.guidance``.
+floor is the test split's FD to the same reference (real held-out images of that size);
+``fd_test`` is the samples' FD against the test split. A generator that copies training images
+scores a low ``fd`` (it can beat the floor) but not a low ``fd_test``; :func:`image_memorisation`
+says whether samples sit closer to training images than held-out images do
+(:mod:`flowmatch.metrics.memorisation`). A class-conditional model is sampled with labels
+``0, 1, ..., K - 1, 0, 1, ...`` (balanced classes) and classifier-free guidance of ``eval.guidance``.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from flowmatch.io import atomic_save
 from flowmatch.training import Tracker, read_metrics
 from flowmatch.utils import make_generator
 
-__all__ = ["LabeledField", "sampling_field", "make_scorer", "image_reference", "inception_score_of",
-           "straightness_n", "check_image_metric", "evaluate", "EVAL_KEYS", "IMAGE_EVAL_BATCH"]
+__all__ = ["LabeledField", "sampling_field", "make_scorer", "image_reference", "image_memorisation",
+           "inception_score_of", "straightness_n", "check_image_metric", "evaluate", "EVAL_KEYS",
+           "IMAGE_EVAL_BATCH"]
 
 IMAGE_EVAL_BATCH = 2000  # images per solve in the end-of-training evaluation
 # the scores :func:`evaluate` reports (as ``eval/<key>``), per scorer metric, in the order it writes them
-EVAL_KEYS = {"w2": ("w2", "w2_floor", "mmd"), "fd": ("fd", "kid", "fd_floor", "fd_floor_n")}
+EVAL_KEYS = {"w2": ("w2", "w2_floor", "mmd"), "fd": ("fd", "kid", "fd_floor", "fd_floor_n", "fd_test")}
 
 
 class LabeledField:
@@ -61,9 +67,11 @@ def sampling_field(model, n: int, guidance: float = 1.0):
 
 
 def image_reference(cfg, n: int, *, device: str | torch.device = "cpu"):
-    """``(metrics, floor_images)`` for an image task: a :class:`~flowmatch.metrics.frechet.ImageFeatureMetrics`
-    whose reference is the target's training split (at most ``max(n, 2000)`` images, a fixed subset)
-    and the test split's images (for the floor)."""
+    """``(metrics, floor_images, held_out)`` for an image task: a
+    :class:`~flowmatch.metrics.frechet.ImageFeatureMetrics` whose reference is the target's training
+    split (at most ``max(n, 2000)`` images, a fixed subset), the test split's images (for the
+    floor), and feature metrics of the same classifier whose reference is the whole test split
+    (for ``fd_test``)."""
     from flowmatch.metrics.frechet import ImageFeatureMetrics
 
     train = build_task(cfg.data, split="train").target
@@ -74,14 +82,37 @@ def image_reference(cfg, n: int, *, device: str | torch.device = "cpu"):
         xr = xr[torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))[:cap]]
     metrics = ImageFeatureMetrics(cfg.data.target, xr, path=cfg.eval.classifier, device=device)
     xt, _ = test.tensors()
-    return metrics, xt
+    held_out = ImageFeatureMetrics(cfg.data.target, xt, classifier=metrics.classifier, device=device)
+    return metrics, xt, held_out
+
+
+def image_memorisation(cfg, x1: torch.Tensor, *, device: str | torch.device = "cpu") -> dict:
+    """The memorisation check of image samples ``x1`` ``[M, C, H, W]``
+    (:func:`flowmatch.metrics.memorisation.memorisation`): each sample's distance to its nearest
+    training image (the whole training split) against the test split's, in pixel space and in the
+    feature space of the task's classifier. Returns ``{"pixels": MemorisationResult, "features":
+    MemorisationResult}``."""
+    from flowmatch.metrics.frechet import load_feature_classifier
+    from flowmatch.metrics.memorisation import memorisation
+
+    train, _ = build_task(cfg.data, split="train").target.tensors()
+    test, _ = build_task(cfg.data, split="test").target.tensors()
+    classifier = load_feature_classifier(cfg.data.target, cfg.eval.classifier, device=device)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([classifier.features(x[i:i + 500].to(device, torch.float32)).to("cpu", torch.float64)
+                              for i in range(0, len(x), 500)])
+
+    x1 = x1.detach().cpu()
+    return {"pixels": memorisation(x1, train, test), "features": memorisation(x1, train, test, features=features)}
 
 
 def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu"):
     """The bench scorer of ``cfg``'s task for rows of up to ``n`` samples."""
     if is_image_task(cfg.data):
-        metrics, floor_images = image_reference(cfg, n, device=device)
-        return ImageScorer(metrics, floor_images, seed)
+        metrics, floor_images, held_out = image_reference(cfg, n, device=device)
+        return ImageScorer(metrics, floor_images, seed, held_out)
     return ToyScorer(build_task(cfg.data).target, n, seed)
 
 
@@ -118,7 +149,7 @@ def evaluate(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, *,
     """Sample ``cfg.eval.n`` draws with the (EMA) ``model`` and score them with the task's scorer.
 
     Returns ``eval/w2``, ``eval/w2_floor``, ``eval/mmd`` (toy) or ``eval/fd``, ``eval/kid``,
-    ``eval/fd_floor``, ``eval/fd_floor_n`` (images; and ``eval/inception_fid`` with
+    ``eval/fd_floor``, ``eval/fd_floor_n``, ``eval/fd_test`` (images; and ``eval/inception_fid`` with
     ``eval.inception``), then ``eval/nfe``, ``eval/solver``, ``eval/straightness`` and its relative
     and per-dimension forms (on :func:`straightness_n` draws). Toy samples are solved at once; images
     in chunks of :data:`IMAGE_EVAL_BATCH` (an adaptive solver steps each chunk on its own, so NFE is
@@ -141,7 +172,7 @@ def evaluate(model, cfg: ExperimentConfig, out_dir: Optional[str] = None, *,
         chunks.append(traj.x1.float().cpu())
         nfe, xs = max(nfe, traj.nfe), traj.xs
     x1 = torch.cat(chunks)
-    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: fresh target draws, seeds ec.seed + 1, + 2
+    scorer = make_scorer(cfg, ec.n, seed=ec.seed, device=device)  # toy: reference seed ec.seed + 1, floor draw + 2
     scores = {**scorer.floor(ec.n), **scorer(x1)}  # the floor first: the toy scorer keeps its MMD reference
     st = straightness(field_, x0[: min(ec.n, straightness_n(image))])
     res = {**{f"eval/{k}": scores[k] for k in EVAL_KEYS[scorer.metric]}, "eval/nfe": nfe,

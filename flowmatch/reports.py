@@ -21,8 +21,8 @@ __all__ = ["STAGE_COLUMNS", "IMAGE_STAGE_COLUMNS", "stage_columns", "headline_ta
 
 STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "w2", "w2_floor", "mmd", "straightness",
                  "straightness_rel", "seconds", "n")
-IMAGE_STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "fd", "fd_floor", "kid", "straightness",
-                       "straightness_rel", "seconds", "n")
+IMAGE_STAGE_COLUMNS = ("task", "stage", "solver", "num_steps", "nfe", "fd", "fd_floor", "kid", "fd_test",
+                       "straightness", "straightness_rel", "seconds", "n")
 
 
 def stage_columns(rows: Sequence[dict]) -> tuple:
@@ -31,7 +31,7 @@ def stage_columns(rows: Sequence[dict]) -> tuple:
     if kinds == {True}:
         return IMAGE_STAGE_COLUMNS
     if kinds == {True, False}:
-        return STAGE_COLUMNS[:8] + ("fd", "fd_floor", "kid") + STAGE_COLUMNS[8:]
+        return STAGE_COLUMNS[:8] + ("fd", "fd_floor", "kid", "fd_test") + STAGE_COLUMNS[8:]
     return STAGE_COLUMNS
 
 

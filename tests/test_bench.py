@@ -261,11 +261,26 @@ def test_toy_scorer_scores_as_w2_and_mmd_do_one_after_the_other():
     target = get_dataset("moons", 2)
     scorer = ToyScorer(target, 300, seed=4)
     x = get_dataset("gaussian", 2).sample(200, generator=torch.Generator().manual_seed(5))
-    ref = target.sample(300, generator=torch.Generator().manual_seed(5))
-    ref2 = target.sample(300, generator=torch.Generator().manual_seed(6))
+    ref = target.reference(300, generator=torch.Generator().manual_seed(5))
+    ref2 = target.sample(300, generator=torch.Generator().manual_seed(6))  # the floor's draw: i.i.d., as a model's
     assert scorer(x) == {"w2": w2(x, ref[:200]), "mmd": mmd(x, ref[:200])}
     assert scorer.floor(300) == {"w2_floor": w2(ref, ref2)}
     assert scorer(ref2)["w2"] == w2(ref2, ref)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_toy_scorer_references_split_the_mixture_exactly(seed):
+    # the reference holds row i around centre i mod 8, so n // 8 points (or one more) on each centre,
+    # in every prefix the rows of a smaller n are scored on (an i.i.d. draw puts most rows elsewhere).
+    # A 2-D noise norm of 3 is 5.3 sd; the next centre is 3.8 away. The floor's second draw is i.i.d.
+    from flowmatch.bench import ToyScorer
+
+    target = get_dataset("8gaussians", 2)
+    scorer = ToyScorer(target, 203, seed=seed)
+    own = target.centers()[torch.arange(203) % 8]
+    assert float((scorer.ref - own).norm(dim=1).max()) < 3.0
+    assert torch.equal(scorer.ref, target.reference(203, generator=torch.Generator().manual_seed(seed + 1)))
+    assert torch.equal(scorer.ref2, target.sample(203, generator=torch.Generator().manual_seed(seed + 2)))
 
 
 @pytest.mark.crosspath

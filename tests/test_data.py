@@ -307,3 +307,148 @@ def test_upper_moon_is_the_upper_moon_of_moons():
     assert torch.allclose(x.mean(0), mean, atol=0.01)
     # Var[3 cos theta] = 4.5, plus the noise's (3 * 0.2)^2 = 0.36
     assert x[:, 0].var().item() == pytest.approx(4.5 + 0.36, rel=0.02)
+
+
+# --------------------------------------------------------------------------- evaluation references (exact split)
+
+MIXTURES = {"moons": 2, "8gaussians": 8, "circles": 2, "spirals": 2}  # name -> number of equal-weight components
+
+
+def _component(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``[n]`` component of each point, read off the geometry (not from the sampler)."""
+    if name == "8gaussians":
+        return torch.cdist(x.double(), _eight_centres()).argmin(dim=1)
+    if name == "circles":
+        return (x.double().norm(dim=1) < 2.25).long()  # 1: inner circle (radius 1.5), 0: outer (3)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("n", [8, 13, 61])
+def test_8gaussians_reference_puts_n_over_8_on_each_centre_the_rest_on_the_first(n):
+    # row i around centre i mod 8 (read off the geometry: noise sd 0.56 against 1.9 to the
+    # nearest other centre's half-way line), so n // 8 per centre and one more on centres < n mod 8
+    x = get_dataset("8gaussians").reference(n, generator=gen(11), dtype=torch.float64)
+    assert x.shape == (n, 2)
+    comp = _component("8gaussians", x)
+    assert torch.equal(comp, torch.arange(n) % 8)
+    assert torch.equal(torch.bincount(comp, minlength=8), torch.tensor([n // 8 + (k < n % 8) for k in range(8)]))
+
+
+def test_8gaussians_reference_is_the_centres_plus_noise_on_the_generators_stream():
+    # the reference draws only the noise: centre i mod 8, plus std * randn, bit for bit
+    n = 29
+    noise = torch.randn(n, 2, generator=gen(12))
+    k = (torch.arange(n) % 8).float() * (math.pi / 4)
+    centres = 5.0 * torch.stack([torch.cos(k), torch.sin(k)], dim=1)
+    expected = centres + 0.1 ** 0.25 * noise
+    assert torch.equal(get_dataset("8gaussians").reference(n, generator=gen(12)), expected)
+
+
+@pytest.mark.crosspath
+@pytest.mark.parametrize("n", [300, 301])
+def test_moons_reference_is_the_two_moons_formula_with_even_rows_on_the_lower_moon(n):
+    # the same stream as ``sample`` less the moon choice: angle, then noise; row i on the lower moon
+    # when i is even, so n // 2 upper and n - n // 2 lower (scikit-learn's split); bit for bit as
+    # in test_moons_draws_are_the_two_moons_formula_on_the_generators_stream
+    g = gen(8)
+    theta = math.pi * torch.rand(n, generator=g)
+    noise = torch.randn(n, 2, generator=g)
+    lower = torch.arange(n) % 2 == 0
+    up = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+    lo = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1)
+    expected = (torch.where(lower[:, None], lo, up) + 0.2 * noise) * 3 - 1
+    assert torch.equal(get_dataset("moons").reference(n, generator=gen(8)), expected)
+
+
+def test_circles_reference_splits_the_two_circles_exactly():
+    n = 2001
+    x = get_dataset("circles").reference(n, generator=gen(13), dtype=torch.float64)
+    inner = _component("circles", x)  # noise 0.24 against radii 1.5 apart: no point crosses 2.25
+    assert torch.equal(inner, (torch.arange(n) % 2 == 0).long())  # even rows: the inner circle
+    assert int(inner.sum()) == n - n // 2
+
+
+@pytest.mark.crosspath
+def test_spirals_reference_is_the_spirals_formula_with_even_rows_mirrored():
+    n = 101
+    g = gen(14)
+    r = torch.sqrt(torch.rand(n, generator=g)) * (540 * 2 * math.pi / 360)
+    dx = -torch.cos(r) * r + torch.rand(n, generator=g) * 0.5
+    dy = torch.sin(r) * r + torch.rand(n, generator=g) * 0.5
+    noise = torch.randn(n, 2, generator=g)
+    sign = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0)
+    expected = torch.stack([dx, dy], dim=1) * sign[:, None] / 3 + 0.1 * noise
+    assert torch.equal(get_dataset("spirals").reference(n, generator=gen(14)), expected)
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "circles"])
+def test_every_prefix_of_a_reference_is_an_exact_split(name):
+    # the scorers score smaller rows on prefixes ref[:m]: each prefix holds floor(m / K) or one more
+    # point per component (moons and spirals: the bit-for-bit tests above fix row i's component)
+    k = MIXTURES[name]
+    comp = _component(name, get_dataset(name).reference(64, generator=gen(15), dtype=torch.float64))
+    for m in range(1, 65):
+        counts = torch.bincount(comp[:m], minlength=k)
+        assert int(counts.max() - counts.min()) <= 1 and int(counts.sum()) == m
+
+
+@pytest.mark.parametrize("name", ["gaussian", "upper_moon", "checkerboard"])
+def test_reference_of_a_distribution_without_components_is_sample(name):
+    ds = get_dataset(name)
+    assert torch.equal(ds.reference(50, generator=gen(16)), ds.sample(50, generator=gen(16)))
+
+
+@pytest.mark.parametrize("name", sorted(MIXTURES))
+def test_reference_differs_from_sample_only_in_the_split(name):
+    ds = get_dataset(name)
+    r = ds.reference(50, generator=gen(17))
+    assert not torch.equal(r, ds.sample(50, generator=gen(17)))
+    assert torch.equal(r, ds.reference(50, generator=gen(17)))  # deterministic given the seed
+    with pytest.raises(ValueError, match="generator"):
+        ds.reference(5, generator=gen(0), device="meta")
+
+
+def test_moons_reference_has_the_closed_form_moments():
+    # the exact split leaves the law of each point's moon a fair coin: same mean and covariance
+    x = get_dataset("moons").reference(N_BIG, generator=gen(18), dtype=torch.float64)
+    mean, cov = _moons_moments()
+    se = torch.sqrt(torch.diagonal(cov) / N_BIG)
+    assert ((x.mean(0) - mean).abs() < 6 * se).all()
+    assert torch.allclose(torch.cov(x.T), cov, atol=0.08)
+
+
+def test_8gaussians_reference_has_the_closed_form_moments():
+    x = get_dataset("8gaussians").reference(N_BIG, generator=gen(19), dtype=torch.float64)
+    second = 12.5 + math.sqrt(0.1)
+    assert x.mean(0).abs().max() < 6 * math.sqrt(math.sqrt(0.1) / N_BIG)  # exact split: only the noise varies the mean
+    m2 = (x.T @ x) / N_BIG
+    assert m2[0, 0].item() == pytest.approx(second, rel=0.01) and m2[1, 1].item() == pytest.approx(second, rel=0.01)
+
+
+@pytest.mark.crosspath
+def test_8gaussians_circles_spirals_training_draws_keep_their_stream():
+    # ``sample`` (training data) is unchanged by the references: each old formula written out here
+    n = 257
+    g = gen(20)
+    idx = torch.randint(0, 8, (n,), generator=g)
+    noise = torch.randn(n, 2, generator=g)
+    k = torch.arange(8).float() * (math.pi / 4)
+    expected = (5.0 * torch.stack([torch.cos(k), torch.sin(k)], dim=1))[idx] + 0.1 ** 0.25 * noise
+    assert torch.equal(get_dataset("8gaussians").sample(n, generator=gen(20)), expected)
+
+    g = gen(21)
+    theta = 2 * math.pi * torch.rand(n, generator=g)
+    inner = torch.rand(n, generator=g) < 0.5
+    noise = torch.randn(n, 2, generator=g)
+    radius = torch.where(inner, 0.5, 1.0)
+    expected = (radius[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], dim=1) + 0.08 * noise) * 3
+    assert torch.equal(get_dataset("circles").sample(n, generator=gen(21)), expected)
+
+    g = gen(22)
+    r = torch.sqrt(torch.rand(n, generator=g)) * (540 * 2 * math.pi / 360)
+    dx = -torch.cos(r) * r + torch.rand(n, generator=g) * 0.5
+    dy = torch.sin(r) * r + torch.rand(n, generator=g) * 0.5
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    noise = torch.randn(n, 2, generator=g)
+    expected = torch.stack([dx, dy], dim=1) * sign[:, None] / 3 + 0.1 * noise
+    assert torch.equal(get_dataset("spirals").sample(n, generator=gen(22)), expected)

@@ -512,3 +512,75 @@ def test_folder_missing_or_empty_root(tmp_path):
         get_image_dataset("folder", root=str(tmp_path))
     with pytest.raises(DatasetError, match="root"):
         get_image_dataset("folder")
+
+
+# --------------------------------------------------------------------------- validation split (val / fit)
+
+
+def seed1_perm(n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name,n_val", [("digits", 200), ("mnist5k", 400)])
+def test_embedded_val_and_fit_partition_train_and_avoid_test(name, n_val):
+    total, n_test, shape, source = EMBEDDED[name]
+    train, test = get_image_dataset(name, "train"), get_image_dataset(name, "test")
+    val, fit = get_image_dataset(name, "val"), get_image_dataset(name, "fit")
+    assert (len(val), len(fit)) == (n_val, total - n_test - n_val)
+    assert val.split == "val" and fit.split == "fit" and val.shape == fit.shape == shape
+    # the documented carving: val = the first n_val of a seed-1 permutation of train's positions, sorted
+    held = seed1_perm(len(train))[:n_val].sort().values
+    keep = torch.tensor(sorted(set(range(len(train))) - set(held.tolist())))
+    assert torch.equal(val.indices, train.indices[held]) and torch.equal(fit.indices, train.indices[keep])
+    v, f, t = set(val.indices.tolist()), set(fit.indices.tolist()), set(test.indices.tolist())
+    assert not v & f and not v & t and not f & t and v | f == set(train.indices.tolist())
+    # pixels and labels are the collection's at those indices (the train split's own rows)
+    xtr, ytr = train.tensors()
+    for ds, pos in ((val, held), (fit, keep)):
+        x, y = ds.tensors()
+        assert torch.equal(x, xtr[pos]) and torch.equal(y, ytr[pos])
+    assert set(val.labels.tolist()) == set(range(10))  # every class is in the validation images
+    # fixed: a second load gives the same images; train and test are what they were
+    assert torch.equal(get_image_dataset(name, "val").indices, val.indices)
+    perm = seed0_perm(total)
+    assert torch.equal(train.indices, perm[n_test:]) and torch.equal(test.indices, perm[:n_test])
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_idx_val_and_fit_are_parts_of_the_training_file(tmp_path, name, folder):
+    written = _make_mnist(tmp_path, folder, n_train=30, n_test=10)
+    xw, yw = written["train"]
+    val, fit = get_image_dataset(name, "val", root=str(tmp_path)), get_image_dataset(name, "fit", root=str(tmp_path))
+    held = seed1_perm(30)[:3].sort().values  # a tenth of 30
+    keep = torch.tensor(sorted(set(range(30)) - set(held.tolist())))
+    assert torch.equal(val.indices, held) and torch.equal(fit.indices, keep)
+    assert torch.equal(val.pixels, torch.from_numpy(xw)[held][:, None])
+    assert torch.equal(fit.labels, torch.from_numpy(yw).long()[keep])
+    assert torch.equal(get_image_dataset(name, "train", root=str(tmp_path)).pixels, torch.from_numpy(xw)[:, None])
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_cifar_val_and_fit_are_parts_of_the_training_batches(tmp_path, layout):
+    batches = _cifar_batches()
+    (_write_cifar_bin if layout == "bin" else _write_cifar_py)(tmp_path, batches)
+    px, y = _expected(batches, "train")  # 10 training images: val holds 1
+    val, fit = (get_image_dataset("cifar10", s, root=str(tmp_path)) for s in ("val", "fit"))
+    held = seed1_perm(10)[:1]
+    assert torch.equal(val.indices, held) and len(fit) == 9
+    assert torch.equal(val.pixels, torch.from_numpy(px)[held]) and torch.equal(val.labels, torch.from_numpy(y)[held])
+    assert not set(fit.indices.tolist()) & set(held.tolist())
+
+
+def test_folder_val_and_fit_and_a_folder_too_small_for_val(tmp_path):
+    _class_folder(tmp_path / "big", n_per_class=12)  # 24 images: test 2, train 22, val 2, fit 20
+    root = str(tmp_path / "big")
+    train, val, fit = (get_image_dataset("folder", s, root=root) for s in ("train", "val", "fit"))
+    assert (len(val), len(fit)) == (2, 20)
+    held = seed1_perm(22)[:2].sort().values
+    assert torch.equal(val.indices, train.indices[held])
+    assert val.files == [train.files[i] for i in held.tolist()]
+    assert set(val.files).isdisjoint(fit.files) and set(val.files) | set(fit.files) == set(train.files)
+    for k in range(4):
+        _save(tmp_path / "small" / f"{k}.png", np.full((2, 2), 60 * k, dtype=np.uint8))
+    with pytest.raises(DatasetError, match="val split"):
+        get_image_dataset("folder", "val", root=str(tmp_path / "small"))

@@ -68,7 +68,7 @@ def main() -> None:
         with torch.no_grad():
             for d in range(args.draws):
                 x0 = task.source.sample(args.n, generator=make_generator(VALIDATION_SEED + d))
-                ref = task.target.sample(args.n, generator=make_generator(VALIDATION_SEED + 1000 + d))
+                ref = task.target.reference(args.n, generator=make_generator(VALIDATION_SEED + 1000 + d))
                 one.append(w2(get_solver("euler").integrate(model, x0, torch.tensor([0.0, 1.0])).x1, ref))
                 two.append(w2(get_solver("consistency").integrate(model, x0, torch.tensor([0.0, 0.5, 1.0])).x1, ref))
         rows.append({"lr": lr, "mu": mu, "num_steps": n_int, "teacher_solver": args.teacher_solver, "steps": args.steps,

@@ -8,10 +8,12 @@ and prints each score, the spread between draws and the paired difference (each 
     python experiments/toy/paired_w2.py runs/reflow/noise_to_moons --also 2-RF:dopri5 --also 3-RF:euler:1
 
 The stage table scores one draw; between draws W2 moves by far more than the paired difference.
-The noise floor (a second target draw against the first) is scored alongside: "floor - teacher" is
-how far the teacher is from the best a model can score. ``--also`` adds other stages (or checkpoint
-files), each with its solver: an adaptive one at atol = rtol = 1e-5 (``2-RF:dopri5``) or a fixed-step
-solver and its NFE (``2-RF:euler:4``).
+Every entry is scored against an evaluation reference (``target.reference``: a mixture's components
+in exact shares, so the reference's own binomial split adds no scatter). The noise floor (i.i.d.
+target draws, as a perfect model's samples are, against the reference) is scored alongside:
+"floor - teacher" is how far the teacher is from the best a model can score. ``--also`` adds other
+stages (or checkpoint files), each with its solver: an adaptive one at atol = rtol = 1e-5
+(``2-RF:dopri5``) or a fixed-step solver and its NFE (``2-RF:euler:4``).
 Writes ``paired_w2.json`` next to the chain's stages.
 """
 
@@ -78,7 +80,7 @@ def main() -> None:
         for i in range(args.draws):
             g = torch.Generator().manual_seed(args.seed + i)
             x0 = source.sample(args.n, generator=g)
-            y, y2 = target.sample(args.n, generator=g), target.sample(args.n, generator=g)
+            y, y2 = target.reference(args.n, generator=g), target.sample(args.n, generator=g)
             outs = []
             for key, _, solver, nfe in entries:
                 model = models[key].model.eval()

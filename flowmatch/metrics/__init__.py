@@ -1,5 +1,5 @@
-"""Metrics: distances between clouds (W2, MMD), straightness of a flow, log-likelihood, and image
-Fréchet distance / KID in a small classifier's feature space."""
+"""Metrics: distances between clouds (W2, MMD), straightness of a flow, log-likelihood, image
+Fréchet distance / KID in a small classifier's feature space, and the memorisation check."""
 
 from flowmatch.metrics.distances import DEFAULT_BANDWIDTHS, gaussian_w2, mmd, w2
 from flowmatch.metrics.guard import NonFiniteInputWarning
@@ -14,3 +14,6 @@ from flowmatch.metrics.frechet import (ImageFeatureMetrics, MetricError, frechet
 
 __all__ += ["ImageFeatureMetrics", "MetricError", "frechet_distance", "gaussian_frechet", "inception_fid",
             "kernel_distance", "load_feature_classifier"]
+from flowmatch.metrics.memorisation import MemorisationResult, memorisation, nearest_distances
+
+__all__ += ["MemorisationResult", "memorisation", "nearest_distances"]

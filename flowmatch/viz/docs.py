@@ -53,15 +53,16 @@ SMOKE = DocsFigureSizes(paths=8, traj_steps=4, density_n=500, samples_n=200, flo
 
 
 def floor_draws(target, n: int, draws: int, seed: int = 0) -> list[float]:
-    """W2 between two independent draws of ``n`` points of ``target``, ``draws`` times: pair ``k``
-    uses seeds ``seed + 2k + 1`` and ``seed + 2k + 2``, so pair 0 is the bench's own floor
-    (:class:`flowmatch.bench.ToyScorer` with ``seed``)."""
+    """W2 between an evaluation reference of ``n`` points of ``target`` (``target.reference``) and
+    ``n`` independent i.i.d. draws (``target.sample``, what a perfect model's samples are), ``draws``
+    times: pair ``k`` uses seeds ``seed + 2k + 1`` and ``seed + 2k + 2``, so pair 0 is the bench's
+    own floor (:class:`flowmatch.bench.ToyScorer` with ``seed``)."""
     from flowmatch.metrics.distances import w2
     from flowmatch.utils import make_generator
 
     out = []
     for k in range(draws):
-        a = target.sample(n, generator=make_generator(seed + 2 * k + 1), device="cpu")
+        a = target.reference(n, generator=make_generator(seed + 2 * k + 1), device="cpu")
         b = target.sample(n, generator=make_generator(seed + 2 * k + 2), device="cpu")
         out.append(w2(a, b))
     return out
