@@ -333,10 +333,10 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}")
                     interval_losses.clear()
                     t_last, steps_since = now, 0
+                validate(step)  # before the checkpoint, which then holds the selection's state
                 if ckpt_now:
                     save()
                     last_good = ckpt_path
-                validate(step)
                 bar.update(1)
         ok = True
     finally:
