@@ -361,3 +361,19 @@ def test_diverging_run_stops_naming_the_player_and_step_and_keeps_the_last_good_
         train(_cfg(ckpts, f"train.fast={fast}"), str(run), progress=False)
     assert e.value.player == player and e.value.step == 7
     assert load_checkpoint(str(run / "checkpoints" / "last.pt"))["step"] == 5
+
+
+def test_images_train_a_unet_generator_against_a_unet_discriminator_scored_by_fd(tmp_path):
+    img = ["data.target=digits", "model.name=unet", "model.preset=tiny", "train.batch_size=16", "train.fast=off"]
+    teacher = train(make_tiny_cfg(*img, "train.steps=3"), str(tmp_path / "t"), progress=False).checkpoint
+    gen = train(make_tiny_cfg(*img, "train.objective=ct", "train.steps=2", f"train.init={teacher}"),
+                str(tmp_path / "g"), progress=False).checkpoint
+    res = train(make_tiny_cfg(*img, "train.objective=apt", f"train.init={gen}", f"apt.discriminator_init={teacher}",
+                              "train.grad_clip=0", "train.steps=4", "train.log_every=2", "apt.eval_every=2",
+                              "apt.eval_n=64", "apt.r1=exact"), str(tmp_path / "a"), progress=False)
+    rows = read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+    curve = [(r["step"], r["apt/val_fd"]) for r in rows if "apt/val_fd" in r]
+    assert [s for s, _ in curve] == [0, 2, 4] and all(math.isfinite(v) for _, v in curve)
+    assert all(math.isfinite(v) for v in res.losses) and any(r.get("apt/r1", 0) > 0 for r in rows)
+    sel = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "best.pt"))["selection"]
+    assert sel["metric"] == "fd" and sel["score"] == min(v for _, v in curve)
