@@ -377,3 +377,33 @@ def test_images_train_a_unet_generator_against_a_unet_discriminator_scored_by_fd
     assert all(math.isfinite(v) for v in res.losses) and any(r.get("apt/r1", 0) > 0 for r in rows)
     sel = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "best.pt"))["selection"]
     assert sel["metric"] == "fd" and sel["score"] == min(v for _, v in curve)
+
+
+def _ddp_results(rank: int, out_dir: str) -> dict:
+    import json
+    import os
+
+    import flowmatch.distill  # noqa: F401 - a spawned process registers apt afresh
+    import flowmatch.evaluation  # noqa: F401,F811
+
+    with open(os.path.join(out_dir, "ckpts.json")) as f:
+        ckpts = json.load(f)
+    cfg = _cfg(ckpts, "apt.eval_every=5", "apt.eval_n=32", *ckpts.get("extra", []))
+    whole = train(cfg, os.path.join(out_dir, "whole"), progress=False)
+    train(apply_overrides(cfg, ["train.steps=10"]), os.path.join(out_dir, "half"), progress=False)
+    rest = train(cfg, os.path.join(out_dir, "half"), progress=False, resume=True)
+    return {"whole": whole.losses, "rest": rest.losses, "world": whole.world_size}
+
+
+def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_path, r1="approx"):
+    import json
+
+    from test_ddp import _spawn
+
+    (tmp_path / "ckpts.json").write_text(json.dumps({**{k: str(v) for k, v in ckpts.items()}, "extra": [f"apt.r1={r1}"]}))
+    ranks = _spawn(str(tmp_path), results=_ddp_results)
+    for r in ranks:
+        assert r["world"] == 2 and r["whole"][10:] == r["rest"] and r["whole"] == ranks[0]["whole"]
+    ckpt = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pt"))
+    assert ckpt["world_size"] == 2 and "discriminator" in ckpt["nets"]
+    assert load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "best.pt"))["selection"]["metric"] == "w2"
