@@ -18,21 +18,21 @@ its velocity output layer, read at several depths, with logit heads on top:
 - MLP: the activations of every hidden layer, concatenated (``[B, depth * hidden]``), normalised per
   sample by a LayerNorm without affine parameters (so layers of different scale weigh alike and the
   teacher's features start at unit scale), then one linear logit.
-- UNet: heads at several resolutions: the middle block's output, the last up-path block at each
-  resolution and the output normalisation (full resolution); each head is SiLU -> 3x3 conv -> SiLU ->
-  1x1 conv to one channel, averaged over positions; the heads' logits are summed.
+- UNet: heads at several resolutions: the middle block's output (coarsest), the last up-path block at
+  each resolution but the finest, and the output normalisation (finest); each head is SiLU -> 3x3
+  conv -> SiLU -> 1x1 conv to one channel, averaged over positions; the heads' logits are summed.
 
 ``D`` is conditioned on a time ``t = 1 - s u / (1 + (s - 1) u)``, ``u ~ U(0, 1)``, with shift
 ``s = apt.t_shift`` (``s = 1``: uniform; ``s > 1`` moves the draws towards the noise end, the shift
 of Esser et al. 2024 in APT's convention, then converted to ours), and fed clean samples: real
 ``x1 ~`` the target and generated ``G(x0)``, the same ``t`` for the ``i``-th real and fake rows.
 
-Losses (per sample, averaged). Non-saturating (``apt.loss: ns``; APT eq. 1-2 in logit form):
+Losses (per sample, averaged). Non-saturating (``apt.loss: ns``, APT's loss written on logits):
 ``L_D = softplus(-D(x1, t)) + softplus(D(G(x0), t))``, ``L_G = softplus(-D(G(x0), t))``. Relativistic
-pairing (``relativistic``; the follow-up's loss): ``L_D = softplus(-(D(x1, t) - D(G(x0), t)))``,
+pairing (``relativistic``; RpGAN, Jolicoeur-Martineau 2019): ``L_D = softplus(-(D(x1, t) - D(G(x0), t)))``,
 ``L_G = softplus(-(D(G(x0), t) - D(x1, t)))``.
 
-R1 on real samples (APT sec. 3.4, approximated R1). ``approx``:
+R1 on real samples (APT's approximated R1). ``approx``:
 ``lambda * mean_i (D(x1_i, t_i) - D(x1_i + sigma eps_i, t_i))^2``, ``eps ~ N(0, I)``, ``sigma`` a
 standard deviation. For small ``sigma`` its expectation is ``lambda sigma^2 ||grad_x D||^2``, so
 ``exact`` is defined as that: ``lambda sigma^2 mean_i ||grad_x D(x1_i, t_i)||^2`` (R1's
@@ -40,7 +40,7 @@ standard deviation. For small ``sigma`` its expectation is ``lambda sigma^2 ||gr
 ``lambda = 100``, ``sigma = 0.01`` (APT's image values; the toy data have a scale of a few units, so
 ``sigma`` is a smaller relative nudge there: ``gamma / 2 = 0.01`` either way).
 
-Optimisers: RMSProp with ``alpha = 0.9`` for both players (APT sec. 3.5), learning rates
+Optimisers: RMSProp with ``alpha = 0.9`` for both players (as APT), learning rates
 ``apt.lr_g`` and ``apt.lr_d``, no weight decay, and no gradient clipping (``train.grad_clip`` must be
 0). ``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
 (:class:`~flowmatch.training.objectives.OneStepDistill`, ``d(v(x0, 0), x1 - x0)``) to the generator's
@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowmatch.config import from_dict
 from flowmatch.data.task import data_shape
 from flowmatch.errors import ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity, build_model
@@ -247,8 +248,6 @@ class AdversarialPostTraining(Objective):
                               "flowmatch.evaluation (the CLI and the pipelines do), or set apt.eval_every=0")
 
     def _config_of(self, path: str, key: str):
-        from flowmatch.config import from_dict
-
         try:
             return from_dict(load_checkpoint(path)["config"])
         except ConfigError as e:
