@@ -5,7 +5,10 @@ Run directory layout::
 
     RUN_DIR/config.yaml          the resolved config
     RUN_DIR/checkpoints/last.pt  {model, ema, optimizer, scheduler, step, config, rng, version}
-    RUN_DIR/metrics.jsonl        one JSON row per log step (train/loss, train/loss_t{i}, ...)
+    RUN_DIR/checkpoints/best.pt  the same at the best validation, with ``selection`` (objectives that
+                                 select a model: Objective.validate)
+    RUN_DIR/metrics.jsonl        one JSON row per log step (train/loss, train/loss_t{i}, the loss's extra
+                                 scalars, ...) and per validation
 
 Resuming restores the model, EMA, optimiser, scheduler and the data generator's state, so on the
 CPU a resumed run's loss sequence equals the unbroken run's exactly.

@@ -137,7 +137,7 @@ class TrainStep:
         self._amp = (device.type, plan.precision == "bf16")
         self._multi = len(players) > 1
         # the losses' extra scalars (LossOutput.extra): sums and counts on the device, since the last take
-        self._extra: dict[str, list] = {}
+        self._extra: dict[str, tuple] = {}
 
     def take_extras(self) -> dict[str, float]:
         """The mean of each extra scalar since the last call (over the ranks too with several); resets
