@@ -53,9 +53,11 @@ class ConfigMismatchError(RunDirError):
 class NonFiniteLossError(FlowmatchError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, step: int, value: float, checkpoint: str | None = None):
+    def __init__(self, step: int, value: float, checkpoint: str | None = None, player: str | None = None):
         self.step = step
         self.value = value
         self.checkpoint = checkpoint
+        self.player = player  # the player whose loss it was, for objectives with several (else None)
         kept = f"; last good checkpoint kept at {checkpoint}" if checkpoint else "; no checkpoint had been written yet"
-        super().__init__(f"non-finite loss ({value}) at step {step}{kept}")
+        of = f" of player {player}" if player else ""
+        super().__init__(f"non-finite loss ({value}){of} at step {step}{kept}")

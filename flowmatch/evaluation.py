@@ -25,6 +25,7 @@ import torch
 from flowmatch.bench import ImageScorer, ToyScorer
 from flowmatch.config import ExperimentConfig
 from flowmatch.data.task import build_task, is_image_task
+from flowmatch.distill import adversarial
 from flowmatch.errors import FlowmatchError
 from flowmatch.metrics import straightness
 from flowmatch.models import ClassifierFreeGuidance
@@ -114,6 +115,9 @@ def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu
         metrics, floor_images, held_out = image_reference(cfg, n, device=device)
         return ImageScorer(metrics, floor_images, seed, held_out)
     return ToyScorer(build_task(cfg.data).target, n, seed)
+
+
+adversarial.VALIDATION_SCORERS["default"] = make_scorer  # the APT objective's model selection scores with it
 
 
 def straightness_n(image: bool) -> int:

@@ -45,8 +45,11 @@ class Trajectory:
 @dataclass
 class LossOutput:
     """``loss`` is the scalar to minimise; ``per_sample`` is ``[B']`` and ``t`` (``[B']``) the time of
-    each of its rows (they feed loss-by-t-bin logging; ``t`` may be ``None`` where there are no times)."""
+    each of its rows (they feed loss-by-t-bin logging; ``t`` may be ``None`` where there are no times);
+    ``extra`` holds further detached 0-d scalars to log under their keys (their mean over each log
+    interval), or is ``None``."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor
     t: Optional[torch.Tensor] = None
+    extra: Optional[dict] = None

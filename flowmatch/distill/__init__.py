@@ -3,6 +3,8 @@ models, config, io). Importing this package (``import flowmatch`` does) register
 
 - :mod:`flowmatch.distill.consistency`: consistency distillation and training (objectives ``cd``,
   ``ct`` of :data:`flowmatch.training.objectives.OBJECTIVES`);
+- :mod:`flowmatch.distill.adversarial`: adversarial post-training of a one-step generator (objective
+  ``apt``);
 - :mod:`flowmatch.distill.adapters`: LoRA adapters through peft (imported lazily): train an adapter on a
   base checkpoint's weights (``lora.rank > 0``), save it alone with its provenance, load it onto its
   base, compose several with weights, merge them into a full checkpoint (registers the ``lora`` hook of
@@ -10,6 +12,8 @@ models, config, io). Importing this package (``import flowmatch`` does) register
 """
 
 from flowmatch.distill import adapters
+from flowmatch.distill.adversarial import AdversarialPostTraining
 from flowmatch.distill.consistency import ConsistencyDistillation, ConsistencyTraining, consistency_fn, ct_intervals
 
-__all__ = ["adapters", "ConsistencyDistillation", "ConsistencyTraining", "consistency_fn", "ct_intervals"]
+__all__ = ["adapters", "AdversarialPostTraining", "ConsistencyDistillation", "ConsistencyTraining", "consistency_fn",
+           "ct_intervals"]

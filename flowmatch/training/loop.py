@@ -5,7 +5,10 @@ Run directory layout::
 
     RUN_DIR/config.yaml          the resolved config
     RUN_DIR/checkpoints/last.pt  {model, ema, optimizer, scheduler, step, config, rng, version}
-    RUN_DIR/metrics.jsonl        one JSON row per log step (train/loss, train/loss_t{i}, ...)
+    RUN_DIR/checkpoints/best.pt  the same at the best validation, with ``selection`` (objectives that
+                                 select a model: Objective.validate)
+    RUN_DIR/metrics.jsonl        one JSON row per log step (train/loss, train/loss_t{i}, the loss's extra
+                                 scalars, ...) and per validation
 
 Resuming restores the model, EMA, optimiser, scheduler and the data generator's state, so on the
 CPU a resumed run's loss sequence equals the unbroken run's exactly.
@@ -275,7 +278,22 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
         try:
             return fn()
         except NonFiniteLossError as e:
-            raise NonFiniteLossError(e.step, e.value, last_good) from None
+            raise NonFiniteLossError(e.step, e.value, last_good, player=e.player) from None
+
+    def validate(step: int) -> None:
+        """The objective's model selection at ``step``: its scores logged, and a best state written
+        as ``checkpoints/best.pt`` (atomically, with ``selection``)."""
+        v = trainer.objective.validate(step, trainer.ema.model)
+        if v is None:
+            return
+        if tracker is not None:
+            tracker.log(v.scores, step)
+        if v.best:
+            state = trainer.state_dict()  # a collective with several ranks
+            if main:
+                save_checkpoint(os.path.join(run_dir, "checkpoints", "best.pt"),
+                                {**state, "config": to_dict(cfg), "init_from": init_from,
+                                 "init_sha256": init_sha256, "selection": v.selection})
 
     from tqdm.auto import tqdm  # lazy: only the loop needs it
 
@@ -288,6 +306,8 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
     try:
         with tqdm(total=tc.steps, initial=start, disable=None if progress and main else True,
                   desc=f"train {cfg.name}", dynamic_ncols=True, leave=False) as bar:
+            if start == 0:
+                validate(0)
             for step in range(start + 1, tc.steps + 1):
                 out = checked(trainer.step)
                 interval_losses.append(out.loss)
@@ -310,11 +330,13 @@ def train(cfg: ExperimentConfig, run_dir: str, *, resume: bool = False, overwrit
                     for i in range(NUM_T_BINS):
                         if bin_cnt[i] > 0:
                             row[f"train/loss_t{i}"] = (bin_sum[i] / bin_cnt[i]).item()
+                    row.update(trainer.take_extras())
                     if tracker is not None:
                         tracker.log(row, step)
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}")
                     interval_losses.clear()
                     t_last, steps_since = now, 0
+                validate(step)  # before the checkpoint, which then holds the selection's state
                 if ckpt_now:
                     save()
                     last_good = ckpt_path

@@ -54,7 +54,7 @@ from flowmatch.training.losses import LOSSES, regression_loss
 from flowmatch.types import LossOutput
 from flowmatch.utils import lookup
 
-__all__ = ["Batch", "Nets", "Objective", "VelocityRegression", "CFM", "OneStepDistill", "OBJECTIVES",
+__all__ = ["Batch", "Nets", "Validation", "Objective", "VelocityRegression", "CFM", "OneStepDistill", "OBJECTIVES",
            "build_objective", "unused_sections"]
 
 
@@ -78,6 +78,16 @@ class Batch:
     def terms(self) -> tuple:
         """This batch and its further terms, in draw order."""
         return (self, *self.more)
+
+
+@dataclass
+class Validation:
+    """An objective's validation at one step: ``scores`` to log under their keys; ``best``: whether the
+    model is the best so far (the loop then writes ``checkpoints/best.pt`` with ``selection`` in it)."""
+
+    scores: dict
+    best: bool = False
+    selection: dict = field(default_factory=dict)
 
 
 class Nets(dict):
@@ -139,6 +149,12 @@ class Objective:
         """Why the fused MLP step cannot compute this objective's loss (``None``: it can; only the l2
         velocity regressions with one term and no labels can)."""
         return f"objective {self.name} has no fused implementation"
+
+    def validate(self, step: int, model: nn.Module) -> Optional[Validation]:
+        """Model selection: called by the loop with the EMA ``model`` before the first step of a fresh
+        run (``step = 0``) and after every optimiser step, on every rank, outside autograd; ``None``:
+        nothing at this step (the default)."""
+        return None
 
     # -- state for exact resume
     def state_dict(self) -> dict:

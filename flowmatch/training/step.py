@@ -135,6 +135,18 @@ class TrainStep:
         self._loss = _loss_call if plan.compile is None else torch.compile(_own_code(_loss_call), mode=plan.compile,
                                                                          dynamic=False)
         self._amp = (device.type, plan.precision == "bf16")
+        self._multi = len(players) > 1
+        # the losses' extra scalars (LossOutput.extra): sums and counts on the device, since the last take
+        self._extra: dict[str, tuple] = {}
+
+    def take_extras(self) -> dict[str, float]:
+        """The mean of each extra scalar since the last call (over the ranks too with several); resets
+        them. A collective under DDP: every rank calls it at the same steps."""
+        out = {}
+        for k, (s, n) in sorted(self._extra.items()):
+            out[k] = (self._reduced(s) / n).item()
+        self._extra.clear()
+        return out
 
     def _reduced(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` (detached) averaged over the ranks; itself in a single process."""
@@ -162,7 +174,7 @@ class TrainStep:
                     reduced = self._reduced(loss)
                     value = reduced.item()
                     if not math.isfinite(value):
-                        raise NonFiniteLossError(step, value)
+                        raise NonFiniteLossError(step, value, player=player.name if self._multi else None)
                 (loss if n == 1 else loss / n).backward()
             per_sample, t = out.per_sample, out.t
             if self._cudagraphs:
@@ -175,6 +187,9 @@ class TrainStep:
                         if p.grad is not None:
                             p.grad = p.grad.clone()
             total = loss.detach() if total is None else total + loss.detach()
+            for k, v in (out.extra or {}).items():
+                s, c = self._extra.get(k, (0.0, 0))
+                self._extra[k] = (s + v.detach().float(), c + 1)
             if player.name == self.main:
                 self.bins.add(per_sample, t)
         if n == 1:

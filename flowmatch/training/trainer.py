@@ -171,7 +171,9 @@ class Trainer:
         if self.fast:
             if not self._pending:
                 self._pending_from = self.global_step
-            self._pending.append(out.loss)
+            # several players: every player's loss is kept (in player order), so a non-finite one is named
+            self._pending.append(torch.stack([out.losses[n] for n in self.objective.players])
+                                 if len(self.players) > 1 else out.loss)
             if len(self._pending) >= _MAX_PENDING:
                 self._pending = [torch.cat([p.reshape(-1) for p in self._pending])]
         else:
@@ -187,11 +189,16 @@ class Trainer:
         """The per-step losses since the last read (one device read where ``plan.fast``); raises
         ``NonFiniteLossError`` with the first non-finite loss's step and value."""
         if self.fast:
-            values = torch.cat([p.reshape(-1) for p in self._pending]).tolist() if self._pending else []
+            names = self.objective.players if len(self.players) > 1 else (None,)
+            flat = torch.cat([p.reshape(-1) for p in self._pending]).tolist() if self._pending else []
             first, self._pending = self._pending_from, []
-            for i, v in enumerate(values):
-                if not math.isfinite(v):
-                    raise NonFiniteLossError(first + i, v)
+            rows = [flat[i:i + len(names)] for i in range(0, len(flat), len(names))]
+            for i, row in enumerate(rows):
+                for name, v in zip(names, row):
+                    if not math.isfinite(v):
+                        raise NonFiniteLossError(first + i, v, player=name)
+            main = names.index(self.train_step.main) if len(names) > 1 else 0
+            values = [row[main] for row in rows]
         else:
             values, self._read = self._read, []
         return values
@@ -201,6 +208,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return self.read_losses()
+
+    def take_extras(self) -> dict[str, float]:
+        """The mean of each extra scalar the objective's losses logged since the last call
+        (:attr:`~flowmatch.types.LossOutput.extra`); none for the fused step."""
+        take = getattr(self.train_step, "take_extras", None)
+        return take() if take is not None else {}
 
     def take_bins(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss-per-t-bin sums and counts since the last call (see :class:`~flowmatch.training.step.TBins`)."""

@@ -1,0 +1,363 @@
+"""Adversarial post-training (APT) of a one-step generator, as an objective.
+
+Lin et al. 2025, "Diffusion Adversarial Post-Training for One-Step Video Generation" (Seaweed-APT):
+a one-step generator, distilled from a flow teacher, is trained further against real data with a
+GAN loss, its discriminator initialised from the teacher's weights.
+
+Time convention. Ours: ``t = 0`` noise, ``t = 1`` data. APT (a rectified flow with noise at
+``t = 1``) uses the opposite: ``t_ours = 1 - t_theirs``, and the velocities change sign.
+
+Generator. ``G(x0) = x0 + v_theta(x0, 0)``, one Euler step of the student's velocity from noise to
+data (the one-step models of this package: ``distill``, ``cd``, ``ct``, or an earlier ``apt`` run),
+``x0 ~`` the source, ``[B, *D]``. Its EMA is the trainer's.
+
+Discriminator. ``D(x, t) -> [B]`` logits: the teacher flow's network (``apt.discriminator_init``; its
+EMA weights, every parameter trained; ``random``: the same architecture, freshly initialised) without
+its velocity output layer, read at several depths, with logit heads on top:
+
+- MLP: the activations of every hidden layer, concatenated (``[B, depth * hidden]``), normalised per
+  sample by a LayerNorm without affine parameters (so layers of different scale weigh alike and the
+  teacher's features start at unit scale), then one linear logit.
+- UNet: heads at several resolutions: the middle block's output (coarsest), the last up-path block at
+  each resolution but the finest, and the output normalisation (finest); each head is SiLU -> 3x3
+  conv -> SiLU -> 1x1 conv to one channel, averaged over positions; the heads' logits are summed.
+
+``D`` is conditioned on a time ``t = 1 - s u / (1 + (s - 1) u)``, ``u ~ U(0, 1)``, with shift
+``s = apt.t_shift`` (``s = 1``: uniform; ``s > 1`` moves the draws towards the noise end, the shift
+of Esser et al. 2024 in APT's convention, then converted to ours), and fed clean samples: real
+``x1 ~`` the target and generated ``G(x0)``, the same ``t`` for the ``i``-th real and fake rows.
+
+Losses (per sample, averaged). Non-saturating (``apt.loss: ns``, APT's loss written on logits):
+``L_D = softplus(-D(x1, t)) + softplus(D(G(x0), t))``, ``L_G = softplus(-D(G(x0), t))``. Relativistic
+pairing (``relativistic``; RpGAN, Jolicoeur-Martineau 2019): ``L_D = softplus(-(D(x1, t) - D(G(x0), t)))``,
+``L_G = softplus(-(D(G(x0), t) - D(x1, t)))``.
+
+R1 on real samples (APT's approximated R1). ``approx``:
+``lambda * mean_i (D(x1_i, t_i) - D(x1_i + sigma eps_i, t_i))^2``, ``eps ~ N(0, I)``, ``sigma`` a
+standard deviation. For small ``sigma`` its expectation is ``lambda sigma^2 ||grad_x D||^2``, so
+``exact`` is defined as that: ``lambda sigma^2 mean_i ||grad_x D(x1_i, t_i)||^2`` (R1's
+``gamma / 2 = lambda sigma^2``); the same keys give the same strength in both modes. Defaults
+``lambda = 100``, ``sigma = 0.01`` (APT's image values; the toy data have a scale of a few units, so
+``sigma`` is a smaller relative nudge there: ``gamma / 2 = 0.01`` either way).
+
+Optimisers: RMSProp with ``alpha = 0.9`` for both players (as APT), learning rates
+``apt.lr_g`` and ``apt.lr_d``, no weight decay, and no gradient clipping (``train.grad_clip`` must be
+0). ``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
+(:class:`~flowmatch.training.objectives.OneStepDistill`, ``d(v(x0, 0), x1 - x0)``) to the generator's
+loss with that weight: the teacher keeps the student near it while real data corrects it.
+
+Model selection: every ``apt.eval_every`` updates (and before the first) the EMA generator's samples
+of a fixed validation draw (``apt.eval_n`` source draws from seed :data:`VALIDATION_SEED`) are scored by
+the task's scorer (:data:`VALIDATION_SCORERS`, registered by :mod:`flowmatch.evaluation`): toy tasks
+by exact W2 against fresh target draws from seed ``VALIDATION_SEED + 1`` (never the bench's seeds
+0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against a
+fixed subset of the training split (the reference of :func:`flowmatch.evaluation.image_reference`).
+The loop logs ``apt/val_w2`` (or ``apt/val_fd``) and writes the best state as
+``checkpoints/best.pt`` (with ``selection``: its step, metric and score).
+
+Logged each log step (means over the interval): ``apt/d_loss`` (the adversarial part of the
+discriminator's loss), ``apt/r1`` (the penalty as added), ``apt/d_real`` and ``apt/d_fake`` (mean
+logits on real and generated samples, from the discriminator's update), ``apt/g_loss`` (the
+adversarial part of the generator's loss) and, with a regression term, ``apt/regression``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowmatch.config import from_dict
+from flowmatch.data.task import data_shape
+from flowmatch.errors import ConfigError
+from flowmatch.models import MLPVelocity, UNetVelocity, build_model
+from flowmatch.models.unet import Upsample, _Level
+from flowmatch.training import OBJECTIVES, Batch, Objective, OneStepDistill, load_checkpoint, load_model
+from flowmatch.training.objectives import Validation
+from flowmatch.types import LossOutput
+from flowmatch.utils import make_generator
+
+__all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
+           "generator_loss", "approx_r1", "exact_r1", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS",
+           "VALIDATION_SEED"]
+
+# objectives whose students are one-step generators x0 + v(x0, 0)
+ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
+# the validation draw's seed (source from it, the toy reference from it + 1 and + 2): none of the
+# bench's (0, 1, 2), the few-step table's validation (10_007) or eval.seed's default (1234)
+VALIDATION_SEED = 20_011
+# ``name -> (cfg, n, *, seed, device) -> scorer``, ``scorer(x1) -> dict`` with ``scorer.metric`` (``w2``
+# or ``fd``) among its keys. Scoring lives in a higher layer: flowmatch.evaluation registers its
+# make_scorer as "default" when imported (the CLI and the pipelines import it).
+VALIDATION_SCORERS: dict[str, Callable] = {}
+
+
+def one_step(v, x0: torch.Tensor) -> torch.Tensor:
+    """``x0 + v(x0, 0)``: one Euler step from noise (``t = 0``) to data; ``x0`` ``[B, *D]`` -> ``[B, *D]``."""
+    out = v(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype))
+    return x0 + out.to(x0.dtype)
+
+
+def shifted_time(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """``1 - s u / (1 + (s - 1) u)`` for ``u`` ``[B]`` in [0, 1] (see the module docstring; ``s = 1``:
+    ``1 - u``, uniform)."""
+    return 1.0 - shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """Per-sample ``L_D`` (``[B]``) from the logits on real and generated rows (``[B]`` each)."""
+    if kind == "relativistic":
+        return F.softplus(-(d_real - d_fake))
+    return F.softplus(-d_real) + F.softplus(d_fake)
+
+
+def generator_loss(d_real: Optional[torch.Tensor], d_fake: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """Per-sample ``L_G`` (``[B]``); ``d_real`` is read only by the relativistic loss."""
+    if kind == "relativistic":
+        return F.softplus(-(d_fake - d_real))
+    return F.softplus(-d_fake)
+
+
+def approx_r1(d, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sigma: float,
+              d_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(D(x, t) - D(x + sigma eps, t))^2`` per sample (``[B]``) for ``x``, ``eps`` ``[B, *D]``; ``d_x``
+    is ``D(x, t)`` where the caller has it already. Its expectation over ``eps`` is
+    ``sigma^2 ||grad_x D||^2 + O(sigma^4)``."""
+    if d_x is None:
+        d_x = d(x, t)
+    return (d_x - d(x + sigma * eps, t)).pow(2)
+
+
+def exact_r1(d, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``||grad_x D(x, t)||^2`` per sample (``[B]``), differentiable (``create_graph``)."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x, t).sum(), x, create_graph=True)
+    return grad.reshape(grad.shape[0], -1).pow(2).sum(1)
+
+
+class Discriminator(nn.Module):
+    """``D(x, t) -> [B]`` logits on a velocity network's features at several depths (see the module
+    docstring). ``backbone`` (an :class:`MLPVelocity` or :class:`UNetVelocity`) is taken over: its
+    velocity output layer is replaced by an identity (its output is not a feature), the rest is
+    :attr:`backbone`, every parameter trainable."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self._feats: list[torch.Tensor] = []
+        if isinstance(backbone, MLPVelocity):
+            taps = [m for m in backbone.net[:-1] if not isinstance(m, nn.Linear)]  # the activations
+            widths = [m.out_features for m in backbone.net[:-1] if isinstance(m, nn.Linear)]
+            backbone.net[-1] = nn.Identity()
+            self.norm = nn.LayerNorm(sum(widths), elementwise_affine=False)
+            self.head = nn.Linear(sum(widths), 1)
+            self.heads = None
+        elif isinstance(backbone, UNetVelocity):
+            up = list(backbone.up)
+            taps = [backbone.mid[-1]] + [m for m, nxt in zip(up, up[1:]) if isinstance(nxt, Upsample)]
+            widths = [m.res.conv2.out_channels for m in taps if isinstance(m, _Level)]
+            taps.append(backbone.out_norm)
+            widths.append(backbone.out_norm.num_channels)
+            backbone.out_conv = nn.Identity()
+            self.heads = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
+                                                     nn.Conv2d(c, 1, 1)) for c in widths)
+        else:
+            raise ConfigError(f"the APT discriminator reads the features of an MLP or a UNet velocity network; "
+                              f"got {type(backbone).__name__}")
+        for m in taps:
+            m.register_forward_hook(self._keep)
+        self.backbone.requires_grad_(True)
+
+    def _keep(self, module, inputs, output) -> None:
+        self._feats.append(output)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's features at its tapped depths for ``x`` ``[B, *D]`` and ``t`` ``[B]``."""
+        self._feats = []
+        self.backbone(x, t)
+        feats, self._feats = self._feats, []
+        return feats
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x, t)
+        if self.heads is None:
+            return self.head(self.norm(torch.cat(feats, dim=1))).squeeze(1).float()
+        return sum(h(f).mean(dim=(1, 2, 3)) for h, f in zip(self.heads, feats)).float()
+
+
+class AdversarialPostTraining(Objective):
+    """APT (see the module docstring): players ``discriminator`` then ``student`` (the generator),
+    each drawing its own batch and stepping its own RMSProp."""
+
+    name = "apt"
+    section = "apt"
+    players = ("discriminator", "student")
+    # hooks collect the features, and exact R1 differentiates a gradient: kept eager
+    compilable = False
+
+    def __init__(self, cfg, comp):
+        super().__init__(cfg, comp)
+        ac = cfg.apt
+        self.ac, self.batch_size = ac, cfg.train.batch_size
+        self.regression = OneStepDistill(cfg, comp) if ac.regression_weight > 0 else None
+        self.best: Optional[dict] = None  # {"step", "score"} of the best validation so far (state)
+        self._val: Optional[tuple] = None  # (x0 [n, *D], scorer), built at the first validation
+
+    # -- inputs
+    def check(self) -> None:
+        cfg, ac = self.cfg, self.ac
+        if cfg.model.class_cond:
+            raise ConfigError("train.objective=apt does not take class labels yet; set model.class_cond=false")
+        if cfg.train.grad_clip > 0:
+            raise ConfigError(f"train.objective=apt trains without gradient clipping (APT): set train.grad_clip=0 "
+                              f"(got {cfg.train.grad_clip})")
+        init = cfg.train.init
+        if init in ("auto", "random"):
+            raise ConfigError(f"train.objective=apt post-trains a one-step generator: set train.init to its "
+                              f"checkpoint (got train.init={init})")
+        gen = self._config_of(init, "train.init")
+        objective = gen.train.objective
+        if objective not in ONE_STEP_OBJECTIVES:
+            raise ConfigError(f"train.init {init} was trained with objective {objective!r}, not a one-step model "
+                              f"(one of {', '.join(ONE_STEP_OBJECTIVES)})")
+        if gen.lora.rank > 0:
+            raise ConfigError(f"train.init {init} is a LoRA run's checkpoint: merge its adapter first "
+                              f"(`flowmatch adapter merge`)")
+        self._same_shape(gen, init, "train.init")
+        if ac.discriminator_init is None:
+            raise ConfigError("train.objective=apt needs apt.discriminator_init: the teacher flow's checkpoint "
+                              "(or 'random' for a freshly initialised discriminator)")
+        if ac.discriminator_init != "random":
+            teacher = self._config_of(ac.discriminator_init, "apt.discriminator_init")
+            self._same_shape(teacher, ac.discriminator_init, "apt.discriminator_init")
+            if (teacher.model.name, teacher.model.class_cond) != (cfg.model.name, cfg.model.class_cond):
+                raise ConfigError(f"apt.discriminator_init {ac.discriminator_init} is a {teacher.model.name} "
+                                  f"network, the generator a {cfg.model.name}: the discriminator's backbone must "
+                                  f"have the generator's architecture")
+        if self.regression is not None:
+            try:
+                self.regression.check()
+            except ConfigError as e:
+                raise ConfigError(f"apt.regression_weight = {ac.regression_weight} regresses the teacher's pairs: "
+                                  f"{e}") from None
+        if ac.eval_every > 0 and "default" not in VALIDATION_SCORERS:
+            raise ConfigError("apt.eval_every > 0 scores the generator with flowmatch.evaluation's scorer: import "
+                              "flowmatch.evaluation (the CLI and the pipelines do), or set apt.eval_every=0")
+
+    def _config_of(self, path: str, key: str):
+        try:
+            return from_dict(load_checkpoint(path)["config"])
+        except ConfigError as e:
+            raise ConfigError(f"{key} {path} holds an invalid config: {e}") from None
+
+    def _same_shape(self, other, path: str, key: str) -> None:
+        got, want = tuple(data_shape(other.data)), tuple(data_shape(self.cfg.data))
+        if got != want:
+            raise ConfigError(f"{key} {path} was trained on data of shape {got}; this run's data have shape {want}")
+
+    # -- networks
+    def build_nets(self) -> dict:
+        path = self.ac.discriminator_init
+        if path == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.train.seed + 1)
+                backbone = build_model(self.cfg.model, data_shape(self.cfg.data), None)
+                return {"discriminator": Discriminator(backbone).to(self.device)}
+        backbone = load_model(path).model
+        with torch.random.fork_rng(devices=[]):  # the heads' initialisation: fixed by the seed
+            torch.manual_seed(self.cfg.train.seed + 1)
+            disc = Discriminator(backbone)
+        return {"discriminator": disc.to(self.device).train()}
+
+    def make_optimizer(self, player: str, params: list, impl: dict) -> torch.optim.Optimizer:
+        lr = self.ac.lr_d if player == "discriminator" else self.ac.lr_g
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, weight_decay=0.0, foreach=True)
+
+    # -- draws and losses
+    def draw(self, generator: torch.Generator) -> Batch:
+        """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps`` and, with a
+        regression term, the pair store's batch (``more``), in this order."""
+        b, dev = self.batch_size, self.device
+        x0 = self.comp.source.sample(b, generator=generator, device=dev)
+        x1 = self.comp.target.sample(b, generator=generator, device=dev)
+        t = shifted_time(torch.rand(b, generator=generator, device=dev), self.ac.t_shift)
+        eps = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+        more = (self.regression.draw(generator),) if self.regression is not None else ()
+        return Batch(t=t, x0=x0, x1=x1, more=more, extra={"eps": eps})
+
+    def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
+        d, g, kind, ac = nets["discriminator"], nets.student, self.ac.loss, self.ac
+        x1, t = batch.x1, batch.t
+        if player == "discriminator":
+            with torch.no_grad():
+                fake = one_step(g, batch.x0)
+            d_real, d_fake = d(x1, t), d(fake, t)
+            adv = discriminator_loss(d_real, d_fake, kind)
+            if ac.r1 == "approx" and ac.r1_lambda > 0:
+                r1 = ac.r1_lambda * approx_r1(d, x1, t, batch.extra["eps"], ac.r1_sigma, d_x=d_real).mean()
+            elif ac.r1 == "exact" and ac.r1_lambda > 0:
+                r1 = ac.r1_lambda * ac.r1_sigma ** 2 * exact_r1(d, x1, t).mean()
+            else:
+                r1 = torch.zeros((), device=x1.device)
+            extra = {"apt/d_loss": adv.mean().detach(), "apt/r1": r1.detach(),
+                     "apt/d_real": d_real.mean().detach(), "apt/d_fake": d_fake.mean().detach()}
+            return LossOutput(adv.mean() + r1, adv.detach(), t, extra=extra)
+        fake = one_step(g, batch.x0)
+        d_fake = d(fake, t)
+        d_real = None
+        if kind == "relativistic":
+            with torch.no_grad():
+                d_real = d(x1, t)
+        adv = generator_loss(d_real, d_fake, kind)
+        total, extra = adv.mean(), {"apt/g_loss": adv.mean().detach()}
+        if self.regression is not None:
+            reg = self.regression.loss(nets, batch.more[0]).loss
+            total = total + ac.regression_weight * reg
+            extra["apt/regression"] = reg.detach()
+        return LossOutput(total, adv.detach(), t, extra=extra)
+
+    # -- model selection
+    def _validation(self):
+        if self._val is None:
+            n = self.ac.eval_n
+            x0 = self.comp.source.sample(n, generator=make_generator(VALIDATION_SEED), device="cpu")
+            scorer = VALIDATION_SCORERS["default"](self.cfg, n, seed=VALIDATION_SEED, device=self.device)
+            self._val = (x0, scorer)
+        return self._val
+
+    @torch.no_grad()
+    def validate(self, step: int, model: nn.Module) -> Optional[Validation]:
+        """Every ``apt.eval_every`` updates (step 0 included) and at the last: the EMA generator's score
+        on the validation draw (``apt/val_<metric>`` and the scorer's other scores), ``best`` when it is
+        below every earlier one (a non-finite score never is)."""
+        every = self.ac.eval_every
+        if every == 0 or (step % every and step != self.cfg.train.steps):
+            return None
+        x0, scorer = self._validation()
+        chunk = 2000
+        x1 = torch.cat([one_step(model, x0[i:i + chunk].to(self.device)).cpu() for i in range(0, len(x0), chunk)])
+        scores = scorer(x1)
+        score = float(scores[scorer.metric])
+        best = math.isfinite(score) and (self.best is None or score < self.best["score"])
+        if best:
+            self.best = {"step": int(step), "score": score, "metric": scorer.metric}
+        return Validation({f"apt/val_{k}": float(v) for k, v in scores.items()}, best,
+                          {"step": int(step), "metric": scorer.metric, "score": score})
+
+    # -- state
+    def state_dict(self) -> dict:
+        state = {"best": dict(self.best) if self.best is not None else None}
+        if self.regression is not None:
+            state["regression"] = self.regression.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = dict(state["best"]) if state.get("best") is not None else None
+        if self.regression is not None:
+            self.regression.load_state_dict(state.get("regression", {}))
+
+
+OBJECTIVES[AdversarialPostTraining.name] = AdversarialPostTraining

@@ -1,0 +1,409 @@
+"""Adversarial post-training (objective ``apt``, flowmatch.distill.adversarial): its R1 penalties against
+closed forms, the discriminator built from the teacher, the players' alternation, a 1-D GAN toy, exact
+resume through the loop, model selection (best.pt) and the bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import flowmatch.evaluation  # noqa: F401 - registers the validation scorer
+from conftest import make_tiny_cfg
+from flowmatch.config import apply_overrides, to_dict
+from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, discriminator_loss,
+                                           exact_r1, generator_loss, one_step, shifted_time)
+from flowmatch.errors import ConfigError, NonFiniteLossError
+from flowmatch.models import build_model
+from flowmatch.training import (OBJECTIVES, build_trainer, load_checkpoint, load_model, read_metrics,
+                                save_checkpoint, train)
+from flowmatch.training.objectives import Validation
+from flowmatch.types import LossOutput
+from test_training import _Interrupt
+
+
+# --------------------------------------------------------------------------- fixtures: a teacher and a one-step model
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A tiny flow teacher (cfm) and a tiny one-step model (ct, from the teacher) on gaussian -> 8gaussians."""
+    root = tmp_path_factory.mktemp("apt")
+    teacher = train(make_tiny_cfg("train.steps=10", "train.fast=off"), str(root / "teacher"), progress=False).checkpoint
+    gen = train(make_tiny_cfg("train.objective=ct", "train.steps=5", "train.fast=off", f"train.init={teacher}"),
+                str(root / "gen"), progress=False).checkpoint
+    return {"teacher": teacher, "gen": gen, "root": root}
+
+
+def _cfg(ckpts, *extra):
+    return make_tiny_cfg("train.objective=apt", f"train.init={ckpts['gen']}", f"apt.discriminator_init={ckpts['teacher']}",
+                         "train.grad_clip=0", "train.warmup_steps=0", "train.fast=off", "apt.eval_every=0",
+                         "apt.lr_g=1e-3", "apt.lr_d=1e-3", *extra)
+
+
+def _edited(ckpts, which: str, name: str, **sections) -> str:
+    """A copy of checkpoint ``which`` whose config has ``sections`` replaced (keys of each)."""
+    ckpt = load_checkpoint(ckpts[which])
+    cfg = copy.deepcopy(ckpt["config"])
+    for section, keys in sections.items():
+        cfg[section].update(keys)
+    path = str(ckpts["root"] / f"{name}.pt")
+    save_checkpoint(path, {**{k: v for k, v in ckpt.items() if k not in ("format", "version")}, "config": cfg})
+    return path
+
+
+# --------------------------------------------------------------------------- R1 against closed forms
+
+
+def test_approx_r1_matches_its_small_sigma_expansion():
+    """D(x) = a.x + b x.x: D(x + s e) - D(x) = s e.g + b s^2 |e|^2 with g = a + 2 b x, so
+    E (D(x) - D(x + s e))^2 = s^2 |g|^2 + b^2 s^4 d (d + 2), the leading term lambda s^2 |grad D|^2."""
+    gen = torch.Generator().manual_seed(0)
+    d_dim, n, sigma, b = 3, 200_000, 0.05, 0.7
+    a = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    x = torch.tensor([[0.3, -0.2, 1.0], [1.5, 0.4, -0.7]], dtype=torch.float64)
+
+    def d(z, t):
+        return z @ a + b * (z * z).sum(1)
+
+    grad = a + 2 * b * x  # [2, 3]
+    t = torch.zeros(n, dtype=torch.float64)
+    for i in range(2):
+        xi = x[i].expand(n, d_dim)
+        eps = torch.randn(n, d_dim, generator=gen, dtype=torch.float64)
+        mc = approx_r1(d, xi, t, eps, sigma).mean().item()
+        expected = sigma ** 2 * grad[i].pow(2).sum().item() + b ** 2 * sigma ** 4 * d_dim * (d_dim + 2)
+        assert mc == pytest.approx(expected, rel=0.015)  # Monte Carlo: relative sd sqrt(2 / n) = 0.3%
+        leading = sigma ** 2 * grad[i].pow(2).sum().item()
+        assert mc == pytest.approx(leading, rel=0.02)  # the O(sigma^4) term is below 0.1% here
+    # exact R1 is |grad_x D|^2 itself
+    assert torch.allclose(exact_r1(d, x, t[:2]), grad.pow(2).sum(1))
+
+
+def test_loss_functions_and_time_shift():
+    dr, df = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.0])
+    sp = torch.nn.functional.softplus
+    assert torch.allclose(discriminator_loss(dr, df), sp(-dr) + sp(df))
+    assert torch.allclose(discriminator_loss(dr, df, "relativistic"), sp(df - dr))
+    assert torch.allclose(generator_loss(None, df), sp(-df))
+    assert torch.allclose(generator_loss(dr, df, "relativistic"), sp(dr - df))
+    u = torch.linspace(0, 1, 11)
+    assert torch.allclose(shifted_time(u, 1.0), 1 - u)
+    t3 = shifted_time(u, 3.0)  # towards the noise end (t = 0 in our convention), endpoints kept
+    assert t3[0] == 1 and t3[-1] == 0 and bool((t3[1:-1] < (1 - u)[1:-1]).all())
+
+
+# --------------------------------------------------------------------------- the discriminator
+
+
+def test_discriminator_backbone_equals_the_teacher_at_initialisation(ckpts):
+    trainer = build_trainer(_cfg(ckpts))
+    disc = trainer.nets_raw["discriminator"]
+    teacher = load_model(ckpts["teacher"]).model
+    mine, theirs = disc.backbone.state_dict(), teacher.state_dict()
+    last = len(teacher.net) - 1  # the velocity output layer: dropped (its output is not a feature)
+    assert set(theirs) - set(mine) == {f"net.{last}.weight", f"net.{last}.bias"}
+    for k, v in mine.items():
+        assert torch.equal(v, theirs[k]), k
+    # the features are the teacher's hidden activations, every layer's
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o)) for m in teacher.net[:-1]
+             if not isinstance(m, torch.nn.Linear)]
+    x, t = torch.randn(5, 2, generator=torch.Generator().manual_seed(1)), torch.rand(5)
+    with torch.no_grad():
+        teacher(x, t)
+        feats = disc.features(x, t)
+    for h in hooks:
+        h.remove()
+    assert len(feats) == len(acts) == 2 and all(torch.equal(f, a) for f, a in zip(feats, acts))
+    # every parameter is trained, the generator's student is train.init's EMA weights
+    assert all(p.requires_grad for p in disc.parameters())
+    gen = load_model(ckpts["gen"]).model.state_dict()
+    assert all(torch.equal(v, gen[k]) for k, v in trainer.model.state_dict().items())
+    rand = build_trainer(_cfg(ckpts, "apt.discriminator_init=random")).nets_raw["discriminator"]
+    assert not torch.equal(rand.backbone.net[0].weight, disc.backbone.net[0].weight)
+
+
+@pytest.mark.parametrize("model", ["mlp", "unet"])
+def test_every_discriminator_parameter_gets_a_gradient(model):
+    torch.manual_seed(0)
+    if model == "mlp":
+        cfg, shape = make_tiny_cfg(), (2,)
+    else:
+        cfg, shape = make_tiny_cfg("model.name=unet", "model.preset=tiny"), (1, 8, 8)
+    disc = Discriminator(build_model(cfg.model, shape, None))
+    x = torch.randn(4, *shape, requires_grad=True)
+    out = disc(x, torch.rand(4))
+    assert out.shape == (4,)
+    out.sum().backward()
+    missing = [n for n, p in disc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+    if model == "unet":  # heads at the middle block, the up path's 8x8 -> 4x4 end and the output norm
+        assert len(disc.heads) == 3 and sorted(f.shape[-1] for f in disc.features(x, torch.rand(4))) == [4, 4, 8]
+
+
+# --------------------------------------------------------------------------- players
+
+
+def test_players_alternate_and_each_optimiser_moves_only_its_own_parameters(ckpts):
+    trainer = build_trainer(_cfg(ckpts))
+    disc, student = trainer.nets_raw["discriminator"], trainer.model
+    calls = []
+
+    def snapshot():
+        return ([p.detach().clone() for p in disc.parameters()], [p.detach().clone() for p in student.parameters()])
+
+    def changed(before, after):
+        return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+    for p in trainer.players:
+        assert isinstance(p.optimizer, torch.optim.RMSprop)
+        group = p.optimizer.param_groups[0]
+        assert group["alpha"] == 0.9 and group["weight_decay"] == 0
+        own = {id(q) for q in (disc if p.name == "discriminator" else student).parameters()}
+        assert {id(q) for q in group["params"]} == own
+        before = {}
+        p.optimizer.register_step_pre_hook(lambda opt, a, k, _b=before: _b.update(state=snapshot()))
+        p.optimizer.register_step_post_hook(
+            lambda opt, a, k, _b=before, _n=p.name: calls.append(
+                (_n, changed(_b["state"][0], snapshot()[0]), changed(_b["state"][1], snapshot()[1]))))
+    for _ in range(2):
+        trainer.step()
+    assert calls == [("discriminator", True, False), ("student", False, True)] * 2
+
+
+# --------------------------------------------------------------------------- a 1-D GAN
+
+
+def test_adversarial_loss_moves_an_affine_generator_to_the_targets_mean_and_scale():
+    """G(z) = a z + c against N(2, 0.5^2), a discriminator linear in (x, x^2) with approximated R1 and
+    RMSProp (alpha 0.9) for both: G ends at |a| = 0.5, c = 2 (from a = 1, c = 0)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    a, c = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(0.0))
+    lin = torch.nn.Linear(2, 1)
+
+    def d(x, t):
+        return lin(torch.stack([x, x * x], 1)).squeeze(1)
+
+    opt_g = torch.optim.RMSprop([a, c], lr=1e-2, alpha=0.9)
+    opt_d = torch.optim.RMSprop(lin.parameters(), lr=1e-2, alpha=0.9)
+    t, trace = torch.zeros(256), []
+    for i in range(900):
+        z, x, eps = (torch.randn(256, generator=gen) for _ in range(3))
+        x = 2.0 + 0.5 * x
+        d_real = d(x, t)
+        loss_d = discriminator_loss(d_real, d((a * z + c).detach(), t)).mean() \
+            + 100 * approx_r1(d, x, t, eps, 0.1, d_x=d_real).mean()
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        loss_g = generator_loss(None, d(a * torch.randn(256, generator=gen) + c, t)).mean()
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        if i >= 800:
+            trace.append((abs(a.item()), c.item()))
+    scale, mean = (sum(v) / len(trace) for v in zip(*trace))
+    assert abs(mean - 2.0) < 0.1 and abs(scale - 0.5) < 0.08, (mean, scale)
+
+
+# --------------------------------------------------------------------------- the loop: resume, logs, selection
+
+
+def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path):
+    cfg = _cfg(ckpts)
+    a = train(cfg, str(tmp_path / "a"), progress=False)
+    ckpt = load_checkpoint(a.checkpoint)
+    assert ckpt["objective"]["name"] == "apt" and set(ckpt["nets"]) == {"discriminator"}
+    assert set(ckpt["players"]) == {"discriminator"} and ckpt["players"]["discriminator"]["optimizer"]["state"]
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(tmp_path / "b"), progress=False, on_step=_Interrupt(13))
+    b = train(cfg, str(tmp_path / "b"), progress=False, resume=True)
+    assert b.start_step == 10 and a.losses[10:] == b.losses  # bit for bit: the same kernels in the same order
+    other = load_checkpoint(b.checkpoint)
+    for part in ("model", "ema"):
+        for k, v in _flat(ckpt[part]).items():
+            assert torch.equal(v, _flat(other[part])[k]), (part, k)
+    for k, v in ckpt["nets"]["discriminator"].items():
+        assert torch.equal(v, other["nets"]["discriminator"][k]), k
+    for role in ("optimizer",):
+        for k, v in _flat(ckpt["players"]["discriminator"][role]["state"]).items():
+            assert torch.equal(v, _flat(other["players"]["discriminator"][role]["state"])[k])
+        for k, v in _flat(ckpt[role]["state"]).items():
+            assert torch.equal(v, _flat(other[role]["state"])[k])
+    assert torch.equal(ckpt["rng"]["generator"], other["rng"]["generator"])
+    rows = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if "train/loss" in r]
+    keys = ("apt/d_loss", "apt/g_loss", "apt/r1", "apt/d_real", "apt/d_fake")
+    assert len(rows) == 4 and all(all(math.isfinite(r[k]) for k in keys) for r in rows)
+    assert all(r["apt/r1"] > 0 for r in rows)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("extra", [("apt.loss=relativistic",), ("apt.r1=exact",), ("apt.r1=none",),
+                                   ("apt.t_shift=3.0", "train.fast=on")])
+def test_loss_and_penalty_options_train(ckpts, tmp_path, extra):
+    res = train(_cfg(ckpts, "train.steps=4", *extra), str(tmp_path / "r"), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path / "r" / "metrics.jsonl")) if "apt/r1" in r]
+    assert len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
+    assert (rows[-1]["apt/r1"] == 0) == ("apt.r1=none" in extra)
+
+
+def test_exact_r1_in_the_loss_is_lambda_sigma_squared_times_the_gradient_norm(ckpts):
+    trainer = build_trainer(_cfg(ckpts, "apt.r1=exact", "apt.r1_lambda=7", "apt.r1_sigma=0.3"))
+    obj, batch = trainer.objective, trainer.objective.draw(torch.Generator().manual_seed(0))
+    out = obj.loss(trainer.nets, batch, "discriminator")
+    disc = trainer.nets_raw["discriminator"]
+    x = batch.x1.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(disc(x, batch.t).sum(), x)
+    assert out.extra["apt/r1"].item() == pytest.approx(7 * 0.09 * g.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_best_checkpoint_is_written_at_the_validation_minimum(ckpts, tmp_path):
+    cfg = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64", "apt.lr_g=3e-3")
+    train(cfg, str(tmp_path / "s"), progress=False)
+    curve = [(r["step"], r["apt/val_w2"]) for r in read_metrics(str(tmp_path / "s" / "metrics.jsonl"))
+             if "apt/val_w2" in r]
+    assert [s for s, _ in curve] == [0, 4, 8, 12, 16, 20]
+    best = load_checkpoint(str(tmp_path / "s" / "checkpoints" / "best.pt"))
+    step, score = min(curve, key=lambda sv: sv[1])
+    assert best["selection"] == {"step": step, "metric": "w2", "score": score} and best["step"] == step
+    assert len({round(v, 9) for _, v in curve}) > 1  # the generator moved: the minimum is a choice
+    # the stored EMA generator scores what was logged
+    model = load_model(str(tmp_path / "s" / "checkpoints" / "best.pt")).model
+    obj = AdversarialPostTraining(cfg, build_trainer(cfg).components)
+    assert obj.validate(0, model).scores["apt/val_w2"] == pytest.approx(score, abs=1e-9)
+    assert load_checkpoint(str(tmp_path / "s" / "checkpoints" / "last.pt"))["objective"]["state"]["best"]["step"] == step
+
+
+def test_regression_term_on_a_pair_store(ckpts, tmp_path):
+    from flowmatch.reflow import generate_pairs
+
+    generate_pairs(ckpts["teacher"], str(tmp_path / "pairs"), 64, solver="euler", nfe=2, shard_size=64, progress=False,
+                   device="cpu")
+    res = train(_cfg(ckpts, "train.steps=4", "apt.regression_weight=0.5", "coupling.name=paired",
+                     f"coupling.pairs={tmp_path / 'pairs'}"), str(tmp_path / "r"), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path / "r" / "metrics.jsonl")) if "apt/regression" in r]
+    assert rows and rows[-1]["apt/regression"] > 0 and all(math.isfinite(v) for v in res.losses)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_generator_that_is_not_a_one_step_model_is_refused(ckpts):
+    with pytest.raises(ConfigError, match=r"trained with objective 'cfm', not a one-step model"):
+        build_trainer(_cfg(ckpts, f"train.init={ckpts['teacher']}"))
+    with pytest.raises(ConfigError, match="set train.init to its checkpoint"):
+        build_trainer(_cfg(ckpts, "train.init=random"))
+
+
+def test_generator_of_another_data_shape_is_refused(ckpts):
+    path = _edited(ckpts, "gen", "gen_digits", data={"target": "digits"})
+    with pytest.raises(ConfigError, match=r"train.init .* data of shape \(1, 8, 8\); this run's data have shape \(2,\)"):
+        build_trainer(_cfg(ckpts, f"train.init={path}"))
+
+
+def test_discriminator_of_another_architecture_is_refused(ckpts):
+    path = _edited(ckpts, "teacher", "teacher_unet", model={"name": "unet"})
+    with pytest.raises(ConfigError, match="is a unet network, the generator a mlp"):
+        build_trainer(_cfg(ckpts, f"apt.discriminator_init={path}"))
+    with pytest.raises(ConfigError, match="needs apt.discriminator_init"):
+        build_trainer(_cfg(ckpts, "apt.discriminator_init=null"))
+
+
+@pytest.mark.parametrize("key,value", [("r1_lambda", "-1"), ("r1_lambda", ".nan"), ("r1_lambda", ".inf"),
+                                       ("r1_sigma", "-0.01"), ("r1_sigma", "0"), ("r1_sigma", ".inf"),
+                                       ("r1_sigma", ".nan")])
+def test_negative_or_non_finite_lambda_or_sigma_is_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"^apt\.{key} = .*: must be a finite number"):
+        apply_overrides(make_tiny_cfg(), [f"apt.{key}={value}"])
+
+
+def test_gradient_clipping_is_refused(ckpts):
+    cfg = apply_overrides(_cfg(ckpts), ["train.grad_clip=1.0"])
+    with pytest.raises(ConfigError, match="set train.grad_clip=0"):
+        build_trainer(cfg)
+
+
+def _diverging(player: str, at: int):
+    class Diverging(AdversarialPostTraining):
+        calls = 0
+
+        def loss(self, nets, batch, p="student"):
+            out = super().loss(nets, batch, p)
+            if p == player:
+                Diverging.calls += 1
+                if Diverging.calls == at:
+                    return LossOutput(out.loss * float("nan"), out.per_sample, out.t, out.extra)
+            return out
+
+    return Diverging
+
+
+@pytest.mark.parametrize("player", ["discriminator", "student"])
+@pytest.mark.parametrize("fast", ["off", "on"])
+def test_diverging_run_stops_naming_the_player_and_step_and_keeps_the_last_good_checkpoint(ckpts, tmp_path,
+                                                                                         monkeypatch, player, fast):
+    monkeypatch.setitem(OBJECTIVES, "apt", _diverging(player, 7))
+    run = tmp_path / "d"
+    with pytest.raises(NonFiniteLossError, match=rf"of player {player} at step 7; last good checkpoint kept at") as e:
+        train(_cfg(ckpts, f"train.fast={fast}"), str(run), progress=False)
+    assert e.value.player == player and e.value.step == 7
+    assert load_checkpoint(str(run / "checkpoints" / "last.pt"))["step"] == 5
+
+
+def test_images_train_a_unet_generator_against_a_unet_discriminator_scored_by_fd(tmp_path):
+    img = ["data.target=digits", "model.name=unet", "model.preset=tiny", "train.batch_size=16", "train.fast=off"]
+    teacher = train(make_tiny_cfg(*img, "train.steps=3"), str(tmp_path / "t"), progress=False).checkpoint
+    gen = train(make_tiny_cfg(*img, "train.objective=ct", "train.steps=2", f"train.init={teacher}"),
+                str(tmp_path / "g"), progress=False).checkpoint
+    res = train(make_tiny_cfg(*img, "train.objective=apt", f"train.init={gen}", f"apt.discriminator_init={teacher}",
+                              "train.grad_clip=0", "train.steps=4", "train.log_every=2", "apt.eval_every=2",
+                              "apt.eval_n=64", "apt.r1=exact"), str(tmp_path / "a"), progress=False)
+    rows = read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+    curve = [(r["step"], r["apt/val_fd"]) for r in rows if "apt/val_fd" in r]
+    assert [s for s, _ in curve] == [0, 2, 4] and all(math.isfinite(v) for _, v in curve)
+    assert all(math.isfinite(v) for v in res.losses) and any(r.get("apt/r1", 0) > 0 for r in rows)
+    sel = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "best.pt"))["selection"]
+    assert sel["metric"] == "fd" and sel["score"] == min(v for _, v in curve)
+
+
+def _ddp_results(rank: int, out_dir: str) -> dict:
+    import json
+    import os
+
+    import flowmatch.distill  # noqa: F401 - a spawned process registers apt afresh
+    import flowmatch.evaluation  # noqa: F401,F811
+
+    with open(os.path.join(out_dir, "ckpts.json")) as f:
+        ckpts = json.load(f)
+    cfg = _cfg(ckpts, "apt.eval_every=5", "apt.eval_n=32", *ckpts.get("extra", []))
+    whole = train(cfg, os.path.join(out_dir, "whole"), progress=False)
+    train(apply_overrides(cfg, ["train.steps=10"]), os.path.join(out_dir, "half"), progress=False)
+    rest = train(cfg, os.path.join(out_dir, "half"), progress=False, resume=True)
+    return {"whole": whole.losses, "rest": rest.losses, "world": whole.world_size}
+
+
+def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_path, r1="approx"):
+    import json
+
+    from test_ddp import _spawn
+
+    (tmp_path / "ckpts.json").write_text(json.dumps({**{k: str(v) for k, v in ckpts.items()}, "extra": [f"apt.r1={r1}"]}))
+    ranks = _spawn(str(tmp_path), results=_ddp_results)
+    for r in ranks:
+        assert r["world"] == 2 and r["whole"][10:] == r["rest"] and r["whole"] == ranks[0]["whole"]
+    ckpt = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pt"))
+    assert ckpt["world_size"] == 2 and "discriminator" in ckpt["nets"]
+    assert load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "best.pt"))["selection"]["metric"] == "w2"
