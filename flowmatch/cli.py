@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="experiment YAML(s) with a reflow: section (see experiments/toy/reflow_*.yaml)")
     rr.add_argument("--rounds", type=int, help="K (default reflow.rounds)")
     rr.add_argument("--distill", action="store_true", default=None, help="distil the last round to one step")
+    rr.add_argument("--apt", action="store_true", default=None,
+                    help="then post-train the distilled model adversarially (the apt section; needs --distill)")
     rr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rr.add_argument("--out", default=os.path.join("runs", "reflow"),
                     help="parent directory: each chain goes to OUT/<name>; the tables of all go to OUT/stages.*")
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr = dsub.add_parser("run", help="teacher -> reflow, distill, cd, ct, ...; one table, quality beside cost")
     dr.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment YAML(s) with reflow: and consistency:")
     dr.add_argument("--methods", type=_csv_list, default=None,
-                    help="comma-separated, of reflow, distill, cd, ct, cd-lora (default: all)")
+                    help="comma-separated, of reflow, distill, apt, cd, ct, cd-lora (default: all)")
     dr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dr.add_argument("--out", default=os.path.join("runs", "few_step"),
                     help="parent directory: each task goes to OUT/<name>; all summaries to OUT/few_step.md")
@@ -253,7 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         all_rows = []
         for cfg in cfgs:
             rows = reflow_from_config(cfg, os.path.join(args.out, cfg.name), rounds=args.rounds,
-                                       distill=args.distill, progress=not args.no_progress)
+                                       distill=args.distill, apt=args.apt, progress=not args.no_progress)
             m = "fd" if rows and "fd" in rows[0] else "w2"
             extra = ("fd", "fd_floor", "kid") if m == "fd" else ("w2", "w2_floor", "mmd")
             print(f"## {cfg.name}\n\n" + rows_to_markdown(rows, ("stage", "solver", "nfe", *extra, "straightness")))

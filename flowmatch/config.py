@@ -428,6 +428,7 @@ class ReflowConfig:
     mix: float = 1.0  # weight of the teacher-pair loss; 1 - mix on real data
     real: Optional[str] = None  # coupling of the real-data term (default: the experiment's own)
     distill: bool = False  # end the chain with a one-step distillation stage (its keys: the distill section)
+    apt: bool = False  # then adversarial post-training of that one-step model (its keys: the apt section)
     bench_n: int = 5000
     bench_solvers: list[str] = field(default_factory=lambda: ["euler", "dopri5"])
     bench_nfes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])

@@ -117,7 +117,20 @@ def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu
     return ToyScorer(build_task(cfg.data).target, n, seed)
 
 
-adversarial.VALIDATION_SCORERS["default"] = make_scorer  # the APT objective's model selection scores with it
+def validation_scorer(cfg, n: int, *, seed: int, device: str | torch.device = "cpu"):
+    """The scorer a run selects its checkpoint with (APT's model selection): for a toy task the bench's
+    scorer of ``seed`` (``n`` points against an exact-split reference of its own seed); for an image
+    task the classifier FD (and KID) against the ``val`` split, the training images held out of
+    ``data.split=fit`` (never the test split, which reports ``fd_test``, nor the bench's reference)."""
+    if not is_image_task(cfg.data):
+        return make_scorer(cfg, n, seed=seed, device=device)
+    from flowmatch.metrics.frechet import ImageFeatureMetrics
+
+    xv, _ = build_task(cfg.data, split="val").target.tensors()
+    return ImageScorer(ImageFeatureMetrics(cfg.data.target, xv, path=cfg.eval.classifier, device=device), xv, seed)
+
+
+adversarial.VALIDATION_SCORERS["default"] = validation_scorer  # the APT objective's model selection scores with it
 
 
 def straightness_n(image: bool) -> int:

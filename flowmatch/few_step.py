@@ -5,6 +5,9 @@
 - ``1-RF``: the teacher (``reflow.teacher``, or the experiment trained as it is);
 - ``reflow``: 2-RF on ``reflow.num_pairs`` pairs of the teacher (the reflow chain's round);
 - ``distill``: one-step distillation of 2-RF's pairs (needs ``reflow``);
+- ``apt``: adversarial post-training of the distilled model against real data (needs ``distill``; the
+  ``apt`` section; its discriminator from the teacher), scored by the checkpoint its validation draw
+  selected (``best.pt``);
 - ``cd``: consistency distillation of the teacher (``train.objective: cd``, initialised from it; the
   ``consistency`` section's steps, lr and distance);
 - ``ct``: consistency training from scratch (no teacher; the same steps), the baseline that shows what
@@ -23,7 +26,7 @@ at NFE 2, 4 and 8 on a uniform grid of re-noising times and at NFE 2 with the re
 chosen on a validation draw (its own seed, never the scored one) among :data:`T1_CANDIDATES`.
 
 Cost columns, each *cumulative from the 1-RF teacher* (what it takes to get that model):
-``steps`` (optimiser steps), ``wall_s`` (training seconds: steps / the run's steps/s; pair generation
+``steps`` (optimiser steps; APT's count both players'), ``wall_s`` (training seconds: steps / the run's steps/s; pair generation
 not included), ``teacher_evals`` (velocity evaluations of a teacher per training sample: pairs x
 NFE per pair for reflow, CD's teacher steps), ``params`` (trainable parameters of the last stage).
 Writes ``OUT/few_step.json`` / ``.csv`` / ``.md`` (the stages.json schema plus ``method`` and the cost
@@ -44,14 +47,15 @@ from flowmatch.errors import FlowmatchError
 from flowmatch.io import atomic_write_text
 from flowmatch.pipelines import TrainSummary, bench_from_checkpoints
 from flowmatch.reflow import generate_pairs
-from flowmatch.reflow_chain import stage_config, train_stage, reflow_stage_configs
+from flowmatch.reflow_chain import (apt_stage_config, reflow_stage_configs, selected_checkpoint, stage_config,
+                                    train_stage)
 from flowmatch.reports import stage_columns
 from flowmatch.training import load_checkpoint
 
 __all__ = ["FEW_STEP_METHODS", "T1_CANDIDATES", "LORA_RANK", "VALIDATION_N", "few_step_from_config", "best_t1", "few_step_summary",
            "composition_from_config"]
 
-FEW_STEP_METHODS = ("reflow", "distill", "cd", "ct", "cd-lora")
+FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora")
 LORA_RANK = 4
 T1_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _VALIDATION_SEED = 10_007  # the validation draw's seed: never the bench's (0)
@@ -67,6 +71,9 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
         raise FlowmatchError(f"unknown few-step method {unknown[0]!r}; valid methods: {', '.join(FEW_STEP_METHODS)}")
     if "distill" in methods and "reflow" not in methods:
         raise FlowmatchError("few-step method distill distils 2-RF's pairs: add reflow to --methods")
+    if "apt" in methods and "distill" not in methods:
+        raise FlowmatchError("few-step method apt post-trains the distilled one-step model: add reflow,distill "
+                             "to --methods")
     rc, cc = cfg.reflow, cfg.consistency
     stages: list[tuple[str, str, dict]] = []  # (method, checkpoint, cost)
     if rc.teacher:
@@ -89,6 +96,11 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
                          + m["count"] * m["nfe_per_sample"])
             stages.append(("reflow" if i == 0 else "distill", s.checkpoint, cost))
             prev = s.checkpoint
+        if "apt" in methods:
+            label = chain[-1][0]
+            s = train_stage(apt_stage_config(cfg, prev, teacher, chain[-1][2]), out, f"{label}+APT", progress)
+            stages.append(("apt", selected_checkpoint(s.checkpoint),
+                           _cost(s.checkpoint, s, cost["steps"], cost["wall_s"], cost["teacher_evals"])))
     for method in ("cd", "ct", "cd-lora"):
         if method not in methods:
             continue
@@ -135,11 +147,13 @@ def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = Non
 def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0, *,
           state: Optional[dict] = None) -> dict:
     """The cumulative cost of the model in ``ckpt`` (``state``: the checkpoint, when already read): its
-    own run's steps and seconds added to ``steps`` and ``wall``; ``params`` its trainable parameters
-    (a LoRA run's: the adapter's)."""
+    own run's optimiser steps (every player's: an APT step updates the discriminator and the generator)
+    and seconds added to ``steps`` and ``wall``; ``params`` the trainable parameters of the model
+    (a LoRA run's: the adapter's; APT's generator, not its discriminator)."""
     state = load_checkpoint(ckpt) if state is None else state
-    own_steps = int(state["step"]) if s is not None else 0
-    own_wall = (own_steps / s.steps_per_sec) if s is not None and s.steps_per_sec > 0 else 0.0
+    run_steps = int(state["step"]) if s is not None else 0
+    own_steps = run_steps * (1 + len(state.get("players") or {}))
+    own_wall = (run_steps / s.steps_per_sec) if s is not None and s.steps_per_sec > 0 else 0.0
     floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
     lora = {k: v for k, v in floats.items() if "lora_" in k}
     params = sum(v.numel() for v in (lora or floats).values())

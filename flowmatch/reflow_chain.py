@@ -4,7 +4,8 @@ trained on it, then optionally one-step distillation; every stage benchmarked al
 - :func:`stage_config` / :func:`train_stage`: a stage's config (the experiment's with some sections
   replaced) and its training into ``OUT/<label>`` (resumed or reused; a stage on disk made with another
   config is refused, naming what to remove); the few-step table (:mod:`flowmatch.few_step`) uses them too.
-- :func:`reflow_stage_configs`: the training config of each stage after 1-RF.
+- :func:`reflow_stage_configs`: the training config of each stage after 1-RF; :func:`apt_stage_config`
+  the adversarial post-training of the distilled model (``reflow.apt``).
 - :func:`reflow_from_config`: the chain end to end (resumable stage by stage), its stage table and plots.
 - :func:`stage_sample_grids`: per stage, image samples at a few NFE from the same noise.
 - :func:`reflow_sweep`: one round per value of a config key, from one teacher.
@@ -40,8 +41,8 @@ from flowmatch.utils import make_generator, resolve_device
 # target-draw pairs behind the W2 plot's noise-floor band (the first is the stage table's floor)
 FLOOR_DRAWS = 4
 
-__all__ = ["FLOOR_DRAWS", "stage_config", "train_stage", "reflow_stage_configs", "reflow_from_config", "stage_sample_grids",
-           "reflow_sweep"]
+__all__ = ["FLOOR_DRAWS", "stage_config", "train_stage", "reflow_stage_configs", "apt_stage_config",
+           "selected_checkpoint", "reflow_from_config", "stage_sample_grids", "reflow_sweep"]
 
 
 def stage_config(cfg: ExperimentConfig, name: str, **sections) -> ExperimentConfig:
@@ -80,11 +81,45 @@ def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: 
     return stages
 
 
+def apt_stage_config(cfg: ExperimentConfig, generator: str, teacher: str, pairs: Optional[str] = None) -> ExperimentConfig:
+    """The training config of adversarial post-training (``train.objective: apt``) of the one-step
+    ``generator`` checkpoint, its discriminator from ``teacher`` (the chain's 1-RF): the ``apt``
+    section's steps, APT's constant learning rates without warm-up or clipping, a real-data draw per
+    update (the ``independent`` coupling; with ``apt.regression_weight > 0`` the pair store ``pairs``
+    feeds the regression term), one-step evaluation. Image tasks draw their real images from the
+    ``fit`` split, so that the ``val`` split that selects the checkpoint stays unseen by the
+    discriminator (the teacher itself saw the whole training split)."""
+    ac = cfg.apt
+    if ac.regression_weight > 0:
+        if pairs is None:
+            raise FlowmatchError(f"apt.regression_weight = {ac.regression_weight} regresses a pair store: this "
+                                 f"APT stage has none (set apt.regression_weight=0)")
+        coupling = {"name": "paired", "pairs": pairs, "mix": 1.0}
+    else:
+        coupling = {"name": "independent", "pairs": None, "mix": 1.0}
+    data = {"split": "fit"} if is_image_task(cfg.data) else {}
+    student_eval = {"guidance": 1.0} if cfg.model.class_cond else {}
+    return stage_config(cfg, f"{cfg.name}-apt", coupling=coupling, data=data,
+                        train={"objective": "apt", "init": generator, "steps": ac.steps, "grad_clip": 0.0,
+                               "warmup_steps": 0, "lr_schedule": "constant"},
+                        apt={"discriminator_init": teacher}, eval={"solver": "euler", "nfe": 1, **student_eval})
+
+
+def selected_checkpoint(ckpt: str) -> str:
+    """The checkpoint a stage is scored by: ``best.pt`` beside ``ckpt`` where the run selected one on
+    its validation draw (APT), else ``ckpt``."""
+    best = os.path.join(os.path.dirname(ckpt), "best.pt")
+    return best if os.path.isfile(best) else ckpt
+
+
 def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int] = None,
-                       distill: Optional[bool] = None, progress: bool = True) -> list[dict]:
+                       distill: Optional[bool] = None, apt: Optional[bool] = None,
+                       progress: bool = True) -> list[dict]:
     """The reflow chain: 1-RF (trained from ``cfg``, or ``cfg.reflow.teacher``), then for each round
     pairs from the current teacher and the next k-RF trained on them, then (``distill``) one-step
-    distillation of the last round's pairs. Every stage is benchmarked with the same bench.
+    distillation of the last round's pairs, then (``apt``, needs ``distill``) adversarial post-training
+    of that one-step model against real data (stage ``K-RF+distill+APT``, scored by the checkpoint its
+    validation draw selected). Every stage is benchmarked with the same bench.
 
     Writes ``OUT/stages.json`` (rows with ``task, stage, solver, nfe, w2, w2_floor, mmd,
     straightness``, ...; ``fd, fd_floor, kid`` in place of ``w2, w2_floor, mmd`` for images), ``stages.csv``, ``stages.md`` and plots under ``OUT/plots``. Stages
@@ -100,8 +135,12 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
                                   key="reflow.precision")
     rounds = rc.rounds if rounds is None else rounds
     distill = rc.distill if distill is None else distill
+    apt = rc.apt if apt is None else apt
     if rounds < 1:
         raise FlowmatchError(f"reflow needs rounds >= 1, got {rounds}")
+    if apt and not distill:
+        raise FlowmatchError("the chain's APT stage post-trains the distilled one-step model: add --distill "
+                             "(reflow.distill: true)")
     if rc.teacher:
         teacher = load_model(rc.teacher)
         if (teacher.config.data.source, teacher.config.data.target) != (cfg.data.source, cfg.data.target):
@@ -117,6 +156,11 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
                        precision=precision)
         s = train_stage(stage_cfg, out, label, progress)
         stages.append((label, s.checkpoint))
+    if apt:
+        label, generator = stages[-1]
+        s = train_stage(apt_stage_config(cfg, generator, stages[0][1], os.path.join(out, f"pairs-{rounds}RF")),
+                        out, f"{label}+APT", progress)
+        stages.append((f"{label}+APT", selected_checkpoint(s.checkpoint)))
     rows = bench_from_checkpoints([c for _, c in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
                                   n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, names=[lbl for lbl, _ in stages], tracking="disabled",
                                   progress=progress, plot=False)

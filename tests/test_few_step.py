@@ -40,7 +40,7 @@ def test_every_method_is_benched_with_its_cost_and_reused(make_cfg, tmp_path):
     assert {r["method"] for r in again} == {"1-RF", "cd"}
 
 
-@pytest.mark.parametrize("methods,match", [(["cm"], "unknown few-step method 'cm'.*reflow, distill, cd, ct, cd-lora"),
+@pytest.mark.parametrize("methods,match", [(["cm"], "unknown few-step method .cm.*reflow, distill, apt, cd, ct, cd-lora"),
                                            (["distill"], "add reflow")])
 def test_bad_methods_are_refused(make_cfg, tmp_path, methods, match):
     with pytest.raises(FlowmatchError, match=match):
@@ -91,3 +91,34 @@ def test_best_t1_is_the_minimum_on_its_own_validation_draw(make_cfg, tmp_path, m
         by_hand = {c: w2(get_solver("consistency").integrate(model, x0, torch.tensor([0.0, c, 1.0])).x1, ref)
                    for c in (0.2, 0.5, 0.8)}
     assert score == pytest.approx(by_hand[t1], rel=1e-6) and score == min(by_hand.values())
+
+
+APT = ("apt.steps=6", "apt.eval_every=3", "apt.eval_n=64")
+
+
+def test_apt_post_trains_the_distilled_model_and_is_scored_by_its_selected_checkpoint(make_cfg, tmp_path):
+    import torch
+
+    from flowmatch.reflow_chain import reflow_from_config
+
+    cfg = make_cfg(*TINY, *APT)
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["reflow", "distill", "apt"], progress=False)
+    cost = {r["method"]: r for r in rows}
+    stage = tmp_path / "2-RF+distill+APT" / "checkpoints"
+    best = torch.load(stage / "best.pt", weights_only=True)
+    assert best["objective"]["name"] == "apt" and best["step"] in (0, 3, 6)
+    # optimiser steps: both players' (6 discriminator + 6 generator updates) on top of the distillation's
+    assert cost["apt"]["steps"] == cost["distill"]["steps"] + 12
+    assert cost["apt"]["teacher_evals"] == cost["distill"]["teacher_evals"]
+    assert cost["apt"]["params"] == cost["distill"]["params"]  # the generator's, not the discriminator's
+    # the chain's APT stage is the same stage (reused: the few-step table ran in the chain's directory)
+    before = (stage / "last.pt").stat().st_mtime_ns
+    chain = reflow_from_config(cfg, str(tmp_path), rounds=2, distill=True, apt=True, progress=False)
+    assert (stage / "last.pt").stat().st_mtime_ns == before
+    by = {(r["stage"], r["solver"], r["nfe"]): r["w2"] for r in chain}
+    assert by[("2-RF+distill+APT", "euler", 1)] == next(r["w2"] for r in rows if r["method"] == "apt"
+                                                         and r["solver"] == "euler" and r["nfe"] == 1)
+    with pytest.raises(FlowmatchError, match="APT stage post-trains the distilled .*--distill"):
+        reflow_from_config(cfg, str(tmp_path), rounds=2, distill=False, apt=True, progress=False)
+    with pytest.raises(FlowmatchError, match="apt post-trains the distilled .*add reflow,distill"):
+        few_step_from_config(cfg, str(tmp_path), methods=["apt"], progress=False)
