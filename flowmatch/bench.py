@@ -143,11 +143,11 @@ class BenchResult:
     curvature: list = field(default_factory=list)  # one dict per (model, t): chord deviation, acceleration
 
 
-def _settings(solvers, nfes, grids, atol, rtol):
+def _settings(solvers, nfes, grids, atol, rtol, source=None):
     out = []
     for gi, g in enumerate(grids):
         for name in solvers:
-            s = get_solver(name, atol=atol, rtol=rtol)
+            s = get_solver(name, atol=atol, rtol=rtol).for_source(source)
             if s.adaptive:
                 if gi == 0:  # adaptive solvers choose their own grid: once
                     out.append((s, None, "adaptive", True))
@@ -209,7 +209,7 @@ def bench_suite(models: dict, source: ToyDistribution, target: ToyDistribution, 
         parse_grid(g)  # unknown grids fail before any work
     for name in solvers:
         get_solver(name, atol=atol, rtol=rtol)  # unknown names and bad tolerances fail before any work
-    settings = _settings(solvers, nfes, grids, atol, rtol)
+    settings = _settings(solvers, nfes, grids, atol, rtol, source)
     if not settings:
         per_step = ", ".join(f"{s.name} {s.stages}" for s in map(get_solver, solvers))
         raise ConfigError(f"bench: no row to run: no NFE of [{', '.join(map(str, nfes))}] is a multiple of the "

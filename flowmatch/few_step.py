@@ -204,9 +204,11 @@ def _two_step_samples(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *,
 
     model = load_model(ckpt).model
     scorer = make_scorer(cfg, n, seed=seed)
-    x0 = build_source(cfg.data).sample(n, generator=make_generator(seed))
+    source = build_source(cfg.data)
+    x0 = source.sample(n, generator=make_generator(seed))
+    sampler = get_solver("consistency").for_source(source)  # re-noised with draws of the source
     with torch.no_grad():
-        xs = [get_solver("consistency").integrate(model, x0, torch.tensor([0.0, t1, 1.0])).x1 for t1 in t1s]
+        xs = [sampler.integrate(model, x0, torch.tensor([0.0, t1, 1.0])).x1 for t1 in t1s]
     return scorer, xs
 
 

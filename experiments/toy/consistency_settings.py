@@ -70,7 +70,8 @@ def main() -> None:
                 x0 = task.source.sample(args.n, generator=make_generator(VALIDATION_SEED + d))
                 ref = task.target.reference(args.n, generator=make_generator(VALIDATION_SEED + 1000 + d))
                 one.append(w2(get_solver("euler").integrate(model, x0, torch.tensor([0.0, 1.0])).x1, ref))
-                two.append(w2(get_solver("consistency").integrate(model, x0, torch.tensor([0.0, 0.5, 1.0])).x1, ref))
+                sampler = get_solver("consistency").for_source(task.source)  # re-noised with source draws
+                two.append(w2(sampler.integrate(model, x0, torch.tensor([0.0, 0.5, 1.0])).x1, ref))
         rows.append({"lr": lr, "mu": mu, "num_steps": n_int, "teacher_solver": args.teacher_solver, "steps": args.steps,
                      "w2 1 step": statistics.mean(one), "sd 1": statistics.stdev(one) if len(one) > 1 else 0.0,
                      "w2 2 steps": statistics.mean(two), "sd 2": statistics.stdev(two) if len(two) > 1 else 0.0,

@@ -30,7 +30,7 @@ import torch
 from flowmatch.data.task import build_task
 from flowmatch.io import atomic_write_text
 from flowmatch.metrics.distances import w2
-from flowmatch.solvers import FIXED_SOLVERS, is_adaptive, solve
+from flowmatch.solvers import FIXED_SOLVERS, get_solver, is_adaptive, solve
 from flowmatch.training.checkpoint import load_model
 
 
@@ -84,8 +84,9 @@ def main() -> None:
             outs = []
             for key, _, solver, nfe in entries:
                 model = models[key].model.eval()
-                tol = {"atol": 1e-5, "rtol": 1e-5} if nfe is None else {"nfe": nfe}
-                outs.append(solve(model, x0, solver, **tol).x1)
+                # consistency sampling re-noises with draws of the source
+                s = get_solver(solver, atol=1e-5, rtol=1e-5).for_source(source)
+                outs.append(solve(model, x0, s, **({} if nfe is None else {"nfe": nfe})).x1)
             pending.append([pool.submit(w2, a, y) for a in (*outs, y2)])
         for i, draw in enumerate(pending):
             for key, score in zip(scores, draw):

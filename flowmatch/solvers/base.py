@@ -49,6 +49,12 @@ class Solver:
         """One step from ``t`` to ``t_next`` (both ``[B]``); returns ``x`` at ``t_next``."""
         raise NotImplementedError
 
+    def for_source(self, source) -> "Solver":
+        """This solver for samples whose noise is drawn from ``source`` (a distribution with
+        ``sample(n, generator=, device=)``): the solvers that draw fresh noise (consistency sampling)
+        draw it from there; the others ignore it (the default: ``self``)."""
+        return self
+
     def init_state(self, x0: torch.Tensor) -> Optional[dict]:
         """The state a multistep method carries from step to step, made at the start of a solve from
         ``x0``; ``None`` for a one-step method (the default)."""

@@ -20,7 +20,10 @@ the base class's one integrate loop).
   ``x1_hat = x + (1 - t) v(x, t)`` (the consistency function of a model in the x1-prediction form,
   :mod:`flowmatch.distill.consistency`) and re-noises it with *fresh* noise ``z`` to the next grid
   time, ``x_{t'} = t' x1_hat + (1 - t') z``; the grid's interior points are the re-noising times
-  (``[0, t1, 1]``: two steps re-noised at ``t1``). One step equals one Euler step. The noise is drawn
+  (``[0, t1, 1]``: two steps re-noised at ``t1``). ``z`` is drawn like the interpolant's ``x0``: from
+  the task's source (``solver.for_source(source)``; the bench and the few-step table pass it: for
+  8 Gaussians -> moons a draw of the 8 Gaussians, not N(0, I)), N(0, I) when none is given. One step
+  equals one Euler step. The noise is drawn
   from a generator seeded ``seed`` at the start of each solve, so a solve is deterministic. The default
   seed is a large constant, not 0: noise from the stream that drew the source (benches and tests draw
   it from small seeds) would re-noise with ``z = x0``, which is the ``renoise`` solver (at two uniform
@@ -83,8 +86,14 @@ CONSISTENCY_NOISE_SEED = 0x5EED_C0DE
 class ConsistencySampler(_OneEvalPerStep):
     name, order = "consistency", 0
 
-    def __init__(self, seed: int = CONSISTENCY_NOISE_SEED):
+    def __init__(self, seed: int = CONSISTENCY_NOISE_SEED, source=None):
         self.seed = int(seed)
+        # the re-noising draws z like the interpolant's x0: from the task's source (8 Gaussians for
+        # 8gaussians -> moons), N(0, I) when none is given
+        self.source = source
+
+    def for_source(self, source) -> "ConsistencySampler":
+        return ConsistencySampler(self.seed, source)
 
     def init_state(self, x0: torch.Tensor) -> dict:
         return {"gen": torch.Generator(x0.device).manual_seed(self.seed)}
@@ -92,6 +101,9 @@ class ConsistencySampler(_OneEvalPerStep):
     def advance(self, v, x, t, t_next, state):
         x1_hat = x + expand_like(1 - t, x) * v(x, t)
         # at t' = 1 the noise's weight is 0: the step returns x1_hat exactly (no host check)
-        z = torch.randn(x.shape, generator=state["gen"], device=x.device, dtype=x.dtype)
+        if self.source is None:
+            z = torch.randn(x.shape, generator=state["gen"], device=x.device, dtype=x.dtype)
+        else:
+            z = self.source.sample(x.shape[0], generator=state["gen"], device=x.device).to(x.dtype)
         tn = expand_like(t_next, x)
         return tn * x1_hat + (1 - tn) * z
