@@ -528,7 +528,9 @@ class AptConfig:
     (pairing). ``r1``: ``approx`` (``r1_lambda * ||D(x) - D(x + r1_sigma * eps)||^2`` on real ``x``,
     ``r1_sigma`` a standard deviation), ``exact`` (``r1_lambda * r1_sigma^2 * ||grad_x D(x)||^2``, the
     approximation's small-sigma expectation, so both modes penalise alike) or ``none``. ``t_shift``
-    shifts the discriminator's time draw towards the noise end (1: uniform). ``lr_g`` / ``lr_d``: the
+    shifts the discriminator's time draw towards the noise end (1: uniform; below 1: towards the data).
+    ``noise_inputs``: the discriminator sees real and generated samples noised to its time ``t``
+    (``t x + (1 - t) n``, as APT's and LADD's) instead of clean ones. ``lr_g`` / ``lr_d``: the
     RMSProp (alpha 0.9) learning rates of the generator and the discriminator. ``regression_weight``
     keeps the one-step regression onto the run's pair store beside the adversarial loss (0: off;
     needs ``coupling.name=paired``). Every ``eval_every`` updates (0: never) the EMA generator is scored
@@ -551,6 +553,7 @@ class AptConfig:
     r1_lambda: float = 100.0
     r1_sigma: float = 0.01
     t_shift: float = 1.0
+    noise_inputs: bool = False
     discriminator_init: Optional[str] = None
     regression_weight: float = 0.0
     eval_every: int = 50

@@ -270,6 +270,36 @@ def test_exact_r1_in_the_loss_is_lambda_sigma_squared_times_the_gradient_norm(ck
     assert out.extra["apt/r1"].item() == pytest.approx(7 * 0.09 * g.pow(2).sum(1).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("noise_inputs", [False, True])
+def test_discriminator_inputs_are_clean_or_noised_to_its_time(ckpts, noise_inputs):
+    trainer = build_trainer(_cfg(ckpts, f"apt.noise_inputs={str(noise_inputs).lower()}", "apt.r1=exact",
+                                 "apt.r1_sigma=0.5"))
+    obj, disc, student = trainer.objective, trainer.nets_raw["discriminator"], trainer.model
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    t = batch.t[:, None]
+    with torch.no_grad():
+        fake = batch.x0 + student(batch.x0, torch.zeros_like(batch.t))
+    if noise_inputs:
+        assert set(batch.extra) == {"eps", "n_real", "n_fake"}
+        real_in = t * batch.x1 + (1 - t) * batch.extra["n_real"]
+        fake_in = t * fake + (1 - t) * batch.extra["n_fake"]
+        assert not torch.allclose(real_in, batch.x1)
+    else:
+        assert set(batch.extra) == {"eps"}
+        real_in, fake_in = batch.x1, fake
+    out_d = obj.loss(trainer.nets, batch, "discriminator")
+    out_g = obj.loss(trainer.nets, batch, "student")
+    with torch.no_grad():
+        d_real, d_fake = disc(real_in, batch.t), disc(fake_in, batch.t)
+    assert out_d.extra["apt/d_real"].item() == pytest.approx(d_real.mean().item(), rel=1e-5, abs=1e-7)
+    assert out_d.extra["apt/d_fake"].item() == pytest.approx(d_fake.mean().item(), rel=1e-5, abs=1e-7)
+    assert out_g.extra["apt/g_loss"].item() == pytest.approx(
+        torch.nn.functional.softplus(-d_fake).mean().item(), rel=1e-5)
+    x = real_in.clone().requires_grad_(True)  # R1 at the inputs the discriminator saw
+    (g,) = torch.autograd.grad(disc(x, batch.t).sum(), x)
+    assert out_d.extra["apt/r1"].item() == pytest.approx(100 * 0.25 * g.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
 def test_best_checkpoint_is_written_at_the_validation_minimum(ckpts, tmp_path):
     cfg = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64", "apt.lr_g=3e-3")
     train(cfg, str(tmp_path / "s"), progress=False)
@@ -328,6 +358,11 @@ def test_discriminator_of_another_architecture_is_refused(ckpts):
 def test_negative_or_non_finite_lambda_or_sigma_is_refused(key, value):
     with pytest.raises(ConfigError, match=rf"^apt\.{key} = .*: must be a finite number"):
         apply_overrides(make_tiny_cfg(), [f"apt.{key}={value}"])
+
+
+def test_noise_inputs_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"^apt\.noise_inputs: expected bool, got str 'yes please'$"):
+        apply_overrides(make_tiny_cfg(), ["apt.noise_inputs=yes please"])
 
 
 def test_gradient_clipping_is_refused(ckpts):

@@ -25,7 +25,11 @@ its velocity output layer, read at several depths, with logit heads on top:
 ``D`` is conditioned on a time ``t = 1 - s u / (1 + (s - 1) u)``, ``u ~ U(0, 1)``, with shift
 ``s = apt.t_shift`` (``s = 1``: uniform; ``s > 1`` moves the draws towards the noise end, the shift
 of Esser et al. 2024 in APT's convention, then converted to ours), and fed clean samples: real
-``x1 ~`` the target and generated ``G(x0)``, the same ``t`` for the ``i``-th real and fake rows.
+``x1 ~`` the target and generated ``G(x0)``, the same ``t`` for the ``i``-th real and fake rows. With
+``apt.noise_inputs`` it is fed them noised to that time instead, as APT's and LADD's discriminators
+are: ``x_t = t x + (1 - t) n`` with ``n ~ N(0, I)`` of its own for each real and each fake row (the
+teacher's own inputs at ``t``; a ``t_shift`` below 1 moves ``t`` towards the data); R1 is then taken
+at the noised real inputs.
 
 Losses (per sample, averaged). Non-saturating (``apt.loss: ns``, APT's loss written on logits):
 ``L_D = softplus(-D(x1, t)) + softplus(D(G(x0), t))``, ``L_G = softplus(-D(G(x0), t))``. Relativistic
@@ -278,22 +282,34 @@ class AdversarialPostTraining(Objective):
 
     # -- draws and losses
     def draw(self, generator: torch.Generator) -> Batch:
-        """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps`` and, with a
-        regression term, the pair store's batch (``more``), in this order."""
+        """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps``, with
+        ``noise_inputs`` the noise of the real and the fake inputs (``n_real``, ``n_fake``, ``[B, *D]``) and,
+        with a regression term, the pair store's batch (``more``), in this order."""
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
         x1 = self.comp.target.sample(b, generator=generator, device=dev)
         t = shifted_time(torch.rand(b, generator=generator, device=dev), self.ac.t_shift)
-        eps = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+        extra = {"eps": torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)}
+        if self.ac.noise_inputs:
+            extra["n_real"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+            extra["n_fake"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
         more = (self.regression.draw(generator),) if self.regression is not None else ()
-        return Batch(t=t, x0=x0, x1=x1, more=more, extra={"eps": eps})
+        return Batch(t=t, x0=x0, x1=x1, more=more, extra=extra)
+
+    def inputs(self, x: torch.Tensor, batch: Batch, which: str) -> torch.Tensor:
+        """What the discriminator sees of ``x`` (``[B, *D]``, the ``which`` rows: ``real`` or ``fake``):
+        ``x`` itself, or with ``noise_inputs`` ``t x + (1 - t) n`` at the batch's times."""
+        if not self.ac.noise_inputs:
+            return x
+        t = batch.t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return t * x + (1 - t) * batch.extra[f"n_{which}"]
 
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
         d, g, kind, ac = nets["discriminator"], nets.student, self.ac.loss, self.ac
-        x1, t = batch.x1, batch.t
+        x1, t = self.inputs(batch.x1, batch, "real"), batch.t
         if player == "discriminator":
             with torch.no_grad():
-                fake = one_step(g, batch.x0)
+                fake = self.inputs(one_step(g, batch.x0), batch, "fake")
             d_real, d_fake = d(x1, t), d(fake, t)
             adv = discriminator_loss(d_real, d_fake, kind)
             if ac.r1 == "approx" and ac.r1_lambda > 0:
@@ -305,7 +321,7 @@ class AdversarialPostTraining(Objective):
             extra = {"apt/d_loss": adv.mean().detach(), "apt/r1": r1.detach(),
                      "apt/d_real": d_real.mean().detach(), "apt/d_fake": d_fake.mean().detach()}
             return LossOutput(adv.mean() + r1, adv.detach(), t, extra=extra)
-        fake = one_step(g, batch.x0)
+        fake = self.inputs(one_step(g, batch.x0), batch, "fake")
         d_fake = d(fake, t)
         d_real = None
         if kind == "relativistic":
