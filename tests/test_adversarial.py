@@ -5,7 +5,12 @@ resume through the loop, model selection (best.pt) and the bad inputs."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -442,3 +447,53 @@ def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_pa
     ckpt = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pt"))
     assert ckpt["world_size"] == 2 and "discriminator" in ckpt["nets"]
     assert load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "best.pt"))["selection"]["metric"] == "w2"
+
+
+# --------------------------------------------------------------------------- experiments/toy/apt_ablations.py
+
+_ABLATIONS = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "apt_ablations.py")
+
+
+def _ablations_module():
+    spec = importlib.util.spec_from_file_location("apt_ablations", _ABLATIONS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablation_flags_name_the_failure_modes():
+    flags = _ablations_module().flags
+    chance = 2 * math.log(2)
+    assert flags([{"apt/d_loss": 1.2, "apt/g_loss": 0.9}, {"apt/d_loss": 1.1, "apt/g_loss": 1.0}]) == []
+    assert flags([{"apt/d_loss": 1.0}, {"apt/d_loss": 0.05, "apt/g_loss": 12.0}]) == ["D wins", "G explodes"]
+    assert flags([{"apt/d_loss": 1.0, "apt/g_loss": float("nan")}]) == ["non-finite"]
+    # at chance over the second half only
+    assert flags([{"apt/d_loss": 1.0}, {"apt/d_loss": chance + 0.002}, {"apt/d_loss": chance - 0.003}]) == \
+        ["D at chance"]
+    assert flags([{"apt/d_loss": chance}, {"apt/d_loss": 1.2}]) == []
+
+
+def test_ablation_script_scores_each_variants_best_checkpoint_against_the_start(ckpts, tmp_path):
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    os.symlink(os.path.dirname(os.path.dirname(ckpts["teacher"])), chain / "1-RF")
+    os.symlink(os.path.dirname(os.path.dirname(ckpts["gen"])), chain / "2-RF+distill")
+    out = tmp_path / "abl"
+    subprocess.run([sys.executable, _ABLATIONS, str(chain), "--steps", "4", "--batch", "32", "--batch2", "64",
+                    "--only", "base", "--only", "random D", "--only", "batch 64", "--draws", "2", "--n", "64",
+                    "--set", "apt.eval_every=2", "--set", "apt.eval_n=64", "--set", "apt.lr_g=1e-3",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads((out / "apt_ablations.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == ["base", "random D", "batch 64", "start"]
+    assert list(res["scores"]) == ["start", "base", "random D", "batch 64", "floor"]
+    for name in ("base", "random D", "batch 64"):
+        diffs = [b - s for b, s in zip(res["scores"][name], res["scores"]["start"])]
+        assert rows[name]["best-start"] == pytest.approx(sum(diffs) / 2)
+        assert rows[name]["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+        assert rows[name]["best_step"] in (0, 2, 4)
+        sel = load_checkpoint(str(out / name.replace(" ", "_") / "checkpoints" / "best.pt"))
+        assert sel["config"]["train"]["batch_size"] == (64 if name == "batch 64" else 32)
+        assert sel["config"]["apt"]["discriminator_init"] == (
+            "random" if name == "random D" else str(chain / "1-RF" / "checkpoints" / "last.pt"))
+    assert "| base |" in (out / "apt_ablations.md").read_text()
