@@ -530,7 +530,9 @@ class AptConfig:
     approximation's small-sigma expectation, so both modes penalise alike) or ``none``. ``t_shift``
     shifts the discriminator's time draw towards the noise end (1: uniform; below 1: towards the data).
     ``noise_inputs``: the discriminator sees real and generated samples noised to its time ``t``
-    (``t x + (1 - t) n``, as APT's and LADD's) instead of clean ones. ``lr_g`` / ``lr_d``: the
+    (``t x + (1 - t) n``, as APT's and LADD's) instead of clean ones. ``fourier_features`` (0: off; MLP
+    discriminators only) adds a head on ``fourier_features`` random Fourier features of ``x`` (frequencies
+    ``N(0, fourier_scale^2)``), summed with the feature head's logit. ``lr_g`` / ``lr_d``: the
     RMSProp (alpha 0.9) learning rates of the generator and the discriminator. ``regression_weight``
     keeps the one-step regression onto the run's pair store beside the adversarial loss (0: off;
     needs ``coupling.name=paired``). Every ``eval_every`` updates (0: never) the EMA generator is scored
@@ -554,6 +556,8 @@ class AptConfig:
     r1_sigma: float = 0.01
     t_shift: float = 1.0
     noise_inputs: bool = False
+    fourier_features: int = 0
+    fourier_scale: float = 1.0
     discriminator_init: Optional[str] = None
     regression_weight: float = 0.0
     eval_every: int = 50
@@ -565,7 +569,7 @@ class AptConfig:
         _check_ranges(self, {"steps": _int(1), "lr_g": _float(gt=0.0), "lr_d": _float(gt=0.0),
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
-                             "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2)})
+                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2)})
         if self.discriminator_init is not None and (not isinstance(self.discriminator_init, str)
                                                     or not self.discriminator_init.strip()):
             raise ConfigError(f"apt.discriminator_init = {self.discriminator_init!r}: must be a checkpoint path "

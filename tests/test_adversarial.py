@@ -149,6 +149,37 @@ def test_every_discriminator_parameter_gets_a_gradient(model):
         assert len(disc.heads) == 3 and sorted(f.shape[-1] for f in disc.features(x, torch.rand(4))) == [4, 4, 8]
 
 
+def test_fourier_head_adds_a_logit_on_random_fourier_features_of_the_input(ckpts):
+    trainer = build_trainer(_cfg(ckpts, "apt.fourier_features=16", "apt.fourier_scale=0.5"))
+    disc = trainer.nets_raw["discriminator"]
+    assert disc.fourier_w.shape == (2, 16)
+    assert disc.fourier_w.std().item() == pytest.approx(0.5, rel=0.5)  # 32 draws of N(0, 0.5^2)
+    x, t = torch.randn(6, 2, generator=torch.Generator().manual_seed(3)), torch.rand(6)
+    with torch.no_grad():
+        z = x @ disc.fourier_w
+        by_hand = (disc.head(disc.norm(torch.cat(disc.features(x, t), 1))).squeeze(1)
+                   + disc.fourier(torch.cat([z.sin(), z.cos()], 1)).squeeze(1))
+        assert torch.allclose(disc(x, t), by_hand, atol=1e-6)
+    # the branch trains with the rest (the discriminator's optimiser holds it) and is checkpointed
+    own = {id(p) for p in trainer.players[0].optimizer.param_groups[0]["params"]}
+    assert all(id(p) in own for p in disc.fourier.parameters())
+    assert "fourier_w" in disc.state_dict()
+    # the same seed, the same frequencies; without the key, no branch
+    again = build_trainer(_cfg(ckpts, "apt.fourier_features=16", "apt.fourier_scale=0.5")).nets_raw["discriminator"]
+    assert torch.equal(again.fourier_w, disc.fourier_w)
+    assert build_trainer(_cfg(ckpts)).nets_raw["discriminator"].fourier is None
+
+
+def test_fourier_head_is_refused_for_a_unet_and_out_of_range():
+    with pytest.raises(ConfigError, match=r"^apt\.fourier_features = 4: the Fourier head reads vector data"):
+        Discriminator(build_model(make_tiny_cfg("model.name=unet", "model.preset=tiny").model, (1, 8, 8), None),
+                      fourier_features=4)
+    with pytest.raises(ConfigError, match=r"^apt\.fourier_features = -1: must be"):
+        apply_overrides(make_tiny_cfg(), ["apt.fourier_features=-1"])
+    with pytest.raises(ConfigError, match=r"^apt\.fourier_scale = 0.0: must be a finite number > 0$"):
+        apply_overrides(make_tiny_cfg(), ["apt.fourier_scale=0"])
+
+
 # --------------------------------------------------------------------------- players
 
 
