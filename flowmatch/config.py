@@ -545,7 +545,12 @@ class AptConfig:
     Defaults, from short runs on N(0, I) -> moons from the distilled one-step model (batch 512):
     ``lr_g`` 1e-5 and ``lr_d`` 1e-4; a generator rate of 1e-4 raised the validation W2 by half within
     20 updates. ``r1_lambda`` 100 and ``r1_sigma`` 0.01 are APT's image values (``sigma`` relative to
-    data of a few units here)."""
+    data of a few units here). ``noise_inputs`` stays off: on moons (``t_shift`` 0.5, ``lr_d`` 1e-3) the
+    discriminator stayed at chance and the validation W2 rose from 0.204 to 0.212 in 400 updates.
+    ``fourier_features`` stays 0 by default (the images' UNet has no such head); on the toy tasks a
+    discriminator without it stayed at chance (``apt/d_loss`` ~ 2 ln 2 with ``lr_d`` up to 3e-3 and
+    batch 2048, as did a fresh MLP classifier on 50,000 samples a side), one with 128 learned the
+    8gaussians task's mode bridges within a few hundred updates."""
 
     steps: int = 600
     lr_g: float = 1e-5
