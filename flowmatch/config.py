@@ -529,7 +529,11 @@ class AptConfig:
     (pairing). ``r1``: ``approx`` (``r1_lambda * ||D(x) - D(x + r1_sigma * eps)||^2`` on real ``x``,
     ``r1_sigma`` a standard deviation), ``exact`` (``r1_lambda * r1_sigma^2 * ||grad_x D(x)||^2``, the
     approximation's small-sigma expectation, so both modes penalise alike) or ``none``. ``t_shift``
-    shifts the discriminator's time draw towards the noise end (1: uniform). ``lr_g`` / ``lr_d``: the
+    shifts the discriminator's time draw towards the noise end (1: uniform; below 1: towards the data).
+    ``noise_inputs``: the discriminator sees real and generated samples noised to its time ``t``
+    (``t x + (1 - t) n``, as APT's and LADD's) instead of clean ones. ``fourier_features`` (0: off; MLP
+    discriminators only) adds a head on ``fourier_features`` random Fourier features of ``x`` (frequencies
+    ``N(0, fourier_scale^2)``), summed with the feature head's logit. ``lr_g`` / ``lr_d``: the
     RMSProp (alpha 0.9) learning rates of the generator and the discriminator. ``regression_weight``
     keeps the one-step regression onto the run's pair store beside the adversarial loss (0: off;
     needs ``coupling.name=paired``). Every ``eval_every`` updates (0: never) the EMA generator is scored
@@ -542,7 +546,12 @@ class AptConfig:
     Defaults, from short runs on N(0, I) -> moons from the distilled one-step model (batch 512):
     ``lr_g`` 1e-5 and ``lr_d`` 1e-4; a generator rate of 1e-4 raised the validation W2 by half within
     20 updates. ``r1_lambda`` 100 and ``r1_sigma`` 0.01 are APT's image values (``sigma`` relative to
-    data of a few units here)."""
+    data of a few units here). ``noise_inputs`` stays off: on moons (``t_shift`` 0.5, ``lr_d`` 1e-3) the
+    discriminator stayed at chance and the validation W2 rose from 0.204 to 0.212 in 400 updates.
+    ``fourier_features`` stays 0 by default (the images' UNet has no such head); on the toy tasks a
+    discriminator without it stayed at chance (``apt/d_loss`` ~ 2 ln 2 with ``lr_d`` up to 3e-3 and
+    batch 2048, as did a fresh MLP classifier on 50,000 samples a side), one with 128 learned the
+    8gaussians task's mode bridges within a few hundred updates."""
 
     steps: int = 600
     lr_g: float = 1e-5
@@ -552,6 +561,9 @@ class AptConfig:
     r1_lambda: float = 100.0
     r1_sigma: float = 0.01
     t_shift: float = 1.0
+    noise_inputs: bool = False
+    fourier_features: int = 0
+    fourier_scale: float = 1.0
     discriminator_init: Optional[str] = None
     regression_weight: float = 0.0
     eval_every: int = 50
@@ -563,7 +575,7 @@ class AptConfig:
         _check_ranges(self, {"steps": _int(1), "lr_g": _float(gt=0.0), "lr_d": _float(gt=0.0),
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
-                             "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2)})
+                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2)})
         if self.discriminator_init is not None and (not isinstance(self.discriminator_init, str)
                                                     or not self.discriminator_init.strip()):
             raise ConfigError(f"apt.discriminator_init = {self.discriminator_init!r}: must be a checkpoint path "

@@ -5,7 +5,12 @@ resume through the loop, model selection (best.pt) and the bad inputs."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,6 +149,37 @@ def test_every_discriminator_parameter_gets_a_gradient(model):
         assert len(disc.heads) == 3 and sorted(f.shape[-1] for f in disc.features(x, torch.rand(4))) == [4, 4, 8]
 
 
+def test_fourier_head_adds_a_logit_on_random_fourier_features_of_the_input(ckpts):
+    trainer = build_trainer(_cfg(ckpts, "apt.fourier_features=16", "apt.fourier_scale=0.5"))
+    disc = trainer.nets_raw["discriminator"]
+    assert disc.fourier_w.shape == (2, 16)
+    assert disc.fourier_w.std().item() == pytest.approx(0.5, rel=0.5)  # 32 draws of N(0, 0.5^2)
+    x, t = torch.randn(6, 2, generator=torch.Generator().manual_seed(3)), torch.rand(6)
+    with torch.no_grad():
+        z = x @ disc.fourier_w
+        by_hand = (disc.head(disc.norm(torch.cat(disc.features(x, t), 1))).squeeze(1)
+                   + disc.fourier(torch.cat([z.sin(), z.cos()], 1)).squeeze(1))
+        assert torch.allclose(disc(x, t), by_hand, atol=1e-6)
+    # the branch trains with the rest (the discriminator's optimiser holds it) and is checkpointed
+    own = {id(p) for p in trainer.players[0].optimizer.param_groups[0]["params"]}
+    assert all(id(p) in own for p in disc.fourier.parameters())
+    assert "fourier_w" in disc.state_dict()
+    # the same seed, the same frequencies; without the key, no branch
+    again = build_trainer(_cfg(ckpts, "apt.fourier_features=16", "apt.fourier_scale=0.5")).nets_raw["discriminator"]
+    assert torch.equal(again.fourier_w, disc.fourier_w)
+    assert build_trainer(_cfg(ckpts)).nets_raw["discriminator"].fourier is None
+
+
+def test_fourier_head_is_refused_for_a_unet_and_out_of_range():
+    with pytest.raises(ConfigError, match=r"^apt\.fourier_features = 4: the Fourier head reads vector data"):
+        Discriminator(build_model(make_tiny_cfg("model.name=unet", "model.preset=tiny").model, (1, 8, 8), None),
+                      fourier_features=4)
+    with pytest.raises(ConfigError, match=r"^apt\.fourier_features = -1: must be"):
+        apply_overrides(make_tiny_cfg(), ["apt.fourier_features=-1"])
+    with pytest.raises(ConfigError, match=r"^apt\.fourier_scale = 0.0: must be a finite number > 0$"):
+        apply_overrides(make_tiny_cfg(), ["apt.fourier_scale=0"])
+
+
 # --------------------------------------------------------------------------- players
 
 
@@ -270,6 +306,36 @@ def test_exact_r1_in_the_loss_is_lambda_sigma_squared_times_the_gradient_norm(ck
     assert out.extra["apt/r1"].item() == pytest.approx(7 * 0.09 * g.pow(2).sum(1).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("noise_inputs", [False, True])
+def test_discriminator_inputs_are_clean_or_noised_to_its_time(ckpts, noise_inputs):
+    trainer = build_trainer(_cfg(ckpts, f"apt.noise_inputs={str(noise_inputs).lower()}", "apt.r1=exact",
+                                 "apt.r1_sigma=0.5"))
+    obj, disc, student = trainer.objective, trainer.nets_raw["discriminator"], trainer.model
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    t = batch.t[:, None]
+    with torch.no_grad():
+        fake = batch.x0 + student(batch.x0, torch.zeros_like(batch.t))
+    if noise_inputs:
+        assert set(batch.extra) == {"eps", "n_real", "n_fake"}
+        real_in = t * batch.x1 + (1 - t) * batch.extra["n_real"]
+        fake_in = t * fake + (1 - t) * batch.extra["n_fake"]
+        assert not torch.allclose(real_in, batch.x1)
+    else:
+        assert set(batch.extra) == {"eps"}
+        real_in, fake_in = batch.x1, fake
+    out_d = obj.loss(trainer.nets, batch, "discriminator")
+    out_g = obj.loss(trainer.nets, batch, "student")
+    with torch.no_grad():
+        d_real, d_fake = disc(real_in, batch.t), disc(fake_in, batch.t)
+    assert out_d.extra["apt/d_real"].item() == pytest.approx(d_real.mean().item(), rel=1e-5, abs=1e-7)
+    assert out_d.extra["apt/d_fake"].item() == pytest.approx(d_fake.mean().item(), rel=1e-5, abs=1e-7)
+    assert out_g.extra["apt/g_loss"].item() == pytest.approx(
+        torch.nn.functional.softplus(-d_fake).mean().item(), rel=1e-5)
+    x = real_in.clone().requires_grad_(True)  # R1 at the inputs the discriminator saw
+    (g,) = torch.autograd.grad(disc(x, batch.t).sum(), x)
+    assert out_d.extra["apt/r1"].item() == pytest.approx(100 * 0.25 * g.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
 def test_best_checkpoint_is_written_at_the_validation_minimum(ckpts, tmp_path):
     cfg = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64", "apt.lr_g=3e-3")
     train(cfg, str(tmp_path / "s"), progress=False)
@@ -328,6 +394,11 @@ def test_discriminator_of_another_architecture_is_refused(ckpts):
 def test_negative_or_non_finite_lambda_or_sigma_is_refused(key, value):
     with pytest.raises(ConfigError, match=rf"^apt\.{key} = .*: must be a finite number"):
         apply_overrides(make_tiny_cfg(), [f"apt.{key}={value}"])
+
+
+def test_noise_inputs_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"^apt\.noise_inputs: expected bool, got str 'yes please'$"):
+        apply_overrides(make_tiny_cfg(), ["apt.noise_inputs=yes please"])
 
 
 def test_gradient_clipping_is_refused(ckpts):
@@ -407,3 +478,53 @@ def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_pa
     ckpt = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pt"))
     assert ckpt["world_size"] == 2 and "discriminator" in ckpt["nets"]
     assert load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "best.pt"))["selection"]["metric"] == "w2"
+
+
+# --------------------------------------------------------------------------- experiments/toy/apt_ablations.py
+
+_ABLATIONS = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "apt_ablations.py")
+
+
+def _ablations_module():
+    spec = importlib.util.spec_from_file_location("apt_ablations", _ABLATIONS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablation_flags_name_the_failure_modes():
+    flags = _ablations_module().flags
+    chance = 2 * math.log(2)
+    assert flags([{"apt/d_loss": 1.2, "apt/g_loss": 0.9}, {"apt/d_loss": 1.1, "apt/g_loss": 1.0}]) == []
+    assert flags([{"apt/d_loss": 1.0}, {"apt/d_loss": 0.05, "apt/g_loss": 12.0}]) == ["D wins", "G explodes"]
+    assert flags([{"apt/d_loss": 1.0, "apt/g_loss": float("nan")}]) == ["non-finite"]
+    # at chance over the second half only
+    assert flags([{"apt/d_loss": 1.0}, {"apt/d_loss": chance + 0.002}, {"apt/d_loss": chance - 0.003}]) == \
+        ["D at chance"]
+    assert flags([{"apt/d_loss": chance}, {"apt/d_loss": 1.2}]) == []
+
+
+def test_ablation_script_scores_each_variants_best_checkpoint_against_the_start(ckpts, tmp_path):
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    os.symlink(os.path.dirname(os.path.dirname(ckpts["teacher"])), chain / "1-RF")
+    os.symlink(os.path.dirname(os.path.dirname(ckpts["gen"])), chain / "2-RF+distill")
+    out = tmp_path / "abl"
+    subprocess.run([sys.executable, _ABLATIONS, str(chain), "--steps", "4", "--batch", "32", "--batch2", "64",
+                    "--only", "base", "--only", "random D", "--only", "batch 64", "--draws", "2", "--n", "64",
+                    "--set", "apt.eval_every=2", "--set", "apt.eval_n=64", "--set", "apt.lr_g=1e-3",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads((out / "apt_ablations.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == ["base", "random D", "batch 64", "start"]
+    assert list(res["scores"]) == ["start", "base", "random D", "batch 64", "floor"]
+    for name in ("base", "random D", "batch 64"):
+        diffs = [b - s for b, s in zip(res["scores"][name], res["scores"]["start"])]
+        assert rows[name]["best-start"] == pytest.approx(sum(diffs) / 2)
+        assert rows[name]["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+        assert rows[name]["best_step"] in (0, 2, 4)
+        sel = load_checkpoint(str(out / name.replace(" ", "_") / "checkpoints" / "best.pt"))
+        assert sel["config"]["train"]["batch_size"] == (64 if name == "batch 64" else 32)
+        assert sel["config"]["apt"]["discriminator_init"] == (
+            "random" if name == "random D" else str(chain / "1-RF" / "checkpoints" / "last.pt"))
+    assert "| base |" in (out / "apt_ablations.md").read_text()

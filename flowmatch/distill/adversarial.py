@@ -18,6 +18,13 @@ its velocity output layer, read at several depths, with logit heads on top:
 - MLP: the activations of every hidden layer, concatenated (``[B, depth * hidden]``), normalised per
   sample by a LayerNorm without affine parameters (so layers of different scale weigh alike and the
   teacher's features start at unit scale), then one linear logit.
+- With ``apt.fourier_features = m > 0`` (MLP only), a second head on the input itself, summed with
+  the first: ``x`` ``[B, D]`` -> ``[sin(x W), cos(x W)]`` (``W`` ``[D, m]`` fixed, ``N(0, fourier_scale^2)``
+  entries) -> linear -> SiLU -> one linear logit. A velocity network's features are smooth in ``x``
+  (an MLP fed raw coordinates learns high frequencies last); on the toy tasks the one-step model's
+  errors are small regions of excess or missing mass (bridges between modes), which a discriminator
+  on raw coordinates did not resolve within hundreds of updates (its loss stayed at 2 ln 2), one on
+  random Fourier features of ``x`` within tens.
 - UNet: heads at several resolutions: the middle block's output (coarsest), the last up-path block at
   each resolution but the finest, and the output normalisation (finest); each head is SiLU -> 3x3
   conv -> SiLU -> 1x1 conv to one channel, averaged over positions; the heads' logits are summed.
@@ -25,7 +32,11 @@ its velocity output layer, read at several depths, with logit heads on top:
 ``D`` is conditioned on a time ``t = 1 - s u / (1 + (s - 1) u)``, ``u ~ U(0, 1)``, with shift
 ``s = apt.t_shift`` (``s = 1``: uniform; ``s > 1`` moves the draws towards the noise end, the shift
 of Esser et al. 2024 in APT's convention, then converted to ours), and fed clean samples: real
-``x1 ~`` the target and generated ``G(x0)``, the same ``t`` for the ``i``-th real and fake rows.
+``x1 ~`` the target and generated ``G(x0)``, the same ``t`` for the ``i``-th real and fake rows. With
+``apt.noise_inputs`` it is fed them noised to that time instead, as APT's and LADD's discriminators
+are: ``x_t = t x + (1 - t) n`` with ``n ~ N(0, I)`` of its own for each real and each fake row (the
+teacher's own inputs at ``t``; a ``t_shift`` below 1 moves ``t`` towards the data); R1 is then taken
+at the noised real inputs.
 
 Losses (per sample, averaged). Non-saturating (``apt.loss: ns``, APT's loss written on logits):
 ``L_D = softplus(-D(x1, t)) + softplus(D(G(x0), t))``, ``L_G = softplus(-D(G(x0), t))``. Relativistic
@@ -144,10 +155,18 @@ class Discriminator(nn.Module):
     velocity output layer is replaced by an identity (its output is not a feature), the rest is
     :attr:`backbone`, every parameter trainable."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, fourier_features: int = 0, fourier_scale: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self._feats: list[torch.Tensor] = []
+        self.fourier = None
+        if fourier_features > 0:
+            if not isinstance(backbone, MLPVelocity):
+                raise ConfigError(f"apt.fourier_features = {fourier_features}: the Fourier head reads vector data "
+                                  f"(an MLP discriminator); got {type(backbone).__name__}; set apt.fourier_features=0")
+            self.register_buffer("fourier_w", fourier_scale * torch.randn(backbone.dim, fourier_features))
+            width = backbone.net[0].out_features
+            self.fourier = nn.Sequential(nn.Linear(2 * fourier_features, width), nn.SiLU(), nn.Linear(width, 1))
         if isinstance(backbone, MLPVelocity):
             taps = [m for m in backbone.net[:-1] if not isinstance(m, nn.Linear)]  # the activations
             widths = [m.out_features for m in backbone.net[:-1] if isinstance(m, nn.Linear)]
@@ -184,7 +203,11 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         feats = self.features(x, t)
         if self.heads is None:
-            return self.head(self.norm(torch.cat(feats, dim=1))).squeeze(1).float()
+            logit = self.head(self.norm(torch.cat(feats, dim=1))).squeeze(1)
+            if self.fourier is not None:
+                z = x.reshape(x.shape[0], -1) @ self.fourier_w.to(x.dtype)
+                logit = logit + self.fourier(torch.cat([z.sin(), z.cos()], dim=1)).squeeze(1)
+            return logit.float()
         return sum(h(f).mean(dim=(1, 2, 3)) for h, f in zip(self.heads, feats)).float()
 
 
@@ -227,6 +250,10 @@ class AdversarialPostTraining(Objective):
             raise ConfigError(f"train.init {init} is a LoRA run's checkpoint: merge its adapter first "
                               f"(`flowmatch adapter merge`)")
         self._same_shape(gen, init, "train.init")
+        if ac.fourier_features > 0 and cfg.model.name != "mlp":
+            raise ConfigError(f"apt.fourier_features = {ac.fourier_features}: the Fourier head reads vector data "
+                              f"(an MLP discriminator), this run's model is a {cfg.model.name}; set "
+                              f"apt.fourier_features=0")
         if ac.discriminator_init is None:
             raise ConfigError("train.objective=apt needs apt.discriminator_init: the teacher flow's checkpoint "
                               "(or 'random' for a freshly initialised discriminator)")
@@ -265,11 +292,12 @@ class AdversarialPostTraining(Objective):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.train.seed + 1)
                 backbone = build_model(self.cfg.model, data_shape(self.cfg.data), None)
-                return {"discriminator": Discriminator(backbone).to(self.device)}
+                return {"discriminator": Discriminator(backbone, self.ac.fourier_features,
+                                                       self.ac.fourier_scale).to(self.device)}
         backbone = load_model(path).model
         with torch.random.fork_rng(devices=[]):  # the heads' initialisation: fixed by the seed
             torch.manual_seed(self.cfg.train.seed + 1)
-            disc = Discriminator(backbone)
+            disc = Discriminator(backbone, self.ac.fourier_features, self.ac.fourier_scale)
         return {"discriminator": disc.to(self.device).train()}
 
     def make_optimizer(self, player: str, params: list, impl: dict) -> torch.optim.Optimizer:
@@ -278,22 +306,34 @@ class AdversarialPostTraining(Objective):
 
     # -- draws and losses
     def draw(self, generator: torch.Generator) -> Batch:
-        """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps`` and, with a
-        regression term, the pair store's batch (``more``), in this order."""
+        """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps``, with
+        ``noise_inputs`` the noise of the real and the fake inputs (``n_real``, ``n_fake``, ``[B, *D]``) and,
+        with a regression term, the pair store's batch (``more``), in this order."""
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
         x1 = self.comp.target.sample(b, generator=generator, device=dev)
         t = shifted_time(torch.rand(b, generator=generator, device=dev), self.ac.t_shift)
-        eps = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+        extra = {"eps": torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)}
+        if self.ac.noise_inputs:
+            extra["n_real"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+            extra["n_fake"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
         more = (self.regression.draw(generator),) if self.regression is not None else ()
-        return Batch(t=t, x0=x0, x1=x1, more=more, extra={"eps": eps})
+        return Batch(t=t, x0=x0, x1=x1, more=more, extra=extra)
+
+    def inputs(self, x: torch.Tensor, batch: Batch, which: str) -> torch.Tensor:
+        """What the discriminator sees of ``x`` (``[B, *D]``, the ``which`` rows: ``real`` or ``fake``):
+        ``x`` itself, or with ``noise_inputs`` ``t x + (1 - t) n`` at the batch's times."""
+        if not self.ac.noise_inputs:
+            return x
+        t = batch.t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return t * x + (1 - t) * batch.extra[f"n_{which}"]
 
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
         d, g, kind, ac = nets["discriminator"], nets.student, self.ac.loss, self.ac
-        x1, t = batch.x1, batch.t
+        x1, t = self.inputs(batch.x1, batch, "real"), batch.t
         if player == "discriminator":
             with torch.no_grad():
-                fake = one_step(g, batch.x0)
+                fake = self.inputs(one_step(g, batch.x0), batch, "fake")
             d_real, d_fake = d(x1, t), d(fake, t)
             adv = discriminator_loss(d_real, d_fake, kind)
             if ac.r1 == "approx" and ac.r1_lambda > 0:
@@ -305,7 +345,7 @@ class AdversarialPostTraining(Objective):
             extra = {"apt/d_loss": adv.mean().detach(), "apt/r1": r1.detach(),
                      "apt/d_real": d_real.mean().detach(), "apt/d_fake": d_fake.mean().detach()}
             return LossOutput(adv.mean() + r1, adv.detach(), t, extra=extra)
-        fake = one_step(g, batch.x0)
+        fake = self.inputs(one_step(g, batch.x0), batch, "fake")
         d_fake = d(fake, t)
         d_real = None
         if kind == "relativistic":
