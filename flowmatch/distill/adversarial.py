@@ -61,8 +61,9 @@ Model selection: every ``apt.eval_every`` updates (and before the first) the EMA
 of a fixed validation draw (``apt.eval_n`` source draws from seed :data:`VALIDATION_SEED`) are scored by
 the task's scorer (:data:`VALIDATION_SCORERS`, registered by :mod:`flowmatch.evaluation`): toy tasks
 by exact W2 against fresh target draws from seed ``VALIDATION_SEED + 1`` (never the bench's seeds
-0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against a
-fixed subset of the training split (the reference of :func:`flowmatch.evaluation.image_reference`).
+0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against the
+``val`` split (:func:`flowmatch.evaluation.validation_scorer`: training images held out of
+``data.split=fit``, which the chain's APT stage trains the discriminator on; never the test split).
 The loop logs ``apt/val_w2`` (or ``apt/val_fd``) and writes the best state as
 ``checkpoints/best.pt`` (with ``selection``: its step, metric and score).
 
