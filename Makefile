@@ -118,7 +118,7 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 # The few-step table: from each toy task's 1-RF teacher, 2-RF, its one-step distillation, consistency
 # distillation (CD) and training (CT), benchmarked alike with their costs. It runs in the reflow chain's
 # directories, so the chain's 1-RF, pairs and 2-RF are reused (not retrained).
-few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, CD, CT), quality beside cost -> runs/reflow/<task>/few_step.md
+few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, APT, CD, CT, CD-LoRA), quality beside cost -> runs/reflow/<task>/few_step.md
 	$(PY) -m flowmatch distill run experiments/toy/reflow_noise_to_moons.yaml \
 	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
 	  --out $(REFLOW_OUT) --no-progress
