@@ -125,7 +125,7 @@ few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, 
 	$(PY) -m flowmatch distill compose experiments/toy/reflow_noise_to_moons.yaml --out $(REFLOW_OUT)/noise_to_moons --no-progress
 
 # the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused)
-few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (CD, CT, CD-LoRA beside make images' stages) -> runs/images/digits/few_step.md
+few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (APT, CD, CT, CD-LoRA beside make images' stages) -> runs/images/digits/few_step.md
 	$(PY) -m flowmatch distill run experiments/images/reflow_digits.yaml --out $(IMAGES_OUT) --no-progress
 
 # the README's figures, from the outputs of make demo and make reflow under FIGURES_RUNS
