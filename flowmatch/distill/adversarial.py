@@ -90,7 +90,7 @@ from flowmatch.models.unet import Upsample, _Level
 from flowmatch.training import OBJECTIVES, Batch, Objective, OneStepDistill, load_checkpoint, load_model
 from flowmatch.training.objectives import Validation
 from flowmatch.types import LossOutput
-from flowmatch.utils import make_generator
+from flowmatch.utils import expand_like, make_generator
 
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
            "generator_loss", "approx_r1", "exact_r1", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS",
@@ -326,7 +326,7 @@ class AdversarialPostTraining(Objective):
         ``x`` itself, or with ``noise_inputs`` ``t x + (1 - t) n`` at the batch's times."""
         if not self.ac.noise_inputs:
             return x
-        t = batch.t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        t = expand_like(batch.t.to(x.dtype), x)
         return t * x + (1 - t) * batch.extra[f"n_{which}"]
 
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
