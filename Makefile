@@ -41,10 +41,14 @@ demo: $(STAMP) ## train the toy experiments on CPU (~3 min), benchmark them, wri
 	$(PY) -m flowmatch demo --out $(DEMO_OUT)
 
 # one intra-op thread: the tests' small tensors gain nothing from more, and on a busy 2-core machine
-# two threads spin against other work and run small convolutions many times slower
+# two threads spin against other work and run small convolutions many times slower. Instead the
+# test files run in TEST_WORKERS processes (pytest-xdist; a file stays in one process, so its
+# module fixtures are built once): 2 fills a 2-core machine; TEST_WORKERS=0 runs them in this one.
 TEST_THREADS ?= 1
+TEST_WORKERS ?= 2
 test: $(STAMP) ## run the tests and the notebooks (smoke mode), offline
-	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
+	FLOWMATCH_SMOKE=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  --nbmake tests notebooks $(PYTEST_ARGS)
 
 # A fresh machine may pick other CPU kernels (vector widths) than this one: the tests that compare two
 # code paths (marked crosspath) again under each ATEN_CPU_CAPABILITY this CPU has (~1 min each on two

@@ -93,17 +93,12 @@ def image_memorisation(cfg, x1: torch.Tensor, *, device: str | torch.device = "c
     training image (the whole training split) against the test split's, in pixel space and in the
     feature space of the task's classifier. Returns ``{"pixels": MemorisationResult, "features":
     MemorisationResult}``."""
-    from flowmatch.metrics.frechet import load_feature_classifier
+    from flowmatch.metrics.frechet import ImageFeatureMetrics
     from flowmatch.metrics.memorisation import memorisation
 
     train, _ = build_task(cfg.data, split="train").target.tensors()
     test, _ = build_task(cfg.data, split="test").target.tensors()
-    classifier = load_feature_classifier(cfg.data.target, cfg.eval.classifier, device=device)
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([classifier.features(x[i:i + 500].to(device, torch.float32)).to("cpu", torch.float64)
-                              for i in range(0, len(x), 500)])
+    features = ImageFeatureMetrics(cfg.data.target, test, path=cfg.eval.classifier, device=device).features
 
     x1 = x1.detach().cpu()
     return {"pixels": memorisation(x1, train, test), "features": memorisation(x1, train, test, features=features)}

@@ -30,7 +30,10 @@ Cost columns, each *cumulative from the 1-RF teacher* (what it takes to get that
 not included), ``teacher_evals`` (velocity evaluations of a teacher per training sample: pairs x
 NFE per pair for reflow, CD's teacher steps), ``params`` (trainable parameters of the last stage).
 Writes ``OUT/few_step.json`` / ``.csv`` / ``.md`` (the stages.json schema plus ``method`` and the cost
-columns) and ``OUT/few_step_summary.md`` (per method: best W2 or FD at NFE 1 and 2, and the cost).
+columns) and ``OUT/few_step_summary.md`` (per method: best W2 or FD at NFE 1 and 2, and the cost). On an image task
+also ``OUT/few_step_memorisation.json``, the memorisation check of each method's one-step samples (the
+teacher's by dopri5), summarised in ``few_step_summary.md``: a lower training-reference FD is not a
+better model when the samples copy training images.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from flowmatch.reports import stage_columns
 from flowmatch.training import load_checkpoint
 
 __all__ = ["FEW_STEP_METHODS", "T1_CANDIDATES", "LORA_RANK", "VALIDATION_N", "few_step_from_config", "best_t1", "few_step_summary",
-           "composition_from_config"]
+           "few_step_memorisation", "memorisation_summary", "composition_from_config"]
 
 FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora")
 LORA_RANK = 4
@@ -119,7 +122,12 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
     lead = ["method", *cols]
     rows = [{c: r.get(c) for c in lead} | {k: v for k, v in r.items() if k not in lead} for r in rows]
     write_bench(rows, out, plot=False, name="few_step", columns=lead + ["steps", "wall_s", "teacher_evals", "params"])
-    atomic_write_text(os.path.join(out, "few_step_summary.md"), few_step_summary(rows))
+    summary = few_step_summary(rows)
+    if is_image_task(cfg.data):
+        memo = few_step_memorisation(cfg, stages)
+        atomic_write_text(os.path.join(out, "few_step_memorisation.json"), json.dumps(memo, indent=1))
+        summary += "\n" + memorisation_summary(memo)
+    atomic_write_text(os.path.join(out, "few_step_summary.md"), summary)
     atomic_write_text(os.path.join(out, "few_step_costs.json"),
                       json.dumps({m: c for m, _, c in stages}, indent=1))
     return rows
@@ -175,11 +183,14 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
                                       names=[m for m, _ in consistency], straightness_draws=1, **kw)
         first = {r["model"]: r for r in rows}
         rows += [r | {k: first[r["model"]][k] for k in ("straightness", "straightness_rel") if k in r} for r in more]
+        from flowmatch.evaluation import make_scorer
+
+        scorer = make_scorer(cfg, rc.bench_n, seed=0)  # the bench's seed-0 scorer, built once for every t1 row
         for m, c in consistency:
             t1, val = best_t1(c, cfg, progress=progress)
             # scored like the uniform two-step row (same source draws and reference, seed 0), at t1
             uniform = next(r for r in rows if r["model"] == m and r["solver"] == "consistency" and r["nfe"] == 2)
-            (scores,) = _two_step_scores(c, cfg, [t1], seed=0)
+            (scores,) = _two_step_scores(c, cfg, [t1], seed=0, scorer=scorer)
             rows.append(uniform | scores | {"grid": f"t1={t1}", "t1": t1, "t1_validation": val})
     costs = {m: cost for m, _, cost in stages}
     for r in rows:
@@ -190,10 +201,10 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     return rows
 
 
-def _two_step_samples(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *, seed: int, n: int):
+def _two_step_samples(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *, seed: int, n: int, scorer=None):
     """``(scorer, samples)``: the bench scorer of ``seed`` for ``n`` samples (source draws from ``seed``,
-    reference from ``seed + 1``) and, per ``t1`` of ``t1s``, the ``n`` samples of two-step consistency
-    sampling re-noised at ``t1``."""
+    reference from ``seed + 1``; ``scorer`` when given, which must be that one) and, per ``t1`` of
+    ``t1s``, the ``n`` samples of two-step consistency sampling re-noised at ``t1``."""
     import torch
 
     from flowmatch.data.task import build_source
@@ -203,7 +214,7 @@ def _two_step_samples(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *,
     from flowmatch.utils import make_generator
 
     model = load_model(ckpt).model
-    scorer = make_scorer(cfg, n, seed=seed)
+    scorer = scorer if scorer is not None else make_scorer(cfg, n, seed=seed)
     source = build_source(cfg.data)
     x0 = source.sample(n, generator=make_generator(seed))
     sampler = get_solver("consistency").for_source(source)  # re-noised with draws of the source
@@ -212,11 +223,12 @@ def _two_step_samples(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *,
     return scorer, xs
 
 
-def _two_step_scores(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *, seed: int) -> list[dict]:
+def _two_step_scores(ckpt: str, cfg: ExperimentConfig, t1s: Sequence[float], *, seed: int,
+                     scorer=None) -> list[dict]:
     """The bench scorer's scores (``w2``, ``mmd`` or ``fd``, ``kid``) of two-step consistency sampling
     re-noised at each ``t1`` of ``t1s``, on ``reflow.bench_n`` source draws and the reference of the
     bench's ``seed`` (the bench draws its source from ``seed`` and its reference from ``seed + 1``)."""
-    scorer, xs = _two_step_samples(ckpt, cfg, t1s, seed=seed, n=cfg.reflow.bench_n)
+    scorer, xs = _two_step_samples(ckpt, cfg, t1s, seed=seed, n=cfg.reflow.bench_n, scorer=scorer)
     return [{k: float(v) for k, v in scorer(x1).items()} for x1 in xs]
 
 
@@ -231,6 +243,52 @@ def best_t1(ckpt: str, cfg: ExperimentConfig, *, candidates: Sequence[float] = T
     scores = [scorer.primary(x1) for x1 in xs]
     i = min(range(len(scores)), key=lambda k: scores[k])
     return candidates[i], scores[i]
+
+
+def few_step_memorisation(cfg: ExperimentConfig, stages: Sequence[tuple]) -> dict:
+    """The memorisation check (:func:`flowmatch.evaluation.image_memorisation`) of each method's
+    samples on ``reflow.bench_n`` source draws of the bench's seed (0): the teacher (``1-RF``) by
+    dopri5 at ``eval.atol/rtol`` (the score it is compared with), every other method in one step (a
+    consistency model's one step is the Euler step of its x1-prediction form). Returns ``{method:
+    {"sampler", "pixels": summary, "features": summary}}`` (:meth:`MemorisationResult.summary`)."""
+    import torch
+
+    from flowmatch.data.task import build_source
+    from flowmatch.evaluation import image_memorisation, sampling_field
+    from flowmatch.solvers import solve
+    from flowmatch.training import load_model
+    from flowmatch.utils import make_generator
+
+    n = cfg.reflow.bench_n
+    x0 = build_source(cfg.data).sample(n, generator=make_generator(0))
+    out = {}
+    for method, ckpt, _ in stages:
+        field = sampling_field(load_model(ckpt).model, n, cfg.eval.guidance)
+        with torch.no_grad():
+            if method == "1-RF":
+                label, x1 = "dopri5", solve(field, x0, "dopri5", atol=cfg.eval.atol, rtol=cfg.eval.rtol).x1
+            else:
+                label, x1 = "euler nfe 1", solve(field, x0, "euler", nfe=1).x1
+        checks = image_memorisation(cfg, x1)
+        out[method] = {"sampler": label, **{space: r.summary() for space, r in checks.items()}}
+    return out
+
+
+def memorisation_summary(memo: dict) -> str:
+    """Markdown: per method, the copies fraction (samples closer to a training image than the held-out
+    images' 5% quantile; 0.05 expected of new images), the median distance ratio and the verdict, in
+    pixels and in classifier features."""
+    lines = ["Memorisation check (each sample's nearest training image against the held-out test images'; "
+             "copies = fraction closer than the held-out 5% quantile, 0.05 expected):", "",
+             "| method | sampler | copies (pixels) | median ratio (pixels) | copies (features) | "
+             "median ratio (features) | memorises |", "|---|---|---|---|---|---|---|"]
+    for method, m in memo.items():
+        px, ft = m["pixels"], m["features"]
+        verdicts = (px["memorises"], ft["memorises"])
+        verdict = "n/a (non-finite)" if None in verdicts else ("yes" if any(verdicts) else "no")
+        lines.append(f"| {method} | {m['sampler']} | {px['copies_fraction']:.3f} | {px['median_ratio']:.3f} | "
+                     f"{ft['copies_fraction']:.3f} | {ft['median_ratio']:.3f} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def few_step_summary(rows: Sequence[dict]) -> str:

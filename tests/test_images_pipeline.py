@@ -286,3 +286,18 @@ def test_few_step_table_on_images(run, tmp_path):
     cd = [r for r in rows if r["method"] == "cd"]
     assert {"fd", "fd_floor", "kid"} <= set(cd[0]) and all(r["fd"] == r["fd"] for r in cd)
     assert sum(r.get("t1") is not None for r in cd) == 1 and cd[0]["teacher_evals"] == 5 * 32
+    # the memorisation check of every method: the teacher by dopri5, the rest in one step, on the bench's draws
+    from flowmatch.data.task import build_source
+    from flowmatch.evaluation import image_memorisation
+    from flowmatch.solvers import solve
+
+    memo = json.loads((tmp_path / "few_step_memorisation.json").read_text())
+    assert list(memo) == ["1-RF", "cd"] and memo["1-RF"]["sampler"] == "dopri5"
+    assert memo["cd"]["sampler"] == "euler nfe 1"
+    x0 = build_source(cfg.data).sample(64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x1 = solve(load_model(run[0].checkpoint).model, x0, "dopri5", atol=1e-3, rtol=1e-3).x1
+    want = image_memorisation(cfg, x1)["features"].summary()
+    assert memo["1-RF"]["features"] == pytest.approx(want)
+    summary = (tmp_path / "few_step_summary.md").read_text()
+    assert "| 1-RF | dopri5 |" in summary and "| cd | euler nfe 1 |" in summary
