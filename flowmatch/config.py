@@ -42,6 +42,8 @@ __all__ = [
     "ReflowConfig",
     "DistillConfig",
     "ConsistencyConfig",
+    "ShortcutConfig",
+    "MeanFlowConfig",
     "LoraConfig",
     "AptConfig",
     "ExperimentConfig",
@@ -275,7 +277,12 @@ class ModelConfig:
     std ``fourier_scale``). UNet: ``preset`` (``flowmatch.models.UNET_PRESETS``) gives every UNet key
     left at ``null``: ``base_channels``, ``channel_mult``, ``num_res_blocks``,
     ``attention_resolutions`` (feature-map sizes with self-attention), ``dropout``, ``num_heads``.
-    ``class_cond`` conditions on the dataset's labels (classifier-free guidance at sampling)."""
+    ``class_cond`` conditions on the dataset's labels (classifier-free guidance at sampling).
+    ``step_input`` (off by default, so existing checkpoints load unchanged) gives the model a second time
+    input, the step ``h`` of the any-step objectives (``shortcut``, ``meanflow``): the model is called
+    ``v(x, t, cond, h=h)``, ``h`` goes through the time embedding and a zero-initialised projection
+    (:mod:`flowmatch.models.embeddings`), and a plain flow checkpoint initialises it (``train.init``) as a
+    model equal to that flow model for every ``h``."""
 
     name: str = "mlp"
     hidden: int = 256
@@ -293,6 +300,7 @@ class ModelConfig:
     dropout: Optional[float] = None
     num_heads: Optional[int] = None
     class_cond: bool = False
+    step_input: bool = False
 
     _section: ClassVar[str] = "model"
 
@@ -521,6 +529,51 @@ class ConsistencyConfig:
 
 
 @dataclass
+class ShortcutConfig:
+    """Shortcut models (``train.objective: shortcut``, Frans et al. 2025; :mod:`flowmatch.distill.shortcut`).
+    A fraction ``self_consistency`` of each batch (1/8, the paper's) regresses the self-consistency
+    target of two half steps of the ``ema`` target network (its decay; 0: the student under
+    stop-gradient) at steps ``d = 2^-k``, ``k = 0 .. log2(base_steps) - 1``; the rest regresses the
+    flow-matching target at the smallest step ``d = 1 / base_steps`` (128, the paper's). ``base_steps``
+    must be a power of two >= 2. Needs ``model.step_input: true``."""
+
+    self_consistency: float = 0.125
+    base_steps: int = 128
+    ema: float = 0.999
+
+    _section: ClassVar[str] = "shortcut"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"self_consistency": _float(**_PROBABILITY), "base_steps": _int(2),
+                             "ema": _float(ge=0.0, lt=1.0)})
+        if self.base_steps & (self.base_steps - 1):
+            raise ConfigError(f"shortcut.base_steps = {self.base_steps}: must be a power of two >= 2")
+
+
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow (``train.objective: meanflow``, Geng et al. 2025; :mod:`flowmatch.distill.meanflow`).
+    Times: two draws of ``sigmoid(N(logit_mean, logit_std))`` in our convention (``t = 0`` noise), the
+    smaller the start ``t`` and the larger the end ``s``; a fraction ``1 - jump_fraction`` of the rows
+    then gets ``s = t`` (the flow-matching rows). The paper's values are ``jump_fraction`` 0.25 and a
+    logit-normal of mean -0.4 and std 1.0 in its time (``t_theirs = 1 - t_ours``), which is mean +0.4
+    here. ``power`` ``p`` and ``eps`` make the adaptive weight ``e / sg(e + eps)^p`` of the squared error
+    ``e`` (p = 0: plain squared error). Needs ``model.step_input: true``."""
+
+    jump_fraction: float = 0.25
+    logit_mean: float = 0.4
+    logit_std: float = 1.0
+    power: float = 1.0
+    eps: float = 1e-3
+
+    _section: ClassVar[str] = "meanflow"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"jump_fraction": _float(**_PROBABILITY), "logit_mean": _float(),
+                             "logit_std": _float(gt=0.0), "power": _float(ge=0.0), "eps": _float(gt=0.0)})
+
+
+@dataclass
 class AptConfig:
     """Adversarial post-training of a one-step generator (``train.objective: apt``,
     :mod:`flowmatch.distill.adversarial`). The generator is ``train.init``'s one-step checkpoint; the
@@ -598,6 +651,8 @@ class ExperimentConfig:
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     apt: AptConfig = field(default_factory=AptConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
     _section: ClassVar[str] = ""
 

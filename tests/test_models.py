@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import math
+import pathlib
 
 import pytest
 import torch
 from torch import nn
 
-from flowmatch.config import ModelConfig
-from flowmatch.errors import UnknownNameError
+from flowmatch.config import ModelConfig, apply_overrides, ExperimentConfig
+from flowmatch.errors import ConfigError, UnknownNameError
 from flowmatch.models import (
     ACTIVATIONS,
     EMA,
     MODELS,
+    STEP_KEYS,
     TIME_EMBEDDINGS,
     FourierEmbedding,
     MLPVelocity,
     SinusoidalEmbedding,
+    UNetVelocity,
     build_model,
+    load_flow_weights,
 )
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -220,6 +226,87 @@ def test_build_model_defaults_and_unknown_name():
     assert set(MODELS) == {"mlp", "unet"}
     with pytest.raises(UnknownNameError, match="mlp, unet"):
         build_model(ModelConfig(name="transformer"), 2)
+
+
+# --------------------------------------------------------------------------- the step input
+
+
+def _tiny_unet(**kw):
+    return UNetVelocity(1, 8, base_channels=4, channel_mult=(1,), num_res_blocks=1, **kw)
+
+
+def _pair(kind: str, time_embedding: str = "sinusoidal"):
+    """A plain model and a step-input one holding its weights (seeded alike)."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        plain = MLPVelocity(dim=2, hidden=16, depth=2, time_dim=8, time_embedding=time_embedding)
+        stepped = MLPVelocity(dim=2, hidden=16, depth=2, time_dim=8, time_embedding=time_embedding, step_input=True)
+        x, t = inputs(b=5)
+    else:
+        plain, stepped = _tiny_unet(), _tiny_unet(step_input=True)
+        nn.init.normal_(plain.out_conv.weight, std=0.1)  # a non-zero field
+        x, t = torch.randn(5, 1, 8, 8, generator=gen(1)), torch.rand(5, generator=gen(2))
+    load_flow_weights(stepped, plain.state_dict())
+    return plain, stepped, x, t
+
+
+@pytest.mark.parametrize("kind,emb", [("mlp", "sinusoidal"), ("mlp", "fourier"), ("unet", "sinusoidal")])
+def test_a_step_input_model_starts_as_its_plain_model_for_every_step_and_then_depends_on_it(kind, emb):
+    plain, stepped, x, t = _pair(kind, emb)
+    assert set(stepped.state_dict()) - set(plain.state_dict()) == set(STEP_KEYS)
+    assert not plain.state_dict().keys() & set(STEP_KEYS)  # the plain model's keys are unchanged
+    with torch.no_grad():
+        ref = plain(x, t)
+        for h in (None, torch.zeros(5), torch.full((5,), 0.25), torch.rand(5, generator=gen(3))):
+            assert torch.equal(stepped(x, t, h=h), ref)
+        nn.init.normal_(stepped.step_proj.weight)
+        a, b = stepped(x, t, h=torch.full((5,), 0.5)), stepped(x, t, h=torch.full((5,), 0.125))
+        assert not torch.allclose(a, b)
+        assert torch.equal(stepped(x, t), stepped(x, t, h=torch.zeros(5)))  # h = None is h = 0
+
+
+def test_the_step_input_is_checked_and_refused_by_a_plain_model():
+    plain, stepped, x, t = _pair("mlp")
+    with pytest.raises(ValueError, match="no step input h"):
+        plain(x, t, h=torch.zeros(5))
+    with pytest.raises(ValueError, match=r"the step h must have shape \[B\]=\[5\]"):
+        stepped(x, t, h=torch.zeros(4))
+    u_plain, _, xi, ti = _pair("unet")
+    with pytest.raises(ValueError, match="no step input h"):
+        u_plain(xi, ti, h=torch.zeros(5))
+    with pytest.raises(ConfigError, match="model.step_input: expected bool"):
+        apply_overrides(ExperimentConfig(), ["model.step_input=2"])
+
+
+def test_load_flow_weights_is_strict_but_for_the_step_projection():
+    plain, stepped, _, _ = _pair("mlp")
+    state = plain.state_dict()
+    del state["net.0.bias"]
+    with pytest.raises(RuntimeError, match="missing key 'net.0.bias'"):
+        load_flow_weights(stepped, state)
+    with pytest.raises(RuntimeError):  # a plain model takes no step projection
+        load_flow_weights(plain, stepped.state_dict())
+    full = {k: torch.ones_like(v) for k, v in stepped.state_dict().items()}
+    load_flow_weights(stepped, full)  # a step-input model's own weights: all of them
+    assert torch.equal(stepped.step_proj.weight, torch.ones_like(stepped.step_proj.weight))
+
+
+@pytest.mark.parametrize("name", ["mlp", "unet"])
+def test_checkpoints_written_before_the_step_input_load_unchanged(name):
+    """``tests/data/plain_*_v1.pt`` were written by the code before ``model.step_input`` existed (2 training
+    steps; the UNet's without its optimiser state, to keep the file small); ``plain_v1_outputs.pt`` holds
+    that code's outputs on the inputs below. Another host may round differently: a stated tolerance."""
+    from flowmatch.training import load_model
+
+    loaded = load_model(str(DATA / f"plain_{name}_v1.pt"))
+    assert loaded.config.model.step_input is False and getattr(loaded.model, "step_proj") is None
+    if name == "mlp":
+        x, t = torch.linspace(-1, 1, 8).reshape(4, 2), torch.tensor([0.0, 0.3, 0.7, 1.0])
+    else:
+        x, t = torch.linspace(-1, 1, 128).reshape(2, 1, 8, 8), torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        out = loaded.model(x, t)
+    torch.testing.assert_close(out, torch.load(DATA / "plain_v1_outputs.pt")[name], rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- EMA

@@ -8,14 +8,15 @@ from torch import nn
 
 from flowmatch.errors import ConfigError
 from flowmatch.models.ema import EMA
-from flowmatch.models.embeddings import TIME_EMBEDDINGS, FourierEmbedding, SinusoidalEmbedding
+from flowmatch.models.embeddings import (STEP_KEYS, TIME_EMBEDDINGS, FourierEmbedding, SinusoidalEmbedding,
+                                         load_flow_weights)
 from flowmatch.models.mlp import ACTIVATIONS, MLPVelocity
 from flowmatch.models.unet import UNET_PRESETS, ClassifierFreeGuidance, UNetVelocity, unet_kwargs
 from flowmatch.models.classifier import FeatureClassifier
 from flowmatch.utils import lookup
 
 __all__ = ["EMA", "MLPVelocity", "SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "ACTIVATIONS",
-           "MODELS", "build_model",
+           "MODELS", "build_model", "STEP_KEYS", "load_flow_weights",
            "UNetVelocity", "UNET_PRESETS", "unet_kwargs", "ClassifierFreeGuidance", "FeatureClassifier"]
 
 MODELS = {"mlp": MLPVelocity, "unet": UNetVelocity}
@@ -37,7 +38,8 @@ def build_model(model_cfg, shape: int | Sequence[int], num_classes: Optional[int
             raise ConfigError("model.class_cond is implemented by the unet model only")
         return cls(dim=shape[0], hidden=model_cfg.hidden, depth=model_cfg.depth, activation=model_cfg.activation,
                    time_embedding=model_cfg.time_embedding, time_dim=model_cfg.time_dim,
-                   fourier_scale=model_cfg.fourier_scale, time_scale=model_cfg.time_scale)
+                   fourier_scale=model_cfg.fourier_scale, time_scale=model_cfg.time_scale,
+                   step_input=model_cfg.step_input)
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ConfigError(f"model.name=unet takes square images [B, C, H, H]; the data here is {list(shape)}")
     kw = unet_kwargs(model_cfg.preset, base_channels=model_cfg.base_channels, channel_mult=model_cfg.channel_mult,
@@ -45,6 +47,6 @@ def build_model(model_cfg, shape: int | Sequence[int], num_classes: Optional[int
                      dropout=model_cfg.dropout, num_heads=model_cfg.num_heads)
     try:
         return cls(shape[0], shape[1], num_classes=num_classes if model_cfg.class_cond else None,
-                   time_scale=model_cfg.time_scale, **kw)
+                   time_scale=model_cfg.time_scale, step_input=model_cfg.step_input, **kw)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None

@@ -1,4 +1,12 @@
-"""Time embeddings: ``[B]`` times in [0, 1] -> ``[B, dim]`` features."""
+"""Time embeddings: ``[B]`` times in [0, 1] -> ``[B, dim]`` features; the optional step input.
+
+A model built with ``step_input=True`` (``model.step_input``) takes a second time, the step ``h`` ``[B]``
+(``v(x, t, cond=None, h=None)``): the span of the jump the any-step objectives train, Frans et al.'s
+``d`` or MeanFlow's ``t - r``. It goes through the model's own time embedding (the same sinusoids and,
+in the UNet, the same MLP) and is added to the time features through a zero-initialised linear map,
+``step_proj``; ``h = None`` is ``h = 0``. So a step-input model whose other weights are a plain flow
+model's (:func:`load_flow_weights`) is that model for every ``h`` until training moves ``step_proj``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS"]
+__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "STEP_KEYS", "zero_linear", "step_features",
+           "load_flow_weights"]
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -58,3 +67,41 @@ class FourierEmbedding(nn.Module):
 
 
 TIME_EMBEDDINGS = {"sinusoidal": SinusoidalEmbedding, "fourier": FourierEmbedding}
+
+
+# the weights a step-input model has and a plain one lacks (the zero-initialised projection)
+STEP_KEYS = ("step_proj.weight", "step_proj.bias")
+
+
+def zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
+    """A ``Linear(dim_in, dim_out)`` whose weight and bias start at zero."""
+    lin = nn.Linear(dim_in, dim_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+def step_features(embed, proj: nn.Module, t: torch.Tensor, h) -> torch.Tensor:
+    """``proj(embed(h))`` ``[B, dim]`` for the step ``h`` ``[B]`` (``None``: zeros like ``t``) through the
+    time embedding ``embed``; ``h`` must be finite with the shape of ``t``."""
+    if h is None:
+        h = torch.zeros_like(t)
+    if not torch.is_tensor(h) or h.shape != t.shape:
+        raise ValueError(f"the step h must have shape [B]={list(t.shape)}, got "
+                         f"{tuple(h.shape) if torch.is_tensor(h) else type(h).__name__}")
+    return proj(embed(h.to(t.dtype)))
+
+
+def load_flow_weights(model: nn.Module, state: dict) -> None:
+    """Load a model's ``state`` into ``model``: strictly, except that a plain model's weights (no
+    :data:`STEP_KEYS`) go into a step-input model, whose ``step_proj`` then keeps its zero start. Any other
+    missing or unexpected key is a ``RuntimeError`` naming it."""
+    has_step = getattr(model, "step_proj", None) is not None
+    if not has_step or any(k in state for k in STEP_KEYS):
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if k not in STEP_KEYS] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"weights do not fit the model: {'missing' if bad[0] in missing else 'unexpected'} "
+                           f"key {bad[0]!r} (and {len(bad) - 1} more)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowmatch.models.embeddings import FourierEmbedding, SinusoidalEmbedding
+from flowmatch.models.embeddings import FourierEmbedding, SinusoidalEmbedding, step_features, zero_linear
 from flowmatch.utils import lookup
 
 __all__ = ["MLPVelocity", "ACTIVATIONS"]
@@ -21,7 +21,7 @@ class MLPVelocity(nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, activation: str = "silu",
                  time_embedding: str = "sinusoidal", time_dim: int = 64, fourier_scale: float = 16.0,
-                 time_scale: float = 1000.0):
+                 time_scale: float = 1000.0, step_input: bool = False):
         super().__init__()
         act = lookup(ACTIVATIONS, activation, "activation")
         if time_embedding == "fourier":
@@ -39,8 +39,14 @@ class MLPVelocity(nn.Module):
         layers.append(nn.Linear(width_in, dim))
         self.net = nn.Sequential(*layers)
         self.dim = dim
+        self.step_proj = zero_linear(time_dim, time_dim) if step_input else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, h=None) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
-        return self.net(torch.cat([x, self.time_embed(t).to(x.dtype)], dim=1))
+        emb = self.time_embed(t)
+        if self.step_proj is not None:
+            emb = emb + step_features(self.time_embed, self.step_proj, t, h)
+        elif h is not None:
+            raise ValueError("this model has no step input h (model.step_input=false)")
+        return self.net(torch.cat([x, emb.to(x.dtype)], dim=1))

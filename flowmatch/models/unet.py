@@ -28,6 +28,8 @@ a learned class embedding with ``num_classes + 1`` rows, the last (index ``num_c
 "null" label used for unconditional predictions and classifier-free guidance (Ho & Salimans 2022).
 
 The output convolution starts at zero, so the untrained field is ``v = 0`` (a stable start).
+With ``step_input`` the step ``h`` of an any-step model goes through the same embedding and a
+zero-initialised ``Linear(4c, 4c)`` (``step_proj``) and is added to the time embedding.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from flowmatch.models.embeddings import SinusoidalEmbedding
+from flowmatch.models.embeddings import SinusoidalEmbedding, step_features, zero_linear
 from flowmatch.utils import as_time, lookup
 
 __all__ = ["UNetVelocity", "UNET_PRESETS", "unet_kwargs", "ClassifierFreeGuidance"]
@@ -167,7 +169,7 @@ class UNetVelocity(nn.Module):
     def __init__(self, in_channels: int, image_size: int, *, base_channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (), dropout: float = 0.0, num_heads: int = 4,
-                 num_classes: Optional[int] = None, time_scale: float = 1000.0):
+                 num_classes: Optional[int] = None, time_scale: float = 1000.0, step_input: bool = False):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -210,6 +212,8 @@ class UNetVelocity(nn.Module):
         self.time_embed = nn.Sequential(SinusoidalEmbedding(base_channels, scale=time_scale),
                                         nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes is not None else None
+        # the step h of an any-step model, through the same embedding; zero at the start
+        self.step_proj = zero_linear(emb_dim, emb_dim) if step_input else None
 
         def level(c_in: int, c_out: int, attn: bool) -> _Level:
             return _Level(ResBlock(c_in, c_out, emb_dim, dropout), Attention(c_out, num_heads) if attn else None)
@@ -256,11 +260,16 @@ class UNetVelocity(nn.Module):
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``v(x, t, cond)``: ``x`` ``[B, C, H, W]``, ``t`` ``[B]``, ``cond`` ``[B]`` long, an int or ``None``
-        -> ``[B, C, H, W]`` in ``x``'s dtype."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                h: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``v(x, t, cond, h)``: ``x`` ``[B, C, H, W]``, ``t`` ``[B]``, ``cond`` ``[B]`` long, an int or ``None``,
+        ``h`` ``[B]`` the step of a ``step_input`` model (``None``: 0) -> ``[B, C, H, W]`` in ``x``'s dtype."""
         self._check(x, t)
         emb = self.time_embed(t.float())  # sinusoids of 1000 t need fp32 even for bf16 inputs
+        if self.step_proj is not None:
+            emb = emb + step_features(self.time_embed, self.step_proj, t.float(), h)
+        elif h is not None:
+            raise ValueError("this model has no step input h (model.step_input=false)")
         if self.class_embed is not None:
             if cond is None:
                 cond = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)

@@ -17,7 +17,7 @@ from flowmatch.data.task import build_task
 from flowmatch.data.pairs import PairStore, PairStoreError
 from flowmatch.errors import CheckpointError, ConfigError
 from flowmatch.io import file_sha256
-from flowmatch.models import build_model
+from flowmatch.models import build_model, load_flow_weights
 from flowmatch.paths import AffinePath, get_path
 from flowmatch.solvers import get_solver
 from flowmatch.timesteps import TimeSampler, get_time_sampler
@@ -82,10 +82,17 @@ def _init_weights(model: nn.Module, cfg: ExperimentConfig, manifest: Optional[di
                              f"{path} hashes to {sha[:16]}... (the file or the manifest is not the one the pairs "
                              f"were made with); set train.init=random or a checkpoint path")
     # through from_dict, so a checkpoint written before a model key existed compares at its default
-    diff = config_diff(to_dict(from_dict(ckpt["config"]).model), to_dict(cfg.model))
+    theirs = from_dict(ckpt["config"]).model
+    diff = config_diff(to_dict(theirs), to_dict(cfg.model))
+    # a plain flow model initialises a step-input one (its zero-initialised step projection stays)
+    if diff == ["step_input"] and cfg.model.step_input and not theirs.step_input:
+        diff = []
     if diff:
         raise CheckpointError(f"cannot initialise from {path}: its model differs at model.{', model.'.join(diff)}")
-    model.load_state_dict(ckpt["ema"]["model"])
+    try:
+        load_flow_weights(model, ckpt["ema"]["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"cannot initialise from {path}: {str(e).splitlines()[0]}") from None
     return path
 
 
