@@ -1,0 +1,66 @@
+"""Any-step sampling: one network of average velocities for every number of steps.
+
+The any-step objectives (:mod:`flowmatch.distill.shortcut`, :mod:`flowmatch.distill.meanflow`) train
+the same function, a model ``u(x, t, h)`` with a step input (``model.step_input``): the average
+velocity over the jump from ``t`` to ``t + h`` along the flow (``t = 0`` noise, ``t = 1`` data),
+
+    u(x_t, t, h) = (1 / h) int_t^{t + h} v(x_tau, tau) dtau,      so      x_{t + h} = x_t + h u(x_t, t, h),
+
+with ``u(x, t, 0) = v(x, t)``, the flow's velocity. Sampling in ``steps`` jumps on the uniform grid
+``t_i = i / steps`` is then ``x_{t_{i+1}} = x_{t_i} + h u(x_{t_i}, t_i, h)`` with ``h = 1 / steps``
+(Frans et al. 2025, Algorithm 2, where ``d = h``; Geng et al. 2025, eq. 12 in our time), one model
+evaluation a step. A shortcut model is trained at ``h`` a power of two only (``family="shortcut"``
+refuses other step counts); a MeanFlow model at every ``h``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from flowmatch.config import check_int
+from flowmatch.errors import ConfigError
+from flowmatch.types import Trajectory
+from flowmatch.utils import expand_like
+
+__all__ = ["ANYSTEP_FAMILIES", "sample_anystep", "check_anystep_config"]
+
+ANYSTEP_FAMILIES = ("shortcut", "meanflow")
+
+
+def sample_anystep(model, x0: torch.Tensor, steps: int, *, family: str = "meanflow", cond=None,
+                   max_steps: Optional[int] = None, return_trajectory: bool = False) -> Trajectory:
+    """``steps`` jumps of the average-velocity model ``model(x, t, cond, h=h)`` from ``x0`` ``[B, *D]``
+    at ``t = 0`` to ``t = 1`` (see the module docstring): a :class:`~flowmatch.types.Trajectory` with
+    ``nfe = steps``. ``family``: ``shortcut`` (``steps`` a power of two, at most ``max_steps`` where
+    given: the steps it was trained at) or ``meanflow`` (any ``steps >= 1``). ``cond``: labels for a
+    class-conditional model, or ``None``."""
+    if family not in ANYSTEP_FAMILIES:
+        raise ConfigError(f"family = {family!r}: must be one of {', '.join(ANYSTEP_FAMILIES)}")
+    steps = check_int("steps", steps, 1)
+    if family == "shortcut" and steps & (steps - 1):
+        raise ConfigError(f"steps = {steps}: a shortcut model samples with a power of two of steps (d = 1 / steps)")
+    if max_steps is not None and steps > max_steps:
+        raise ConfigError(f"steps = {steps}: the model was trained for at most {max_steps} steps")
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 holds non-finite values")
+    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    x, xs = x0, [x0]
+    for i in range(steps):
+        t = torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype, device=x.device)
+        h = torch.full_like(t, float(ts[i + 1] - ts[i]))
+        u = model(x, t, cond, h=h)
+        x = x + expand_like(h, x) * u.to(x.dtype)
+        if return_trajectory:
+            xs.append(x)
+    return Trajectory(x1=x, xs=torch.stack(xs) if return_trajectory else None, ts=ts.to(x.dtype), nfe=steps)
+
+
+def check_anystep_config(cfg, objective: str) -> None:
+    """Refuse, with a one-line :class:`~flowmatch.errors.ConfigError`, a config whose model the any-step
+    objective ``objective`` cannot train: one without the step input, a class-conditional one."""
+    if cfg.model.class_cond:
+        raise ConfigError(f"train.objective={objective} does not take class labels yet; set model.class_cond=false")
+    if not cfg.model.step_input:
+        raise ConfigError(f"train.objective={objective} trains a model with a step input: set model.step_input=true")
