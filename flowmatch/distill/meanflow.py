@@ -32,7 +32,8 @@ a fraction ``1 - meanflow.jump_fraction`` (75%, the paper's) of the rows gets ``
 flow-matching rows). The paper's logit-normal has mean -0.4 in its time, +0.4 in ours.
 
 Data parallelism. ``torch.func.jvp`` cannot run through a DistributedDataParallel wrapper (its forward
-hooks are not functional). The target is under stop-gradient, so the JVP runs on the unwrapped student
+copies into a captured tensor in place, which the functional transform refuses: a ``RuntimeError``
+with torch 2.13, with or without autograd). The target is under stop-gradient, so the JVP runs on the unwrapped student
 without autograd, and the gradient-carrying forward ``u_theta(x_t, t, h)`` runs through the wrapper the
 step hands the loss: one extra forward a step, and the same gradients in one process and under DDP.
 The loss is not compiled (``compilable = False``).
