@@ -296,7 +296,7 @@ def test_meanflow_learns_a_one_step_map_that_one_euler_step_of_flow_matching_mis
     assert scores["meanflow"] < 0.8 * scores["cfm"], scores
 
 
-# --------------------------------------------------------------------------- MeanFlow under DDP
+# --------------------------------------------------------------------------- under DDP
 
 ROWS = 32  # the whole batch; each of the 2 ranks takes half
 
@@ -319,37 +319,76 @@ def _replay_meanflow(rows: slice):
     return Replay
 
 
-def _meanflow_trainer(rows: slice, batch_size: int):
-    tr = build_trainer(make_tiny_cfg("train.objective=meanflow", "model.step_input=true", "train.grad_clip=0.05",
-                                     f"train.batch_size={batch_size}"), fast=False, objective=_replay_meanflow(rows))
+def _shortcut_batch(rows: list):
+    """Rows ``rows`` of a fixed shortcut batch of ``ROWS``: rows 0-3 carry self-consistency targets
+    (rank 0 takes 0, 1 and 4-17; rank 1 takes 2, 3 and 18-31; one process takes them all in order)."""
+    g = make_generator(12)
+    x0, x1 = torch.randn(ROWS, 2, generator=g), 2 + torch.randn(ROWS, 2, generator=g)
+    d = torch.full((ROWS,), 1 / 8)
+    d[:4] = torch.tensor([0.5, 0.25, 1.0, 0.25])
+    t = torch.rand(ROWS, generator=g)
+    t[:4] = torch.floor(t[:4] / d[:4]) * d[:4]
+    idx = torch.tensor(rows)
+    return x0[idx], x1[idx], t[idx], d[idx]
+
+
+def _replay_shortcut(rows: list):
+    class Replay(Shortcut):
+        def draw(self, generator):
+            x0, x1, t, d = _shortcut_batch(rows)
+            ps = self.comp.path.sample(x0, x1, t, generator=generator)
+            return Batch(t=ps.t, xt=ps.xt, ut=ps.ut, x0=x0, x1=x1, extra={"d": d})
+
+    return Replay
+
+
+def _trainer(objective: str, rows, batch_size: int):
+    replay = _replay_meanflow(rows) if objective == "meanflow" else _replay_shortcut(rows)
+    # self_consistency 0.125: 2 rows of each rank's 16, 4 of the whole 32
+    tr = build_trainer(make_tiny_cfg(f"train.objective={objective}", "model.step_input=true", "train.grad_clip=0.05",
+                                     f"train.batch_size={batch_size}", "shortcut.base_steps=8", "shortcut.ema=0.9"),
+                       fast=False, objective=replay)
     with torch.no_grad():  # a step projection away from zero, the same on every rank
         tr.model.step_proj.weight.copy_(torch.randn(tr.model.step_proj.weight.shape, generator=make_generator(5)))
     return tr
 
 
-def _meanflow_rank(rank: int, out_dir: str) -> dict:
+def _rank_rows(objective: str, rank: int):
+    half = ROWS // 2
+    if objective == "meanflow":
+        return slice(rank * half, (rank + 1) * half)
+    return [2 * rank, 2 * rank + 1, *range(4 + 14 * rank, 18 + 14 * rank)]
+
+
+def _anystep_rank(rank: int, out_dir: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    half = ROWS // 2
-    tr = _meanflow_trainer(slice(rank * half, (rank + 1) * half), half)
-    assert isinstance(tr.net, DistributedDataParallel)
-    loss, _ = tr.train_step.accumulate()
-    res = {"loss": loss.item(), "grads": [p.grad.clone() for p in tr.model.parameters()]}
-    tr.step()
-    res["params"] = [p.detach().clone() for p in tr.model.parameters()]
+    res = {}
+    for objective in ("meanflow", "shortcut"):
+        tr = _trainer(objective, _rank_rows(objective, rank), ROWS // 2)
+        assert isinstance(tr.net, DistributedDataParallel)
+        loss, _ = tr.train_step.accumulate()
+        res[objective] = {"loss": loss.item(), "grads": [p.grad.clone() for p in tr.model.parameters()]}
+        tr.step()
+        res[objective]["params"] = [p.detach().clone() for p in tr.model.parameters()]
     return res
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return _spawn(str(tmp_path_factory.mktemp("anystep_ddp")), results=_anystep_rank)
+
+
 @pytest.mark.crosspath  # two ranks against one process: another reduction order, within rel 1e-5
-def test_meanflow_under_two_process_ddp_gives_the_single_process_gradient(tmp_path):
-    ranks = _spawn(str(tmp_path), results=_meanflow_rank)
-    ref = _meanflow_trainer(slice(0, ROWS), ROWS)
+@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+def test_two_process_ddp_gives_the_single_process_gradient(ranks, objective):
+    ref = _trainer(objective, slice(0, ROWS) if objective == "meanflow" else list(range(ROWS)), ROWS)
     assert ref.world_size == 1
     loss, _ = ref.train_step.accumulate()
     grads = [p.grad.clone() for p in ref.model.parameters()]
     assert grads[-1].abs().sum() > 0 and ref.model.step_proj.weight.grad.abs().sum() > 0
     ref.step()
-    for res in ranks:
+    for res in (r[objective] for r in ranks):
         assert res["loss"] == pytest.approx(loss.item(), rel=1e-6)
         for a, b in zip(res["grads"], grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
