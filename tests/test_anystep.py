@@ -276,6 +276,11 @@ def test_kill_and_resume_equals_the_unbroken_run(tmp_path, teacher, extra):
     for k, v in ca["ema"]["model"].items():
         assert torch.equal(v, cb["ema"]["model"][k])
     assert all(math.isfinite(x) for x in a.losses)
+    model = load_model(a.checkpoint).model  # rebuilt from its config with the step input, loaded strictly
+    assert model.step_proj is not None and model.step_proj.weight.abs().sum() > 0
+    x0 = torch.randn(8, 2, generator=make_generator(4))
+    family = extra[0].split("=")[1]
+    assert torch.isfinite(sample_anystep(model, x0, 2, family=family, max_steps=8).x1).all()
 
 
 def test_meanflow_learns_a_one_step_map_that_one_euler_step_of_flow_matching_misses():
