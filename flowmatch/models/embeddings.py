@@ -83,13 +83,13 @@ def zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
 
 def step_features(embed, proj: nn.Module, t: torch.Tensor, h) -> torch.Tensor:
     """``proj(embed(h))`` ``[B, dim]`` for the step ``h`` ``[B]`` (``None``: zeros like ``t``) through the
-    time embedding ``embed``; ``h`` must be finite with the shape of ``t``."""
+    time embedding ``embed`` (its features cast to ``proj``'s dtype); ``h`` must have the shape of ``t``."""
     if h is None:
         h = torch.zeros_like(t)
     if not torch.is_tensor(h) or h.shape != t.shape:
         raise ValueError(f"the step h must have shape [B]={list(t.shape)}, got "
                          f"{tuple(h.shape) if torch.is_tensor(h) else type(h).__name__}")
-    return proj(embed(h.to(t.dtype)))
+    return proj(embed(h.to(t.dtype)).to(proj.weight.dtype))
 
 
 def load_flow_weights(model: nn.Module, state: dict) -> None:

@@ -44,7 +44,7 @@ class MLPVelocity(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, h=None) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
-        emb = self.time_embed(t)
+        emb = self.time_embed(t).to(x.dtype)
         if self.step_proj is not None:
             emb = emb + step_features(self.time_embed, self.step_proj, t, h)
         elif h is not None:
