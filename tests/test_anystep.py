@@ -181,6 +181,7 @@ def test_anystep_sampling_with_the_exact_average_velocity_lands_on_the_flow(fami
         calls.append(h)
         return x * (torch.expm1(-h) / h)[:, None]
 
+    u.step_input = True  # the field declares its step input (the anystep solver refuses one that does not)
     traj = sample_anystep(u, x0, steps, family=family, return_trajectory=True)
     torch.testing.assert_close(traj.x1, x0 * math.exp(-1), rtol=1e-12, atol=1e-12)
     assert traj.nfe == steps == len(calls) and traj.xs.shape == (steps + 1, 32, 2)
@@ -189,6 +190,7 @@ def test_anystep_sampling_with_the_exact_average_velocity_lands_on_the_flow(fami
 
 def test_anystep_sampling_refuses_bad_steps():
     x0, u = torch.randn(4, 2), (lambda x, t, cond=None, h=None: x)
+    u.step_input = True
     for steps, family, match in [(0, "meanflow", "steps = 0: must be an integer >= 1"),
                                  (2.5, "meanflow", "must be an integer"),
                                  (3, "shortcut", "steps = 3: a shortcut model samples with a power of two"),
@@ -199,6 +201,10 @@ def test_anystep_sampling_refuses_bad_steps():
         sample_anystep(u, x0, 16, family="shortcut", max_steps=8)
     with pytest.raises(ValueError, match="non-finite"):
         sample_anystep(u, torch.tensor([[float("nan"), 0.0]]), 1)
+    with pytest.raises(ConfigError, match="^solver 'anystep' jumps with an any-step model .*MLPVelocity has no step "
+                                          "input h: sample it with a flow solver") as e:
+        sample_anystep(MLPVelocity(dim=2, hidden=8, depth=1), x0, 2)  # a plain flow model: refused, not run
+    assert "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- config and refusals

@@ -9,7 +9,8 @@ velocity over the jump from ``t`` to ``t + h`` along the flow (``t = 0`` noise, 
 with ``u(x, t, 0) = v(x, t)``, the flow's velocity. Sampling in ``steps`` jumps on the uniform grid
 ``t_i = i / steps`` is then ``x_{t_{i+1}} = x_{t_i} + h u(x_{t_i}, t_i, h)`` with ``h = 1 / steps``
 (Frans et al. 2025, Algorithm 2, where ``d = h``; Geng et al. 2025, eq. 12 in our time), one model
-evaluation a step. A shortcut model is trained at ``h`` a power of two only (``family="shortcut"``
+evaluation a step: the ``anystep`` solver (:class:`~flowmatch.solvers.anystep.AnyStep`), which the bench
+uses too. A shortcut model is trained at ``h`` a power of two only (``family="shortcut"``
 refuses other step counts); a MeanFlow model at every ``h``.
 """
 
@@ -21,8 +22,8 @@ import torch
 
 from flowmatch.config import check_int
 from flowmatch.errors import ConfigError
+from flowmatch.solvers import get_solver, time_grid
 from flowmatch.types import Trajectory
-from flowmatch.utils import expand_like
 
 __all__ = ["ANYSTEP_FAMILIES", "sample_anystep", "check_anystep_config"]
 
@@ -45,16 +46,21 @@ def sample_anystep(model, x0: torch.Tensor, steps: int, *, family: str = "meanfl
         raise ConfigError(f"steps = {steps}: the model was trained for at most {max_steps} steps")
     if not torch.isfinite(x0).all():
         raise ValueError("x0 holds non-finite values")
-    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    x, xs = x0, [x0]
-    for i in range(steps):
-        t = torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype, device=x.device)
-        h = torch.full_like(t, float(ts[i + 1] - ts[i]))
-        u = model(x, t, cond, h=h)
-        x = x + expand_like(h, x) * u.to(x.dtype)
-        if return_trajectory:
-            xs.append(x)
-    return Trajectory(x1=x, xs=torch.stack(xs) if return_trajectory else None, ts=ts.to(x.dtype), nfe=steps)
+    field = model if cond is None else _Conditioned(model, cond)
+    # the one implementation of the jump: the anystep solver (it refuses a model without a step input)
+    return get_solver("anystep").integrate(field, x0, time_grid(steps, device=x0.device, dtype=x0.dtype),
+                                           return_trajectory=return_trajectory)
+
+
+class _Conditioned:
+    """``model(x, t, cond, h=h)`` as a field ``u(x, t, h=h)`` of the same step input."""
+
+    def __init__(self, model, cond):
+        self.model, self.cond = model, cond
+        self.step_input = getattr(model, "step_input", False)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, h: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(x, t, self.cond, h=h)
 
 
 def check_anystep_config(cfg, objective: str) -> None:

@@ -41,6 +41,11 @@ class MLPVelocity(nn.Module):
         self.dim = dim
         self.step_proj = zero_linear(time_dim, time_dim) if step_input else None
 
+    @property
+    def step_input(self) -> bool:
+        """Whether the model takes the step ``h`` of an any-step model (``model.step_input``)."""
+        return self.step_proj is not None
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, h=None) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")

@@ -260,6 +260,11 @@ class UNetVelocity(nn.Module):
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
 
+    @property
+    def step_input(self) -> bool:
+        """Whether the model takes the step ``h`` of an any-step model (``model.step_input``)."""
+        return self.step_proj is not None
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
                 h: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``v(x, t, cond, h)``: ``x`` ``[B, C, H, W]``, ``t`` ``[B]``, ``cond`` ``[B]`` long, an int or ``None``,

@@ -1,7 +1,9 @@
 """ODE solvers. They know only a callable ``v(x, t)``; see :func:`solve` for the one-call entry.
 
 ``num_steps`` and ``nfe`` are different words: a fixed-step solver with ``stages`` evaluations
-per step costs ``nfe = num_steps * stages`` (Heun with 4 steps: 8 NFE).
+per step costs ``nfe = num_steps * stages`` (Heun with 4 steps: 8 NFE). :data:`STEP_SOLVERS` holds the
+samplers of an any-step model's field ``u(x, t, h=h)`` (``anystep``: one jump a step), which refuse a
+plain ``v(x, t)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from flowmatch.config import check_int
 from flowmatch.solvers.adaptive import TORCHDIFFEQ_ADAPTIVE, TorchdiffeqSolver
+from flowmatch.solvers.anystep import AnyStep, has_step_input
 from flowmatch.solvers.base import CountedField, Solver, SolverError, num_steps_for
 from flowmatch.solvers.captured import CAPTURE_MODES, CapturedSolve
 from flowmatch.solvers.fixed import RK4, Euler, Heun, Midpoint
@@ -23,13 +26,16 @@ from flowmatch.utils import lookup
 
 __all__ = [
     "Solver", "SolverError", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "AdamsBashforth2", "Renoise", "ConsistencySampler",
+    "AnyStep", "has_step_input",
     "TorchdiffeqSolver", "CapturedSolve", "CAPTURE_MODES",
-    "SOLVERS", "FIXED_SOLVERS", "get_solver", "is_adaptive", "num_steps_for", "time_grid", "parse_grid", "GRIDS",
+    "SOLVERS", "FIXED_SOLVERS", "STEP_SOLVERS", "get_solver", "is_adaptive", "num_steps_for", "time_grid", "parse_grid", "GRIDS",
     "solve",
 ]
 
 FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4, AdamsBashforth2, Renoise, ConsistencySampler)}
-SOLVERS: dict = {**FIXED_SOLVERS, **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
+# samplers of an any-step field u(x, t, h=h) (model.step_input), not of a plain v(x, t)
+STEP_SOLVERS = {AnyStep.name: AnyStep}
+SOLVERS: dict = {**FIXED_SOLVERS, **STEP_SOLVERS, **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
 
 
 def is_adaptive(name: str) -> bool:

@@ -21,15 +21,16 @@ Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CountedField:
-    """Wraps ``v(x, t)``; ``nfe`` counts the calls (each call is one batched evaluation)."""
+    """Wraps ``v(x, t)``; ``nfe`` counts the calls (each call is one batched evaluation). Keyword
+    arguments pass through (the step ``h`` of an any-step model, :class:`~flowmatch.solvers.anystep.AnyStep`)."""
 
     def __init__(self, v: Field):
         self.v = v
         self.nfe = 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
         self.nfe += 1
-        return self.v(x, t)
+        return self.v(x, t, **kw)
 
 
 class Solver:
