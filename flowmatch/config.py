@@ -535,17 +535,20 @@ class ShortcutConfig:
     target of two half steps of the ``ema`` target network (its decay; 0: the student under
     stop-gradient) at steps ``d = 2^-k``, ``k = 0 .. log2(base_steps) - 1``; the rest regresses the
     flow-matching target at the smallest step ``d = 1 / base_steps`` (128, the paper's). ``base_steps``
-    must be a power of two >= 2. Needs ``model.step_input: true``."""
+    must be a power of two >= 2. Needs ``model.step_input: true``. ``steps`` and ``lr`` are the stage's
+    ``train.*`` where a pipeline trains it from a teacher (the few-step table's ``shortcut``)."""
 
     self_consistency: float = 0.125
     base_steps: int = 128
     ema: float = 0.999
+    steps: int = 2000
+    lr: float = 1e-4
 
     _section: ClassVar[str] = "shortcut"
 
     def __post_init__(self) -> None:
         _check_ranges(self, {"self_consistency": _float(**_PROBABILITY), "base_steps": _int(2),
-                             "ema": _float(ge=0.0, lt=1.0)})
+                             "ema": _float(ge=0.0, lt=1.0), "steps": _int(1), "lr": _float(gt=0.0)})
         if self.base_steps & (self.base_steps - 1):
             raise ConfigError(f"shortcut.base_steps = {self.base_steps}: must be a power of two >= 2")
 
@@ -558,19 +561,23 @@ class MeanFlowConfig:
     then gets ``s = t`` (the flow-matching rows). The paper's values are ``jump_fraction`` 0.25 and a
     logit-normal of mean -0.4 and std 1.0 in its time (``t_theirs = 1 - t_ours``), which is mean +0.4
     here. ``power`` ``p`` and ``eps`` make the adaptive weight ``e / sg(e + eps)^p`` of the squared error
-    ``e`` (p = 0: plain squared error). Needs ``model.step_input: true``."""
+    ``e`` (p = 0: plain squared error). Needs ``model.step_input: true``. ``steps`` and ``lr`` are the
+    stage's ``train.*`` where a pipeline trains it from a teacher (the few-step table's ``meanflow``)."""
 
     jump_fraction: float = 0.25
     logit_mean: float = 0.4
     logit_std: float = 1.0
     power: float = 1.0
     eps: float = 1e-3
+    steps: int = 2000
+    lr: float = 1e-4
 
     _section: ClassVar[str] = "meanflow"
 
     def __post_init__(self) -> None:
         _check_ranges(self, {"jump_fraction": _float(**_PROBABILITY), "logit_mean": _float(),
-                             "logit_std": _float(gt=0.0), "power": _float(ge=0.0), "eps": _float(gt=0.0)})
+                             "logit_std": _float(gt=0.0), "power": _float(ge=0.0), "eps": _float(gt=0.0),
+                             "steps": _int(1), "lr": _float(gt=0.0)})
 
 
 @dataclass

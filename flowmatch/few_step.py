@@ -42,7 +42,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from flowmatch.bench import rows_to_markdown, write_bench
+from flowmatch.bench import row_metric, rows_to_markdown, write_bench
 from flowmatch.config import ExperimentConfig
 from flowmatch.data.pairs import read_manifest
 from flowmatch.data.task import is_image_task
@@ -55,10 +55,15 @@ from flowmatch.reflow_chain import (apt_stage_config, reflow_stage_configs, sele
 from flowmatch.reports import stage_columns
 from flowmatch.training import load_checkpoint
 
-__all__ = ["FEW_STEP_METHODS", "T1_CANDIDATES", "LORA_RANK", "VALIDATION_N", "few_step_from_config", "best_t1", "few_step_summary",
+__all__ = ["FEW_STEP_METHODS", "ANYSTEP_METHODS", "TABLE_NFES", "TEACHER_SOLVERS", "T1_CANDIDATES", "LORA_RANK",
+           "VALIDATION_N", "few_step_from_config", "anystep_stage", "best_t1", "few_step_summary", "few_step_best", "write_few_step_pareto",
            "few_step_memorisation", "memorisation_summary", "composition_from_config"]
 
-FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora")
+FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora", "shortcut", "meanflow", "ot-cfm")
+ANYSTEP_METHODS = ("shortcut", "meanflow")
+TABLE_NFES = (1, 2, 4, 8)  # the table's budgets: every method's best W2 / FD at each
+# the teacher's fixed-step solvers beside reflow.bench_solvers, so that its row at each NFE is its best solver's
+TEACHER_SOLVERS = ("euler", "midpoint", "heun", "rk4", "ab2")
 LORA_RANK = 4
 T1_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _VALIDATION_SEED = 10_007  # the validation draw's seed: never the bench's (0)
@@ -87,6 +92,10 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
         teacher = s.checkpoint
         stages.append(("1-RF", teacher, _cost(teacher, s, 0, 0)))
     base = stages[0][2]
+    if "ot-cfm" in methods:  # the baseline without a teacher: minibatch-OT flow matching from scratch
+        s = train_stage(stage_config(cfg, f"{cfg.name}-ot-cfm", coupling={"name": "ot"}, train={"init": "random"}),
+                        out, "OT-CFM", progress)
+        stages.append(("ot-cfm", s.checkpoint, _cost(s.checkpoint, s, 0, 0)))
     if "reflow" in methods:
         chain = reflow_stage_configs(cfg, out, 2, "distill" in methods)
         prev, cost = teacher, base
@@ -117,6 +126,12 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
         cost = _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals, state=state)
         ckpt = s.checkpoint if method == "cd" else _merged(teacher, s.checkpoint, os.path.join(out, method.upper()))
         stages.append((method, ckpt, cost))
+    for method in ANYSTEP_METHODS:
+        if method not in methods:
+            continue
+        # from the teacher's weights on real data: its own steps on top of the teacher's, no teacher evaluations
+        s = train_stage(anystep_stage(cfg, method, teacher), out, method.capitalize(), progress)
+        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"], 0)))
     rows = _bench(cfg, stages, progress)
     cols = stage_columns(rows)
     lead = ["method", *cols]
@@ -130,7 +145,26 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
     atomic_write_text(os.path.join(out, "few_step_summary.md"), summary)
     atomic_write_text(os.path.join(out, "few_step_costs.json"),
                       json.dumps({m: c for m, _, c in stages}, indent=1))
+    write_few_step_pareto(rows, out, title=cfg.name)
     return rows
+
+
+def write_few_step_pareto(rows: Sequence[dict], out: str, *, title: Optional[str] = None) -> dict:
+    """``OUT/few_step_best.json`` (:func:`few_step_best`: per method and NFE its best row, with the costs) and
+    the Pareto plots of those points: ``few_step_pareto_nfe.png`` (quality against NFE, a line per method)
+    and ``few_step_pareto_cost.png`` (quality against training wall seconds). Returns the paths."""
+    from flowmatch.viz import plot_method_quality_vs_cost, plot_method_quality_vs_nfe
+
+    metric = row_metric(rows)
+    floor = f"{metric}_floor"
+    floors = {r["method"]: r.get(floor) for r in rows}
+    best = [p | {floor: floors.get(p["method"])} for p in few_step_best(rows)]
+    paths = {"best": os.path.join(out, "few_step_best.json"), "nfe": os.path.join(out, "few_step_pareto_nfe.png"),
+             "cost": os.path.join(out, "few_step_pareto_cost.png")}
+    atomic_write_text(paths["best"], json.dumps(best, indent=1))
+    plot_method_quality_vs_nfe(best, paths["nfe"], metric=metric, title=title)
+    plot_method_quality_vs_cost(best, paths["cost"], metric=metric, cost="wall_s", title=title)
+    return paths
 
 
 def _consistency_stage(cfg: ExperimentConfig, method: str, init: str, name: Optional[str] = None):
@@ -142,6 +176,16 @@ def _consistency_stage(cfg: ExperimentConfig, method: str, init: str, name: Opti
                         train={"objective": "ct" if method == "ct" else "cd", "steps": cc.steps, "lr": cc.lr,
                                "loss": cc.loss, "init": init},
                         lora=lora, eval={"solver": "euler", "nfe": 1})
+
+
+def anystep_stage(cfg: ExperimentConfig, method: str, init: str, name: Optional[str] = None):
+    """The training config of ``shortcut`` or ``meanflow`` from ``init`` (the teacher: a plain flow
+    checkpoint initialises the step-input model, its step projection at zero): the section's ``steps`` and
+    ``lr``, ``model.step_input: true``, evaluated by one jump of the ``anystep`` solver."""
+    sec = getattr(cfg, method)
+    return stage_config(cfg, name or f"{cfg.name}-{method}",
+                        train={"objective": method, "steps": sec.steps, "lr": sec.lr, "init": init},
+                        model={"step_input": True}, eval={"solver": "anystep", "nfe": 1})
 
 
 def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = None, name: str = "merged.pt") -> str:
@@ -173,15 +217,32 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     rc = cfg.reflow
     kw = dict(n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, tracking="disabled", progress=progress,
               plot=False)
-    rows = bench_from_checkpoints([c for _, c, _ in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
-                                  names=[m for m, _, _ in stages], **kw)
+    flows = [(m, c) for m, c, _ in stages if m not in ANYSTEP_METHODS]
+    rows = bench_from_checkpoints([c for _, c in flows], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
+                                  names=[m for m, _ in flows], **kw)
+    first = {r["model"]: r for r in rows}
+    # the teacher at its best solver: the other fixed-step solvers at the table's NFEs (straightness: the first bench's)
+    # (the bench's own solvers too where it skipped one of those NFEs; a row it has is not run twice)
+    more_solvers = [s for s in TEACHER_SOLVERS if s not in rc.bench_solvers or not set(TABLE_NFES) <= set(rc.bench_nfes)]
+    if more_solvers:
+        more = bench_from_checkpoints([stages[0][1]], None, solvers=more_solvers, nfes=list(TABLE_NFES),
+                                      names=["1-RF"], straightness_draws=1, **kw)
+        have = {(r["solver"], r["nfe"]) for r in rows if r["model"] == "1-RF"}
+        rows += [r | {k: first["1-RF"][k] for k in ("straightness", "straightness_rel") if k in r} for r in more
+                 if (r["solver"], r["nfe"]) not in have]
+    # the any-step models: their jumps (the anystep solver) at the table's NFEs; the straightness of their
+    # h = 0 field (the flow they hold beside their jumps). A shortcut model only at powers of two up to base_steps.
+    anystep = [(m, c) for m, c, _ in stages if m in ANYSTEP_METHODS]
+    if anystep:
+        nfes = [k for k in TABLE_NFES if "shortcut" not in dict(anystep) or k <= cfg.shortcut.base_steps]
+        rows += bench_from_checkpoints([c for _, c in anystep], None, solvers=["anystep"], nfes=nfes,
+                                       names=[m for m, _ in anystep], **kw)
     consistency = [(m, c) for m, c, _ in stages if m in ("cd", "ct", "cd-lora")]
     if consistency:
         nfes = [k for k in (2, 4, 8) if k in rc.bench_nfes or k == 2]
         # the field's straightness is the first bench's: measured on one draw here, then taken from there
         more = bench_from_checkpoints([c for _, c in consistency], None, solvers=["consistency"], nfes=nfes,
                                       names=[m for m, _ in consistency], straightness_draws=1, **kw)
-        first = {r["model"]: r for r in rows}
         rows += [r | {k: first[r["model"]][k] for k in ("straightness", "straightness_rel") if k in r} for r in more]
         from flowmatch.evaluation import make_scorer
 
@@ -267,6 +328,8 @@ def few_step_memorisation(cfg: ExperimentConfig, stages: Sequence[tuple]) -> dic
         with torch.no_grad():
             if method == "1-RF":
                 label, x1 = "dopri5", solve(field, x0, "dopri5", atol=cfg.eval.atol, rtol=cfg.eval.rtol).x1
+            elif method in ANYSTEP_METHODS:  # its one jump, not an Euler step of its h = 0 field
+                label, x1 = "anystep nfe 1", solve(field, x0, "anystep", nfe=1).x1
             else:
                 label, x1 = "euler nfe 1", solve(field, x0, "euler", nfe=1).x1
         checks = image_memorisation(cfg, x1)
@@ -291,29 +354,52 @@ def memorisation_summary(memo: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def few_step_summary(rows: Sequence[dict]) -> str:
-    """Markdown: per method, the best metric at NFE 1 and at NFE 2 (with the solver that reaches it), the
-    adaptive solve, and the cost columns."""
-    metric = "fd" if rows and "fd" in rows[0] else "w2"
+def few_step_summary(rows: Sequence[dict], nfes: Sequence[int] = TABLE_NFES) -> str:
+    """Markdown, one line a method: the best metric (W2 toy, FD images) at each NFE of ``nfes`` with the
+    solver that reaches it (the teacher's best solver at each budget; a consistency model's re-noising
+    time where chosen), the adaptive solve, the straightness of its field (an any-step model's: of its
+    ``h = 0`` field; a consistency model's: of its velocity form), the floor and the cost columns."""
+    metric = row_metric(rows)
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
-
-        def best(nfe):
-            c = [r for r in rs if r["nfe"] == nfe and r["solver"] not in ("dopri5",) and r.get(metric) == r.get(metric)]
-            if not c:
-                return "-"
-            b = min(c, key=lambda r: r[metric])
-            extra = f", t1 {b['t1']}" if "t1" in b and b.get("t1") is not None else ""
-            return f"{b[metric]:.3f} ({b['solver']}{extra})"
-
+        line = {"method": method}
+        for k in nfes:
+            b = _best_row(rs, k, metric)
+            extra = f", t1 {b['t1']}" if b is not None and b.get("t1") is not None else ""
+            line[f"{metric} NFE {k}"] = "-" if b is None else f"{b[metric]:.3f} ({b['solver']}{extra})"
         ad = [r for r in rs if r["solver"] == "dopri5"]
         first = rs[0]
-        out.append({"method": method, f"{metric} NFE 1": best(1), f"{metric} NFE 2": best(2),
-                    f"dopri5 {metric} (NFE)": f"{ad[0][metric]:.3f} ({ad[0]['nfe']})" if ad else "-",
-                    "floor": f"{first[f'{metric}_floor']:.3f}", "steps": first["steps"], "wall_s": first["wall_s"],
-                    "teacher_evals": first["teacher_evals"], "params": first["params"]})
+        st = first.get("straightness")
+        line |= {f"dopri5 {metric} (NFE)": f"{ad[0][metric]:.3f} ({ad[0]['nfe']})" if ad else "-",
+                 "straightness": "-" if st is None else f"{st:.4f}",
+                 "floor": f"{first[f'{metric}_floor']:.3f}", "steps": first["steps"], "wall_s": first["wall_s"],
+                 "teacher_evals": first["teacher_evals"], "params": first["params"]}
+        out.append(line)
     return rows_to_markdown(out)
+
+
+def _best_row(rows: Sequence[dict], nfe: int, metric: str) -> Optional[dict]:
+    """The row of ``rows`` (one method's) with the lowest finite ``metric`` at exactly ``nfe`` fixed-step
+    evaluations (no adaptive row), or ``None``."""
+    c = [r for r in rows if r["nfe"] == nfe and r["solver"] != "dopri5" and r["grid"] != "adaptive"
+         and r.get(metric) == r.get(metric)]
+    return min(c, key=lambda r: r[metric]) if c else None
+
+
+def few_step_best(rows: Sequence[dict], nfes: Sequence[int] = TABLE_NFES) -> list[dict]:
+    """Per method and NFE of ``nfes``: ``{method, nfe, solver, <metric>, steps, wall_s, teacher_evals,
+    params}`` of its best row (:func:`few_step_summary`'s cells, as data: the Pareto plots' points)."""
+    metric = row_metric(rows)
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        for k in nfes:
+            b = _best_row(rs, k, metric)
+            if b is not None:
+                out.append({"method": method, "nfe": k, "solver": b["solver"], metric: b[metric],
+                            **{c: b[c] for c in ("steps", "wall_s", "teacher_evals", "params")}})
+    return out
 
 
 def composition_from_config(cfg: ExperimentConfig, out: str, *, style_target: str = "upper_moon",

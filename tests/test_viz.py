@@ -65,6 +65,8 @@ def data():
 def _figures(d, tmp_path, px):
     """Every public figure function once on tiny inputs, each with ``px``."""
     xs, target, rows, im = d["xs"], d["target"], d["rows"], d["images"]
+    best = [{"method": m, "nfe": k, "w2": (1 + i) / k, "w2_floor": 0.1, "wall_s": 10.0 * i, "steps": 100 * (i + 1)}
+            for i, m in enumerate(("1-RF", "shortcut", "meanflow")) for k in (1, 2, 4, 8)]
     p = lambda name: str(tmp_path / f"{name}.png")  # noqa: E731
     curv = ([{"model": m, "t": t / 4, "chord_deviation": 0.1 * (t + 1), "acceleration": None}
              for m in ("a", "b") for t in range(5)] + [{"model": "a", "t": 0.5, "chord_deviation": None,
@@ -88,12 +90,14 @@ def _figures(d, tmp_path, px):
                                     steps=4, px=px),
         viz.plot_image_stage_grid({"1-RF": {"NFE 1": im, "NFE 2": -im}, "2-RF": {"NFE 1": im.flip(0)}},
                                   p("imstages"), real=torch.cat([im, im]), nrow=4, px=px),
+        viz.plot_method_quality_vs_nfe(best, p("method_nfe"), title="t", px=px),
+        viz.plot_method_quality_vs_cost(best, p("method_cost"), title="t", px=px),
     ]
 
 
 def test_every_figure_writes_a_png_of_the_asked_size_with_content(data, tmp_path):
     paths = _figures(data, tmp_path, (480, 320))
-    assert len(set(paths)) == len(paths) == 14
+    assert len(set(paths)) == len(paths) == 16
     exported = {n for n in viz.__all__ if n.startswith(("plot_", "save_"))}
     assert len(exported) == len(paths)  # every figure function of the package is in _figures (image_grid is data)
     for path in paths:

@@ -1,5 +1,6 @@
 """Line and bar figures from table rows: quality against NFE with the noise floor as a band, the
-Pareto panels, curvature against t, loss per t-bin, straightness per stage."""
+Pareto panels, curvature against t, loss per t-bin, straightness per stage; the few-step table's
+methods against NFE and against training cost."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from flowmatch.errors import FlowmatchError
 from flowmatch.viz._style import FLOOR_COLOR, LINESTYLES, MARKERS, PALETTE, figure, save, style
 
 __all__ = ["FloorBand", "floor_band", "plot_quality_vs_nfe", "plot_w2_vs_nfe", "plot_pareto",
-           "plot_curvature_by_t", "plot_loss_by_t", "plot_straightness_by_stage"]
+           "plot_curvature_by_t", "plot_loss_by_t", "plot_straightness_by_stage", "plot_method_quality_vs_nfe",
+           "plot_method_quality_vs_cost"]
 
 
 @dataclass(frozen=True)
@@ -225,4 +227,69 @@ def plot_straightness_by_stage(rows: Sequence[dict], path: str, *, title: Option
         ax.text(i, max(v, 1e-12), f"{v:.2g}", ha="center", va="bottom", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
+    return save(fig, path)
+
+
+def _method_points(points: Sequence[dict], metric: str) -> tuple[list, list]:
+    pts = [p for p in points if _finite(p.get(metric)) and _finite(p.get("nfe"))]
+    return pts, list(dict.fromkeys(p["method"] for p in pts))
+
+
+def plot_method_quality_vs_nfe(points: Sequence[dict], path: str, *, metric: str = "w2",
+                               title: Optional[str] = None, px: Optional[tuple[int, int]] = None) -> str:
+    """``metric`` against NFE (log-log), one line per method through its best row at each NFE (``points``:
+    ``{method, nfe, <metric>, ...}``, e.g. :func:`flowmatch.few_step.few_step_best`), lower-left is better;
+    the noise floor of the points' ``{metric}_floor`` when they carry one."""
+    pts, methods = _method_points(points, metric)
+    fig, ax = figure(px, (6.8, 3.8))
+    for i, m in enumerate(methods):
+        st = style(i)
+        line = sorted((p for p in pts if p["method"] == m), key=lambda p: p["nfe"])
+        ax.plot([p["nfe"] for p in line], [p[metric] for p in line], color=st["color"], marker=st["marker"],
+                ls=st["ls"], ms=5, lw=1.6, label=m)
+    _draw_floor(ax, pts, metric, None)
+    _log_y(ax)
+    _nfe_axis(ax, [p["nfe"] for p in pts])
+    ax.set_ylabel(metric.upper())
+    if title:
+        ax.set_title(title, fontsize=10)
+    if pts:
+        fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="outside right upper", frameon=False)
+    return save(fig, path)
+
+
+def plot_method_quality_vs_cost(points: Sequence[dict], path: str, *, metric: str = "w2", cost: str = "wall_s",
+                                title: Optional[str] = None, px: Optional[tuple[int, int]] = None) -> str:
+    """``metric`` against a method's training cost (``cost``: ``wall_s`` or ``steps``, cumulative from its
+    teacher), one colour and marker per method; a method's NFE budgets share its cost, so they stand in a
+    column joined by a thin line, each labelled with its NFE. Log axes (the cost axis symmetric-log when a
+    cost is 0: a teacher given, not trained)."""
+    pts, methods = _method_points(points, metric)
+    pts = [p for p in pts if _finite(p.get(cost))]
+    fig, ax = figure(px, (6.8, 3.8))
+    for i, m in enumerate(methods):
+        st = style(i)
+        col = sorted((p for p in pts if p["method"] == m), key=lambda p: p["nfe"])
+        if not col:
+            continue
+        ax.plot([p[cost] for p in col], [p[metric] for p in col], color=st["color"], lw=0.8, alpha=0.6)
+        ax.plot([p[cost] for p in col], [p[metric] for p in col], ls="none", color=st["color"], marker=st["marker"],
+                ms=5, label=m)
+        for p in col:
+            ax.annotate(str(p["nfe"]), (p[cost], p[metric]), xytext=(4, 0), textcoords="offset points", fontsize=6.5,
+                        va="center", color=st["color"])
+    _draw_floor(ax, pts, metric, None)
+    _log_y(ax)
+    if pts and min(p[cost] for p in pts) > 0:
+        ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel({"wall_s": "training cost (wall seconds, from the teacher on)",
+                   "steps": "training cost (optimiser steps, from the teacher on)"}.get(cost, cost))
+    ax.set_ylabel(metric.upper() + " (labels: NFE)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if pts:
+        fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="outside right upper", frameon=False)
     return save(fig, path)

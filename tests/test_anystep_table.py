@@ -1,0 +1,108 @@
+"""Any-step models in the bench and the few-step table: the anystep solver (one jump a step), bench rows
+of an any-step checkpoint, the shortcut / MeanFlow / OT-CFM methods with their costs, the table at NFE 1,
+2, 4, 8 and its Pareto plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowmatch.errors import ConfigError, FlowmatchError
+from flowmatch.few_step import TABLE_NFES, few_step_from_config, few_step_summary
+from flowmatch.solvers import get_solver, solve
+
+F64 = torch.float64
+TINY = ("train.steps=20", "reflow.bench_n=64", "reflow.bench_nfes=[1,2]", "reflow.bench_solvers=[euler]",
+        "shortcut.steps=10", "shortcut.base_steps=8", "meanflow.steps=10", "eval.atol=1e-3", "eval.rtol=1e-3")
+
+
+class _DecayAverage:
+    """The exact average velocity of the flow ``v = -x`` over ``[t, t + h]``: ``x (e^-h - 1) / h``
+    (``-x`` at ``h = 0``), recording the steps it is asked for."""
+
+    step_input = True
+
+    def __init__(self):
+        self.hs = []
+
+    def __call__(self, x, t, h=None):
+        self.hs.append(h.clone())
+        return x * torch.where(h > 0, torch.expm1(-h) / h.clamp_min(1e-300), -torch.ones_like(h))[:, None]
+
+
+def test_the_anystep_solver_jumps_exactly_with_the_true_average_velocity():
+    x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for grid in ("uniform", "cosine"):  # any grid: each jump is exact, h = t' - t
+        u = _DecayAverage()
+        tr = solve(u, x0, "anystep", nfe=4, grid=grid)
+        torch.testing.assert_close(tr.x1, x0 * math.exp(-1), rtol=1e-13, atol=1e-13)
+        assert tr.nfe == 4 == len(u.hs)
+        torch.testing.assert_close(torch.stack([h[0] for h in u.hs]), torch.diff(tr.ts))
+    s = get_solver("anystep")
+    assert (s.name, s.order, s.stages, s.adaptive) == ("anystep", 1, 1, False)
+
+
+def test_the_anystep_solver_refuses_a_plain_flow_field():
+    from flowmatch.models import MLPVelocity
+
+    for field in (lambda x, t: -x, MLPVelocity(dim=2, hidden=8, depth=1)):
+        with pytest.raises(ConfigError, match="^solver 'anystep' jumps with an any-step model") as e:
+            solve(field, torch.zeros(4, 2), "anystep", nfe=2)
+        assert "\n" not in str(e.value)
+    assert MLPVelocity(dim=2, hidden=8, depth=1, step_input=True).step_input
+
+
+def test_the_few_step_table_scores_shortcut_and_meanflow_at_every_budget(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY)
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["shortcut", "meanflow", "ot-cfm"], progress=False)
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["1-RF", "ot-cfm", "shortcut", "meanflow"]
+    ot = next(r for r in rows if r["method"] == "ot-cfm")  # from scratch on minibatch-OT pairs: its own cost only
+    assert (ot["steps"], ot["teacher_evals"], ot["params"]) == (20, 0, rows[0]["params"])
+    from flowmatch.training import load_checkpoint
+
+    assert load_checkpoint(str(tmp_path / "OT-CFM" / "checkpoints" / "last.pt"))["config"]["coupling"]["name"] == "ot"
+    for m in ("shortcut", "meanflow"):
+        rs = [r for r in rows if r["method"] == m]
+        assert sorted(r["nfe"] for r in rs) == list(TABLE_NFES) and {r["solver"] for r in rs} == {"anystep"}
+        assert all(r["w2"] == r["w2"] and r["straightness"] is not None for r in rs)  # the h = 0 field's
+        r = rs[0]  # cumulative from the teacher (20 steps) on real data: no teacher evaluations
+        assert r["steps"] == 30 and r["teacher_evals"] == 0 and r["wall_s"] >= rows[0]["wall_s"]
+        assert r["params"] > rows[0]["params"]  # the step projection on top of the teacher's weights
+    # the teacher at its best solver: every fixed-step solver that fits each budget
+    assert {r["solver"] for r in rows if r["method"] == "1-RF" and r["nfe"] == 4} >= {"euler", "heun", "rk4"}
+    table = (tmp_path / "few_step_summary.md").read_text()
+    assert "| w2 NFE 1 | w2 NFE 2 | w2 NFE 4 | w2 NFE 8 |" in table and "| meanflow | " in table
+    assert "(anystep)" in table and "straightness" in table
+    assert few_step_summary(rows) == table
+    best = json.loads((tmp_path / "few_step_best.json").read_text())
+    assert {(b["method"], b["nfe"]) for b in best} >= {(m, k) for m in ("shortcut", "meanflow") for k in TABLE_NFES}
+    for name in ("few_step_pareto_nfe.png", "few_step_pareto_cost.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rows_of_an_anystep_checkpoint(make_cfg, tmp_path):
+    """The bench samples an any-step checkpoint with the anystep solver like any solver; a plain flow
+    checkpoint is refused by it."""
+    from flowmatch.few_step import anystep_stage
+    from flowmatch.pipelines import bench_from_checkpoints, train_from_config
+
+    teacher = train_from_config(make_cfg(*TINY), str(tmp_path / "t"), progress=False, evaluate=False).checkpoint
+    ckpt = train_from_config(anystep_stage(make_cfg(*TINY), "meanflow", teacher), str(tmp_path / "mf"),
+                             progress=False, evaluate=False).checkpoint
+    rows = bench_from_checkpoints([ckpt], None, solvers=["anystep"], nfes=[1, 2, 4, 8], n=64, tracking="disabled",
+                                  progress=False, plot=False, names=["mf"])
+    assert [(r["solver"], r["nfe"], r["num_steps"]) for r in rows] == [("anystep", k, k) for k in (1, 2, 4, 8)]
+    assert all(math.isfinite(r["w2"]) for r in rows)
+    with pytest.raises(ConfigError, match="has no step input h"):
+        bench_from_checkpoints([teacher], None, solvers=["anystep"], nfes=[1], n=64, tracking="disabled",
+                               progress=False, plot=False)
+
+
+@pytest.mark.parametrize("methods,match", [(["mean-flow"], "unknown few-step method .mean-flow.*shortcut, meanflow"),
+                                           (["shortcut", "cm"], "unknown few-step method .cm.")])
+def test_bad_methods_are_refused(make_cfg, tmp_path, methods, match):
+    with pytest.raises(FlowmatchError, match=match):
+        few_step_from_config(make_cfg(*TINY), str(tmp_path), methods=methods, progress=False)
