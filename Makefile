@@ -120,16 +120,17 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 	  --set reflow.bench_nfes=[1] --out runs/sweeps/mix --no-progress
 
 # The few-step table: from each toy task's 1-RF teacher, 2-RF, its one-step distillation, consistency
-# distillation (CD) and training (CT), benchmarked alike with their costs. It runs in the reflow chain's
+# distillation (CD) and training (CT), the any-step models (shortcut, MeanFlow) and OT-CFM from scratch,
+# benchmarked alike at NFE 1, 2, 4, 8 with their costs. It runs in the reflow chain's
 # directories, so the chain's 1-RF, pairs and 2-RF are reused (not retrained).
-few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, APT, CD, CT, CD-LoRA), quality beside cost -> runs/reflow/<task>/few_step.md
+few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, APT, CD, CT, CD-LoRA, shortcut, MeanFlow; OT-CFM from scratch) at NFE 1-8, quality beside cost -> runs/reflow/<task>/few_step_summary.md, few_step_pareto_*.png
 	$(PY) -m flowmatch distill run experiments/toy/reflow_noise_to_moons.yaml \
 	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
 	  --out $(REFLOW_OUT) --no-progress
 	$(PY) -m flowmatch distill compose experiments/toy/reflow_noise_to_moons.yaml --out $(REFLOW_OUT)/noise_to_moons --no-progress
 
 # the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused)
-few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (APT, CD, CT, CD-LoRA beside make images' stages) -> runs/images/digits/few_step.md
+few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (APT, CD, CT, CD-LoRA, shortcut, MeanFlow, OT-CFM beside make images' stages) -> runs/images/digits/few_step_summary.md
 	$(PY) -m flowmatch distill run experiments/images/reflow_digits.yaml --out $(IMAGES_OUT) --no-progress
 
 # the README's figures, from the outputs of make demo and make reflow under FIGURES_RUNS

@@ -121,10 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("distill", help="few-step methods from one teacher: the few-step table")
     dsub = ds.add_subparsers(dest="distill_command", required=True)
-    dr = dsub.add_parser("run", help="teacher -> reflow, distill, cd, ct, ...; one table, quality beside cost")
-    dr.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment YAML(s) with reflow: and consistency:")
+    dr = dsub.add_parser("run", help="teacher -> reflow, distill, cd, ct, shortcut, meanflow, ...; one table, "
+                                      "quality beside cost")
+    dr.add_argument("configs", nargs="+", metavar="CONFIG",
+                    help="experiment YAML(s) with reflow:, consistency:, shortcut: and meanflow:")
     dr.add_argument("--methods", type=_csv_list, default=None,
-                    help="comma-separated, of reflow, distill, apt, cd, ct, cd-lora (default: all)")
+                    help="comma-separated, of reflow, distill, apt, cd, ct, cd-lora, shortcut, meanflow, "
+                         "ot-cfm (default: all)")
     dr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dr.add_argument("--out", default=os.path.join("runs", "few_step"),
                     help="parent directory: each task goes to OUT/<name>; all summaries to OUT/few_step.md")

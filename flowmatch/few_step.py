@@ -14,13 +14,22 @@
   the teacher buys;
 - ``cd-lora``: CD as a LoRA on the teacher's weights (``lora.rank``, :data:`LORA_RANK` when the config
   leaves it at 0; the teacher is the adapter disabled), benched as the base with the adapter merged.
+- ``shortcut`` / ``meanflow``: any-step models (:mod:`flowmatch.distill.shortcut`,
+  :mod:`flowmatch.distill.meanflow`) initialised from the teacher (``model.step_input: true``; the step
+  projection starts at zero) and trained on real data, their sections' ``steps`` and ``lr``
+  (:func:`anystep_stage`); one network for every budget, scored by its jumps (the ``anystep`` solver);
+- ``ot-cfm``: flow matching on minibatch-OT pairs (``coupling.name: ot``) from scratch for the teacher's
+  steps: the straight-path baseline without a teacher.
 
 :func:`composition_from_config` tests the LCM-LoRA claim on a toy task: a "style" LoRA fine-tunes the
 teacher to another target (``upper_moon``: the upper moon of moons), an acceleration LoRA (CD) is
 trained on the base, and on the style's target at NFE 1, 2 and 4 it compares the two composed, an
 acceleration trained on the style model itself, and the style model with Euler.
 
-Every model is scored by the reflow chain's bench (Euler at ``reflow.bench_nfes`` and dopri5); the
+Every flow model is scored by the reflow chain's bench (``reflow.bench_solvers`` at ``reflow.bench_nfes``),
+the teacher also by every fixed-step solver of :data:`TEACHER_SOLVERS` at :data:`TABLE_NFES` (its best
+solver at each budget); the any-step models by their jumps at :data:`TABLE_NFES` (a shortcut model at
+those up to ``shortcut.base_steps``), their straightness that of their ``h = 0`` field; the
 consistency models also by multistep consistency sampling (:class:`~flowmatch.solvers.multistep.ConsistencySampler`)
 at NFE 2, 4 and 8 on a uniform grid of re-noising times and at NFE 2 with the re-noising time ``t1``
 chosen on a validation draw (its own seed, never the scored one) among :data:`T1_CANDIDATES`.
@@ -28,9 +37,14 @@ chosen on a validation draw (its own seed, never the scored one) among :data:`T1
 Cost columns, each *cumulative from the 1-RF teacher* (what it takes to get that model):
 ``steps`` (optimiser steps; APT's count both players'), ``wall_s`` (training seconds: steps / the run's steps/s; pair generation
 not included), ``teacher_evals`` (velocity evaluations of a teacher per training sample: pairs x
-NFE per pair for reflow, CD's teacher steps), ``params`` (trainable parameters of the last stage).
+NFE per pair for reflow, CD's teacher steps; 0 for shortcut and MeanFlow, which learn from real data
+and their own network, and for CT and OT-CFM, which have no teacher and count only their own steps),
+``params`` (trainable parameters of the last stage).
 Writes ``OUT/few_step.json`` / ``.csv`` / ``.md`` (the stages.json schema plus ``method`` and the cost
-columns) and ``OUT/few_step_summary.md`` (per method: best W2 or FD at NFE 1 and 2, and the cost). On an image task
+columns), ``OUT/few_step_summary.md`` (the table: per method, its best W2 or FD at NFE 1, 2, 4 and 8
+with the solver that reaches it, dopri5, straightness and the cost), ``OUT/few_step_best.json`` (those
+cells as data) and the Pareto plots ``OUT/few_step_pareto_nfe.png`` (quality against NFE, a line per
+method) and ``OUT/few_step_pareto_cost.png`` (quality against training seconds). On an image task
 also ``OUT/few_step_memorisation.json``, the memorisation check of each method's one-step samples (the
 teacher's by dopri5), summarised in ``few_step_summary.md``: a lower training-reference FD is not a
 better model when the samples copy training images.

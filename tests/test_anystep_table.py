@@ -106,3 +106,22 @@ def test_bench_rows_of_an_anystep_checkpoint(make_cfg, tmp_path):
 def test_bad_methods_are_refused(make_cfg, tmp_path, methods, match):
     with pytest.raises(FlowmatchError, match=match):
         few_step_from_config(make_cfg(*TINY), str(tmp_path), methods=methods, progress=False)
+
+
+def test_the_cli_runs_the_anystep_methods_and_its_help_names_them(make_cfg, tmp_path, capsys):
+    import yaml
+
+    from flowmatch.cli import build_parser, main
+    from flowmatch.config import to_dict
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(make_cfg(*TINY, "name=tiny"))))
+    assert main(["distill", "run", str(cfg_path), "--methods", "shortcut,meanflow", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    table = (tmp_path / "out" / "few_step.md").read_text()
+    assert "## tiny" in table and "| shortcut | " in table and "| meanflow | " in table
+    assert (tmp_path / "out" / "tiny" / "few_step_pareto_cost.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "run", "--help"])
+    assert "shortcut, meanflow, ot-cfm (default: all)" in " ".join(capsys.readouterr().out.split())
