@@ -301,3 +301,28 @@ def test_few_step_table_on_images(run, tmp_path):
     assert memo["1-RF"]["features"] == pytest.approx(want)
     summary = (tmp_path / "few_step_summary.md").read_text()
     assert "| 1-RF | dopri5 |" in summary and "| cd | euler nfe 1 |" in summary
+
+
+def test_anystep_methods_on_images(run, tmp_path, monkeypatch):
+    """Shortcut and MeanFlow from the module's 1-RF on the digits (a step-input UNet from the teacher's
+    weights): scored by classifier FD at NFE 1, 2, 4, 8 of their jumps; their memorisation check by one jump."""
+    import flowmatch.few_step as fs
+    from flowmatch.few_step import TABLE_NFES, few_step_from_config
+
+    import flowmatch.evaluation
+    import flowmatch.pipelines
+
+    monkeypatch.setattr(fs, "TEACHER_SOLVERS", ())  # the teacher's Euler row alone (its best-solver rows: the toy tests)
+    for module in (flowmatch.evaluation, flowmatch.pipelines):  # straightness (RK4, 64 steps) on 8 images, not 128
+        monkeypatch.setattr(module, "straightness_n", lambda image: 8)
+
+    cfg = _cfg(shortcut={"steps": 3, "base_steps": 8}, meanflow={"steps": 3}, eval={"plots": False},
+               reflow={"bench_solvers": ["euler"], "bench_nfes": [1], "teacher": run[0].checkpoint})
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["shortcut", "meanflow"], progress=False)
+    for m in ("shortcut", "meanflow"):
+        rs = [r for r in rows if r["method"] == m]
+        assert sorted(r["nfe"] for r in rs) == list(TABLE_NFES) and all(r["fd"] == r["fd"] for r in rs)
+        assert rs[0]["steps"] == 3 and rs[0]["teacher_evals"] == 0  # a given teacher: its own steps only
+    memo = json.loads((tmp_path / "few_step_memorisation.json").read_text())
+    assert memo["shortcut"]["sampler"] == memo["meanflow"]["sampler"] == "anystep nfe 1"
+    assert "fd NFE 8" in (tmp_path / "few_step_summary.md").read_text()
