@@ -70,7 +70,8 @@ from flowmatch.reports import stage_columns
 from flowmatch.training import load_checkpoint
 
 __all__ = ["FEW_STEP_METHODS", "ANYSTEP_METHODS", "TABLE_NFES", "TEACHER_SOLVERS", "T1_CANDIDATES", "LORA_RANK",
-           "VALIDATION_N", "few_step_from_config", "anystep_stage", "best_t1", "few_step_summary", "few_step_best", "write_few_step_pareto",
+           "VALIDATION_N", "few_step_from_config", "anystep_stage", "best_t1", "few_step_summary", "few_step_best",
+           "write_few_step_pareto",
            "few_step_memorisation", "memorisation_summary", "composition_from_config"]
 
 FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora", "shortcut", "meanflow", "ot-cfm")
@@ -237,7 +238,8 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     first = {r["model"]: r for r in rows}
     # the teacher at its best solver: the other fixed-step solvers at the table's NFEs (straightness: the first bench's)
     # (the bench's own solvers too where it skipped one of those NFEs; a row it has is not run twice)
-    more_solvers = [s for s in TEACHER_SOLVERS if s not in rc.bench_solvers or not set(TABLE_NFES) <= set(rc.bench_nfes)]
+    covered = set(TABLE_NFES) <= set(rc.bench_nfes)
+    more_solvers = [s for s in TEACHER_SOLVERS if s not in rc.bench_solvers or not covered]
     if more_solvers:
         more = bench_from_checkpoints([stages[0][1]], None, solvers=more_solvers, nfes=list(TABLE_NFES),
                                       names=["1-RF"], straightness_draws=1, **kw)

@@ -28,14 +28,16 @@ __all__ = [
     "Solver", "SolverError", "CountedField", "Euler", "Midpoint", "Heun", "RK4", "AdamsBashforth2", "Renoise", "ConsistencySampler",
     "AnyStep", "has_step_input",
     "TorchdiffeqSolver", "CapturedSolve", "CAPTURE_MODES",
-    "SOLVERS", "FIXED_SOLVERS", "STEP_SOLVERS", "get_solver", "is_adaptive", "num_steps_for", "time_grid", "parse_grid", "GRIDS",
+    "SOLVERS", "FIXED_SOLVERS", "STEP_SOLVERS", "get_solver", "is_adaptive", "num_steps_for", "time_grid",
+    "parse_grid", "GRIDS",
     "solve",
 ]
 
 FIXED_SOLVERS = {c.name: c for c in (Euler, Midpoint, Heun, RK4, AdamsBashforth2, Renoise, ConsistencySampler)}
 # samplers of an any-step field u(x, t, h=h) (model.step_input), not of a plain v(x, t)
 STEP_SOLVERS = {AnyStep.name: AnyStep}
-SOLVERS: dict = {**FIXED_SOLVERS, **STEP_SOLVERS, **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
+SOLVERS: dict = {**FIXED_SOLVERS, **STEP_SOLVERS,
+                 **{m: functools.partial(TorchdiffeqSolver, m) for m in TORCHDIFFEQ_ADAPTIVE}}
 
 
 def is_adaptive(name: str) -> bool:
