@@ -284,6 +284,10 @@ def plot_method_quality_vs_cost(points: Sequence[dict], path: str, *, metric: st
         ax.set_xscale("log")
     else:
         ax.set_xscale("symlog", linthresh=1.0)
+    from matplotlib.ticker import FuncFormatter
+
+    for fmt in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 30, not 3 x 10^1
+        fmt(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel({"wall_s": "training cost (wall seconds, from the teacher on)",
                    "steps": "training cost (optimiser steps, from the teacher on)"}.get(cost, cost))
     ax.set_ylabel(metric.upper() + " (labels: NFE)")
