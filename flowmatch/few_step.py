@@ -28,7 +28,8 @@ acceleration trained on the style model itself, and the style model with Euler.
 
 Every flow model is scored by the reflow chain's bench (``reflow.bench_solvers`` at ``reflow.bench_nfes``),
 the teacher also by every fixed-step solver of :data:`TEACHER_SOLVERS` at :data:`TABLE_NFES` (its best
-solver at each budget); the any-step models by their jumps at :data:`TABLE_NFES` (a shortcut model at
+solver at each budget, chosen on a validation draw of its own seed: ``validation_w2`` / ``validation_fd``);
+the any-step models by their jumps at :data:`TABLE_NFES` (a shortcut model at
 those up to ``shortcut.base_steps``), their straightness that of their ``h = 0`` field; the
 consistency models also by multistep consistency sampling (:class:`~flowmatch.solvers.multistep.ConsistencySampler`)
 at NFE 2, 4 and 8 on a uniform grid of re-noising times and at NFE 2 with the re-noising time ``t1``
@@ -246,6 +247,16 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
         have = {(r["solver"], r["nfe"]) for r in rows if r["model"] == "1-RF"}
         rows += [r | {k: first["1-RF"][k] for k in ("straightness", "straightness_rel") if k in r} for r in more
                  if (r["solver"], r["nfe"]) not in have]
+    # the teacher's best solver at each NFE is chosen on a validation draw (source draws of its own seed,
+    # VALIDATION_N of them), never on the scored one: each of its fixed-step rows carries that draw's score
+    metric = "fd" if is_image_task(cfg.data) else "w2"
+    val = bench_from_checkpoints([stages[0][1]], None, solvers=list(TEACHER_SOLVERS), nfes=list(TABLE_NFES),
+                                 names=["1-RF"], straightness_draws=1,
+                                 **(kw | {"n": min(rc.bench_n, VALIDATION_N)}), seed=_VALIDATION_SEED)
+    score = {(r["solver"], r["nfe"]): r[metric] for r in val}
+    for r in rows:
+        if r["model"] == "1-RF" and (r["solver"], r["nfe"]) in score:
+            r[f"validation_{metric}"] = score[(r["solver"], r["nfe"])]
     # the any-step models: their jumps (the anystep solver) at the table's NFEs; the straightness of their
     # h = 0 field (the flow they hold beside their jumps). A shortcut model only at powers of two up to base_steps.
     anystep = [(m, c) for m, c, _ in stages if m in ANYSTEP_METHODS]
@@ -371,9 +382,9 @@ def memorisation_summary(memo: dict) -> str:
 
 
 def few_step_summary(rows: Sequence[dict], nfes: Sequence[int] = TABLE_NFES) -> str:
-    """Markdown, one line a method: the best metric (W2 toy, FD images) at each NFE of ``nfes`` with the
-    solver that reaches it (the teacher's best solver at each budget; a consistency model's re-noising
-    time where chosen), the adaptive solve, the straightness of its field (an any-step model's: of its
+    """Markdown, one line a method: the metric (W2 toy, FD images) at each NFE of ``nfes`` with the
+    solver that reaches it (:func:`_best_row`: the teacher's solver at each budget and a consistency
+    model's re-noising time chosen on validation draws), the adaptive solve, the straightness of its field (an any-step model's: of its
     ``h = 0`` field; a consistency model's: of its velocity form), the floor and the cost columns."""
     metric = row_metric(rows)
     out = []
@@ -396,11 +407,22 @@ def few_step_summary(rows: Sequence[dict], nfes: Sequence[int] = TABLE_NFES) -> 
 
 
 def _best_row(rows: Sequence[dict], nfe: int, metric: str) -> Optional[dict]:
-    """The row of ``rows`` (one method's) with the lowest finite ``metric`` at exactly ``nfe`` fixed-step
-    evaluations (no adaptive row), or ``None``."""
+    """The table's row of ``rows`` (one method's) at exactly ``nfe`` fixed-step evaluations (no adaptive
+    row, a finite ``metric``), or ``None``. Nothing is chosen on the scored draw: where rows carry a
+    ``validation_<metric>`` (the teacher's solvers) the lowest validation score wins; a consistency model
+    is sampled by its own sampler, at NFE 2 re-noised at the ``t1`` its validation draw chose; any other
+    method has one sampler a budget (Euler for a flow, the jumps of an any-step model)."""
     c = [r for r in rows if r["nfe"] == nfe and r["solver"] != "dopri5" and r["grid"] != "adaptive"
          and r.get(metric) == r.get(metric)]
-    return min(c, key=lambda r: r[metric]) if c else None
+    if not c:
+        return None
+    key = f"validation_{metric}"
+    if any(key in r for r in c):
+        return min((r for r in c if key in r), key=lambda r: r[key])
+    own = [r for r in c if r["solver"] == "consistency"]
+    if own:
+        return ([r for r in own if r.get("t1") is not None] or own)[0]
+    return min(c, key=lambda r: r[metric])
 
 
 def few_step_best(rows: Sequence[dict], nfes: Sequence[int] = TABLE_NFES) -> list[dict]:

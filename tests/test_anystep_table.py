@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowmatch.errors import ConfigError, FlowmatchError
-from flowmatch.few_step import TABLE_NFES, few_step_from_config, few_step_summary
+from flowmatch.few_step import TABLE_NFES, few_step_best, few_step_from_config, few_step_summary
 from flowmatch.solvers import get_solver, solve
 
 F64 = torch.float64
@@ -73,6 +73,10 @@ def test_the_few_step_table_scores_shortcut_and_meanflow_at_every_budget(make_cf
         assert r["params"] > rows[0]["params"]  # the step projection on top of the teacher's weights
     # the teacher at its best solver: every fixed-step solver that fits each budget
     assert {r["solver"] for r in rows if r["method"] == "1-RF" and r["nfe"] == 4} >= {"euler", "heun", "rk4"}
+    # ... chosen on a validation draw: every fixed-step teacher row at the table's budgets carries its score
+    teacher = [r for r in rows if r["method"] == "1-RF" and r["nfe"] in TABLE_NFES and r["grid"] != "adaptive"]
+    assert teacher and all(r["validation_w2"] == r["validation_w2"] for r in teacher)
+    assert all(r["validation_w2"] != r["w2"] for r in teacher)  # another draw than the scored one
     table = (tmp_path / "few_step_summary.md").read_text()
     assert "| w2 NFE 1 | w2 NFE 2 | w2 NFE 4 | w2 NFE 8 |" in table and "| meanflow | " in table
     assert "(anystep)" in table and "straightness" in table
@@ -125,3 +129,19 @@ def test_the_cli_runs_the_anystep_methods_and_its_help_names_them(make_cfg, tmp_
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill", "run", "--help"])
     assert "shortcut, meanflow, ot-cfm (default: all)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_table_chooses_nothing_on_the_scored_draw():
+    """The teacher's solver at each budget is the one with the lowest validation score (not the lowest
+    scored W2); a consistency model's two-step cell is its validation-chosen t1 row, whatever scores lower."""
+    cost = {"steps": 1, "wall_s": 1.0, "teacher_evals": 0, "params": 1}
+
+    def row(method, solver, nfe, w2, **kw):
+        return {"method": method, "solver": solver, "nfe": nfe, "grid": "uniform", "w2": w2, **cost, **kw}
+
+    rows = [row("1-RF", "euler", 2, 0.50, validation_w2=0.40), row("1-RF", "midpoint", 2, 0.45, validation_w2=0.41),
+            row("cd", "euler", 2, 0.30), row("cd", "consistency", 2, 0.20),
+            row("cd", "consistency", 2, 0.25, t1=0.7)]
+    best = {(b["method"], b["nfe"]): b for b in few_step_best(rows, nfes=(2,))}
+    assert best[("1-RF", 2)]["solver"] == "euler" and best[("1-RF", 2)]["w2"] == 0.50
+    assert best[("cd", 2)]["w2"] == 0.25
