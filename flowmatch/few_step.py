@@ -247,16 +247,20 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
         have = {(r["solver"], r["nfe"]) for r in rows if r["model"] == "1-RF"}
         rows += [r | {k: first["1-RF"][k] for k in ("straightness", "straightness_rel") if k in r} for r in more
                  if (r["solver"], r["nfe"]) not in have]
-    # the teacher's best solver at each NFE is chosen on a validation draw (source draws of its own seed,
-    # VALIDATION_N of them), never on the scored one: each of its fixed-step rows carries that draw's score
-    metric = "fd" if is_image_task(cfg.data) else "w2"
-    val = bench_from_checkpoints([stages[0][1]], None, solvers=list(TEACHER_SOLVERS), nfes=list(TABLE_NFES),
-                                 names=["1-RF"], straightness_draws=1,
-                                 **(kw | {"n": min(rc.bench_n, VALIDATION_N)}), seed=_VALIDATION_SEED)
-    score = {(r["solver"], r["nfe"]): r[metric] for r in val}
-    for r in rows:
-        if r["model"] == "1-RF" and (r["solver"], r["nfe"]) in score:
-            r[f"validation_{metric}"] = score[(r["solver"], r["nfe"])]
+    # where the teacher has several fixed-step solvers, its best at each NFE is chosen on a validation draw
+    # (source draws of its own seed, VALIDATION_N of them), never on the scored one: each of those rows
+    # carries that draw's score
+    fixed = list(dict.fromkeys(r["solver"] for r in rows
+                               if r["model"] == "1-RF" and r["grid"] != "adaptive" and r["nfe"] in TABLE_NFES))
+    if len(fixed) > 1:
+        metric = "fd" if is_image_task(cfg.data) else "w2"
+        val = bench_from_checkpoints([stages[0][1]], None, solvers=fixed, nfes=list(TABLE_NFES), names=["1-RF"],
+                                     straightness_draws=1, **(kw | {"n": min(rc.bench_n, VALIDATION_N)}),
+                                     seed=_VALIDATION_SEED)
+        score = {(r["solver"], r["nfe"]): r[metric] for r in val}
+        for r in rows:
+            if r["model"] == "1-RF" and (r["solver"], r["nfe"]) in score:
+                r[f"validation_{metric}"] = score[(r["solver"], r["nfe"])]
     # the any-step models: their jumps (the anystep solver) at the table's NFEs; the straightness of their
     # h = 0 field (the flow they hold beside their jumps). A shortcut model only at powers of two up to base_steps.
     anystep = [(m, c) for m, c, _ in stages if m in ANYSTEP_METHODS]
