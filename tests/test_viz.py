@@ -197,11 +197,14 @@ def test_docs_figures_script_in_smoke_mode(tmp_path, make_cfg, capsys):
 
 
 def test_series_differ_without_colour():
-    """Seven series in a row get seven markers and seven line styles, so they stay apart in greyscale
-    and under colour blindness; the palette is the Okabe-Ito set (no red-green pair)."""
+    """Seven series in a row get seven colours, markers and line styles, so they stay apart in greyscale
+    and under colour blindness; the cues cycle with different periods, so the few-step table's ten methods
+    (and many more) never share all three; the palette is the Okabe-Ito set (no red-green pair)."""
     from flowmatch.viz._style import PALETTE, style
 
     styles = [style(i) for i in range(7)]
     assert len({s["marker"] for s in styles}) == 7 and len({str(s["ls"]) for s in styles}) == 7
-    assert len({s["color"] for s in styles}) == 7 and style(7) == style(0)
+    assert len({s["color"] for s in styles}) == 7 and style(7)["color"] == style(0)["color"]
+    many = [(s["color"], s["marker"], str(s["ls"])) for s in map(style, range(50))]
+    assert len(set(many)) == 50 and len({m[1] for m in many[:10]}) == 10
     assert set(PALETTE) == {"#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"}

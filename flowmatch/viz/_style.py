@@ -18,16 +18,18 @@ DPI = 100  # PNG pixels per inch: a figure of w x h inches is 100 w x 100 h pixe
 # Okabe & Ito (2008), the palette that stays apart under the common colour blindnesses; ordered so
 # neighbours differ in lightness too (blue, vermillion, bluish green, reddish purple, orange, sky blue, black)
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
+# eleven markers and eight line styles against seven colours: the three cues cycle with coprime periods,
+# so no two of the first 7 x 8 x 11 series look alike (the few-step table plots ten methods)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h")
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1)))
 TARGET_COLOR = "#0072B2"  # the target density's tint
 SOURCE_COLOR = "#E69F00"  # the source density's tint
 FLOOR_COLOR = "#888888"
 
 
 def style(i: int) -> dict:
-    """Colour, marker and line style of series ``i`` (cycling): three cues, so a series is told
-    apart in colour, in greyscale and under colour blindness."""
+    """Colour, marker and line style of series ``i`` (each cycling with its own period): three cues, so a
+    series is told apart in colour, in greyscale and under colour blindness."""
     return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)],
             "ls": LINESTYLES[i % len(LINESTYLES)]}
 
