@@ -18,11 +18,11 @@ from flowmatch.distill import (MeanFlow, Shortcut, adaptive_weight, check_anyste
                                meanflow_times, sample_anystep, shortcut_target)
 from flowmatch.errors import CheckpointError, ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity
-from flowmatch.training import Batch, build_trainer, last_checkpoint, load_checkpoint, load_model, train
+from flowmatch.training import Batch, build_trainer, load_model, train
 from flowmatch.utils import make_generator
 from test_ddp import _spawn
 from test_models import DATA
-from test_training import _Interrupt
+from test_training import _run_killed_and_resumed
 
 F64 = torch.float64
 M, S = torch.tensor([2.0, -1.0], dtype=F64), 0.5  # the straight map x1 = M + S x0
@@ -272,12 +272,8 @@ def test_a_step_input_student_starts_as_its_flow_teacher(teacher, init):
                          ids=["shortcut-ema", "shortcut-sg", "meanflow"])
 def test_kill_and_resume_equals_the_unbroken_run(tmp_path, teacher, extra):
     cfg = make_tiny_cfg(*extra, "model.step_input=true", f"train.init={teacher}", "train.steps=20")
-    a = train(cfg, str(tmp_path / "a"), progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, str(tmp_path / "b"), progress=False, on_step=_Interrupt(13))
-    b = train(cfg, str(tmp_path / "b"), progress=False, resume=True)
+    a, b, ca, cb = _run_killed_and_resumed(cfg, tmp_path)
     assert b.start_step == 10 and b.losses == a.losses[10:]
-    ca, cb = load_checkpoint(a.checkpoint), load_checkpoint(last_checkpoint(str(tmp_path / "b")))
     assert ("target" in ca.get("nets", {})) == ("shortcut.ema=0.9" in extra)
     for k, v in ca["ema"]["model"].items():
         assert torch.equal(v, cb["ema"]["model"][k])

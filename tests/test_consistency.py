@@ -14,9 +14,9 @@ from flowmatch.distill.consistency import ConsistencyDistillation, consistency_f
 from flowmatch.errors import ConfigError
 from flowmatch.models import build_model
 from flowmatch.solvers import get_solver, time_grid
-from flowmatch.training import LOSSES, build_trainer, last_checkpoint, load_checkpoint, train
+from flowmatch.training import LOSSES, build_trainer, load_checkpoint, train
 from flowmatch.utils import make_generator
-from test_training import _Interrupt
+from test_training import _run_killed_and_resumed
 
 M, S = torch.tensor([2.0, -1.0]), 0.5  # the analytic teacher's map x1 = M + S x0
 
@@ -83,12 +83,8 @@ def test_ct_curriculum_doubles_to_its_end():
 def test_kill_and_resume_equals_the_unbroken_run(tmp_path, extra):
     teacher = train(make_tiny_cfg("train.steps=10"), str(tmp_path / "teacher"), progress=False)
     cfg = make_tiny_cfg(*extra, f"train.init={teacher.checkpoint}", "train.steps=20")
-    a = train(cfg, str(tmp_path / "a"), progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, str(tmp_path / "b"), progress=False, on_step=_Interrupt(13))
-    b = train(cfg, str(tmp_path / "b"), progress=False, resume=True)
+    a, b, ca, cb = _run_killed_and_resumed(cfg, tmp_path)
     assert b.start_step == 10 and b.losses == a.losses[10:]
-    ca, cb = load_checkpoint(a.checkpoint), load_checkpoint(last_checkpoint(str(tmp_path / "b")))
     assert ca["objective"] == cb["objective"]  # the curriculum's step count and the teacher's evaluations too
     assert ("target" in ca.get("nets", {})) == ("mu=0.9" in extra[-1])
     for k, v in ca["ema"]["model"].items():

@@ -89,6 +89,16 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
+def _run_killed_and_resumed(cfg, tmp_path, at: int = 13):
+    """``(a, b, ca, cb)``: ``cfg`` trained unbroken into ``tmp_path/a``, and into ``tmp_path/b`` killed at step
+    ``at`` then resumed; ``ca``, ``cb`` their last checkpoints. The run must checkpoint every 10 steps."""
+    a = train(cfg, str(tmp_path / "a"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(tmp_path / "b"), progress=False, on_step=_Interrupt(at))
+    b = train(cfg, str(tmp_path / "b"), progress=False, resume=True)
+    return a, b, load_checkpoint(a.checkpoint), load_checkpoint(last_checkpoint(str(tmp_path / "b")))
+
+
 @pytest.mark.parametrize("extra", [
     ("coupling.name=independent",),
     ("coupling.name=ot", "coupling.method=exact"),

@@ -69,6 +69,21 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _finish_vs_nfe(fig, ax, rows: Sequence[dict], path: str, *, metric: str, floor: Optional[FloorBand],
+                   title: Optional[str]) -> str:
+    """The common ending of a metric-against-NFE figure of ``rows``: the floor, log axes, labels, the
+    legend outside on the right; saved to ``path``."""
+    _draw_floor(ax, rows, metric, floor)
+    _log_y(ax)
+    _nfe_axis(ax, [r["nfe"] for r in rows])
+    ax.set_ylabel(metric.upper())
+    if title:
+        ax.set_title(title, fontsize=10)
+    if rows:
+        fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="outside right upper", frameon=False)
+    return save(fig, path)
+
+
 def _draw_floor(ax, rows: Sequence[dict], metric: str, floor: Optional[FloorBand]) -> None:
     if floor is not None:
         ax.axhspan(floor.lo, floor.hi, color=FLOOR_COLOR, alpha=0.3, lw=0, zorder=0, label=floor.label)
@@ -114,15 +129,7 @@ def plot_quality_vs_nfe(rows: Sequence[dict], path: str, *, metric: str = "w2", 
         for r in (r for r in rows if r[key] == name and r.get("grid") == "adaptive"):
             ax.plot([r["nfe"]], [r[metric]], ls="none", marker=st["marker"], ms=10, mfc="white", mec=st["color"],
                     mew=2, label=f"{name} {r['solver']} (measured NFE)", zorder=4)
-    _draw_floor(ax, rows, metric, floor)
-    _log_y(ax)
-    _nfe_axis(ax, [r["nfe"] for r in rows])
-    ax.set_ylabel(metric.upper())
-    if title:
-        ax.set_title(title, fontsize=10)
-    if rows:
-        fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="outside right upper", frameon=False)
-    return save(fig, path)
+    return _finish_vs_nfe(fig, ax, rows, path, metric=metric, floor=floor, title=title)
 
 
 def plot_w2_vs_nfe(rows: Sequence[dict], path: str, *, metric: str = "w2", floor: Optional[FloorBand] = None,
@@ -247,15 +254,7 @@ def plot_method_quality_vs_nfe(points: Sequence[dict], path: str, *, metric: str
         line = sorted((p for p in pts if p["method"] == m), key=lambda p: p["nfe"])
         ax.plot([p["nfe"] for p in line], [p[metric] for p in line], color=st["color"], marker=st["marker"],
                 ls=st["ls"], ms=5, lw=1.6, label=m)
-    _draw_floor(ax, pts, metric, None)
-    _log_y(ax)
-    _nfe_axis(ax, [p["nfe"] for p in pts])
-    ax.set_ylabel(metric.upper())
-    if title:
-        ax.set_title(title, fontsize=10)
-    if pts:
-        fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="outside right upper", frameon=False)
-    return save(fig, path)
+    return _finish_vs_nfe(fig, ax, pts, path, metric=metric, floor=None, title=title)
 
 
 def plot_method_quality_vs_cost(points: Sequence[dict], path: str, *, metric: str = "w2", cost: str = "wall_s",
