@@ -65,8 +65,9 @@ def demo_report(out: str, rows: list[dict], summaries: Mapping, plots: Sequence[
           "Made by `make demo` (`flowmatch demo --out " + out + "`): each config under `experiments/toy/` is trained "
           "on the CPU, then its EMA model is sampled from the same source draws with every solver at NFE "
           f"{', '.join(map(str, nfes))} and with dopri5 (atol = rtol = 1e-5). W2 is exact on n = {n} samples "
-          f"against fresh target draws; the W2 floor is the W2 between two independent target draws of n = {n} "
-          "(no sampler can beat it on n points). W2 on 2,000 points is noisy: across source and reference seeds the same "
+          f"against an evaluation reference of n target points (a mixture's components in exact shares, "
+          f"`target.reference`); the W2 floor is the W2 of n = {n} i.i.d. target draws against that reference, "
+          "what a perfect model scores on average (one draw can fall below it). W2 on 2,000 points is noisy: across source and reference seeds the same "
           "model's W2 moves by about +-0.05 here, so smaller differences are not significant. Straightness S = int_0^1 E|(Z1 - Z0) - v(Z_t, t)|^2 dt, summed "
           "over dimensions, along RK4 trajectories with 64 steps from 1,000 source draws. Heun and midpoint cost "
           "2 NFE per step, RK4 4 (Heun's last step is a full Heun step).", "",
