@@ -34,7 +34,6 @@ uniformly (improved CT's lognormal choice of ``n`` is not used here).
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
@@ -44,6 +43,7 @@ from flowmatch.data.task import data_shape
 from flowmatch.errors import ConfigError
 from flowmatch.solvers import get_solver
 from flowmatch.training import OBJECTIVES, Batch, Objective, load_model
+from flowmatch.training.objectives import frozen_copy, lerp_target
 from flowmatch.types import LossOutput
 from flowmatch.training.losses import LOSSES
 from flowmatch.utils import expand_like, lookup
@@ -87,7 +87,7 @@ class _Consistency(Objective):
     def build_nets(self) -> dict:
         if self.mu == 0:
             return {}
-        self.target = _frozen(copy.deepcopy(self.comp.model))
+        self.target = frozen_copy(self.comp.model)
         return {"target": self.target}
 
     def intervals(self) -> int:
@@ -119,8 +119,7 @@ class _Consistency(Objective):
     def after_update(self, nets) -> None:
         self.updates += 1
         if self.mu > 0:  # target <- mu target + (1 - mu) student
-            torch._foreach_lerp_(list(self.target.parameters()), [p.detach() for p in self.comp.model.parameters()],
-                                 1.0 - self.mu)
+            lerp_target(self.target, self.comp.model, self.mu)
 
     def state_dict(self) -> dict:
         return {"coupling": self.comp.coupling.state_dict(), "updates": self.updates}

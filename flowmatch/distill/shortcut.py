@@ -29,13 +29,13 @@ the student with decay ``shortcut.ema`` (0: the student itself under stop-gradie
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
 from flowmatch.distill.anystep import check_anystep_config
 from flowmatch.training import OBJECTIVES, Batch, Objective
+from flowmatch.training.objectives import frozen_copy, lerp_target
 from flowmatch.training.losses import LOSSES
 from flowmatch.types import LossOutput
 from flowmatch.utils import expand_like, lookup
@@ -77,7 +77,7 @@ class Shortcut(Objective):
     def build_nets(self) -> dict:
         if self.ema == 0:
             return {}
-        self.target = copy.deepcopy(self.comp.model).eval().requires_grad_(False)
+        self.target = frozen_copy(self.comp.model)
         return {"target": self.target}
 
     @property
@@ -113,8 +113,7 @@ class Shortcut(Objective):
 
     def after_update(self, nets) -> None:
         if self.ema > 0:  # target <- ema target + (1 - ema) student
-            torch._foreach_lerp_(list(self.target.parameters()), [p.detach() for p in self.comp.model.parameters()],
-                                 1.0 - self.ema)
+            lerp_target(self.target, self.comp.model, self.ema)
 
     def state_dict(self) -> dict:
         return {"coupling": self.comp.coupling.state_dict()}

@@ -40,6 +40,7 @@ guidance).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -55,7 +56,7 @@ from flowmatch.types import LossOutput
 from flowmatch.utils import lookup
 
 __all__ = ["Batch", "Nets", "Validation", "Objective", "VelocityRegression", "CFM", "OneStepDistill", "OBJECTIVES",
-           "build_objective", "unused_sections"]
+           "build_objective", "unused_sections", "frozen_copy", "lerp_target"]
 
 
 @dataclass
@@ -283,6 +284,18 @@ def _unlabeled_error(coupling: Coupling) -> ConfigError:
     return ConfigError(f"model.class_cond needs class labels, but the {coupling.name or type(coupling).__name__} "
                        f"coupling's data has none (a labeled image dataset, or a pair store made by a "
                        f"class-conditional teacher); set model.class_cond=false")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every parameter frozen: an objective's target network."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def lerp_target(target: nn.Module, model: nn.Module, decay: float) -> None:
+    """``target <- decay * target + (1 - decay) * model``, parameter by parameter (one multi-tensor lerp):
+    the EMA target network of the consistency and shortcut objectives (no warm-up, unlike the run's EMA)."""
+    torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"cfm": CFM, "distill": OneStepDistill}
