@@ -11,11 +11,12 @@ model's (:func:`load_flow_weights`) is that model for every ``h`` until training
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "STEP_KEYS", "zero_linear", "step_features",
+__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "STEP_KEYS", "zero_linear", "step_features", "with_step",
            "load_flow_weights"]
 
 
@@ -79,6 +80,17 @@ def zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     return lin
+
+
+def with_step(emb: torch.Tensor, embed, proj: Optional[nn.Module], t: torch.Tensor, h) -> torch.Tensor:
+    """The time features ``emb`` ``[B, dim]`` of a model with the step ``h`` added (:func:`step_features`)
+    when the model has a step input (``proj``, its ``step_proj``), else ``emb`` itself; ``h`` given to a
+    model without one is a ``ValueError``."""
+    if proj is not None:
+        return emb + step_features(embed, proj, t, h)
+    if h is not None:
+        raise ValueError("this model has no step input h (model.step_input=false)")
+    return emb
 
 
 def step_features(embed, proj: nn.Module, t: torch.Tensor, h) -> torch.Tensor:

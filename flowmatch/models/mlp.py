@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowmatch.models.embeddings import FourierEmbedding, SinusoidalEmbedding, step_features, zero_linear
+from flowmatch.models.embeddings import FourierEmbedding, SinusoidalEmbedding, with_step, zero_linear
 from flowmatch.utils import lookup
 
 __all__ = ["MLPVelocity", "ACTIVATIONS"]
@@ -49,9 +49,5 @@ class MLPVelocity(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, h=None) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
-        emb = self.time_embed(t).to(x.dtype)
-        if self.step_proj is not None:
-            emb = emb + step_features(self.time_embed, self.step_proj, t, h)
-        elif h is not None:
-            raise ValueError("this model has no step input h (model.step_input=false)")
+        emb = with_step(self.time_embed(t).to(x.dtype), self.time_embed, self.step_proj, t, h)
         return self.net(torch.cat([x, emb.to(x.dtype)], dim=1))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from flowmatch.models.embeddings import SinusoidalEmbedding, step_features, zero_linear
+from flowmatch.models.embeddings import SinusoidalEmbedding, with_step, zero_linear
 from flowmatch.utils import as_time, lookup
 
 __all__ = ["UNetVelocity", "UNET_PRESETS", "unet_kwargs", "ClassifierFreeGuidance"]
@@ -270,11 +270,8 @@ class UNetVelocity(nn.Module):
         """``v(x, t, cond, h)``: ``x`` ``[B, C, H, W]``, ``t`` ``[B]``, ``cond`` ``[B]`` long, an int or ``None``,
         ``h`` ``[B]`` the step of a ``step_input`` model (``None``: 0) -> ``[B, C, H, W]`` in ``x``'s dtype."""
         self._check(x, t)
-        emb = self.time_embed(t.float())  # sinusoids of 1000 t need fp32 even for bf16 inputs
-        if self.step_proj is not None:
-            emb = emb + step_features(self.time_embed, self.step_proj, t.float(), h)
-        elif h is not None:
-            raise ValueError("this model has no step input h (model.step_input=false)")
+        # sinusoids of 1000 t need fp32 even for bf16 inputs
+        emb = with_step(self.time_embed(t.float()), self.time_embed, self.step_proj, t.float(), h)
         if self.class_embed is not None:
             if cond is None:
                 cond = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
