@@ -247,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"({m['solver']['name']}, {m['nfe_per_sample']:.1f} NFE per sample)")
         return 0
     if args.command == "reflow" and args.reflow_command == "run":
-        from flowmatch.bench import rows_to_markdown
+        from flowmatch.bench import row_metric, rows_to_markdown
         from flowmatch.reflow_chain import reflow_from_config
         from flowmatch.reports import write_reflow_summary
 
@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
         for cfg in cfgs:
             rows = reflow_from_config(cfg, os.path.join(args.out, cfg.name), rounds=args.rounds,
                                        distill=args.distill, apt=args.apt, progress=not args.no_progress)
-            m = "fd" if rows and "fd" in rows[0] else "w2"
+            m = row_metric(rows)
             extra = ("fd", "fd_floor", "kid") if m == "fd" else ("w2", "w2_floor", "mmd")
             print(f"## {cfg.name}\n\n" + rows_to_markdown(rows, ("stage", "solver", "nfe", *extra, "straightness")))
             all_rows += rows

@@ -253,7 +253,7 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     fixed = list(dict.fromkeys(r["solver"] for r in rows
                                if r["model"] == "1-RF" and r["grid"] != "adaptive" and r["nfe"] in TABLE_NFES))
     if len(fixed) > 1:
-        metric = "fd" if is_image_task(cfg.data) else "w2"
+        metric = row_metric(rows)
         val = bench_from_checkpoints([stages[0][1]], None, solvers=fixed, nfes=list(TABLE_NFES), names=["1-RF"],
                                      straightness_draws=1, **(kw | {"n": min(rc.bench_n, VALIDATION_N)}),
                                      seed=_VALIDATION_SEED)
