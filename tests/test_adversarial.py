@@ -502,6 +502,13 @@ def test_ablation_flags_name_the_failure_modes():
     assert flags([{"apt/d_loss": 1.0}, {"apt/d_loss": chance + 0.002}, {"apt/d_loss": chance - 0.003}]) == \
         ["D at chance"]
     assert flags([{"apt/d_loss": chance}, {"apt/d_loss": 1.2}]) == []
+    # with the logits, the gap between real and generated decides: equal logits away from 0 are at
+    # chance although the loss is above 2 ln 2; a gap of a tenth of a logit is a signal
+    same = {"apt/d_loss": 2 * math.log1p(math.exp(0.3)) - 0.3, "apt/d_real": 0.3, "apt/d_fake": 0.29}
+    assert abs(same["apt/d_loss"] - chance) > 0.01
+    assert flags([{"apt/d_loss": 1.0, "apt/d_real": 2.0, "apt/d_fake": -1.0}, same, same]) == ["D at chance"]
+    apart = dict(same, **{"apt/d_fake": 0.2})
+    assert flags([same, apart, apart]) == []
 
 
 def test_ablation_script_scores_each_variants_best_checkpoint_against_the_start(ckpts, tmp_path):
