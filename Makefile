@@ -24,10 +24,10 @@ REFLOW_OUT ?= runs/reflow
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step few-step-images images gpu-mnist figures clean distclean
+.PHONY: help install demo test test-portability bench gpu-bench faults reflow reflow-sweeps few-step few-step-compose few-step-images images gpu-mnist figures clean distclean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_%-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -122,12 +122,23 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 # The few-step table: from each toy task's 1-RF teacher, 2-RF, its one-step distillation, consistency
 # distillation (CD) and training (CT), the any-step models (shortcut, MeanFlow) and OT-CFM from scratch,
 # benchmarked alike at NFE 1, 2, 4, 8 with their costs. It runs in the reflow chain's
-# directories, so the chain's 1-RF, pairs and 2-RF are reused (not retrained).
+# directories, so the chain's 1-RF, pairs and 2-RF are reused (not retrained). The three tasks (and the
+# composition experiment, after the moons task) run as FEW_STEP_JOBS processes of one intra-op thread
+# each (the toy networks gain little from a second thread; two processes use both cores).
+FEW_STEP_TASKS := noise_to_moons noise_to_8gaussians 8gaussians_to_moons
+FEW_STEP_JOBS ?= 2
+FEW_STEP_THREADS ?= 1
 few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, APT, CD, CT, CD-LoRA, shortcut, MeanFlow; OT-CFM from scratch) at NFE 1-8, quality beside cost -> runs/reflow/<task>/few_step_summary.md, few_step_pareto_*.png
-	$(PY) -m flowmatch distill run experiments/toy/reflow_noise_to_moons.yaml \
-	  experiments/toy/reflow_noise_to_8gaussians.yaml experiments/toy/reflow_8gaussians_to_moons.yaml \
+	$(MAKE) --no-print-directory -j$(FEW_STEP_JOBS) $(addprefix few-step-,$(FEW_STEP_TASKS)) few-step-compose
+
+few-step-%: $(STAMP) $(MOONS_TEACHER) ## one toy task's few-step table (few-step-noise_to_moons, -noise_to_8gaussians, -8gaussians_to_moons)
+	OMP_NUM_THREADS=$(FEW_STEP_THREADS) $(PY) -m flowmatch distill run experiments/toy/reflow_$*.yaml \
 	  --out $(REFLOW_OUT) --no-progress
-	$(PY) -m flowmatch distill compose experiments/toy/reflow_noise_to_moons.yaml --out $(REFLOW_OUT)/noise_to_moons --no-progress
+
+# the LCM-LoRA composition experiment on moons (its base accelerator is the moons table's CD-LoRA run)
+few-step-compose: few-step-noise_to_moons
+	OMP_NUM_THREADS=$(FEW_STEP_THREADS) $(PY) -m flowmatch distill compose experiments/toy/reflow_noise_to_moons.yaml \
+	  --out $(REFLOW_OUT)/noise_to_moons --no-progress
 
 # the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused)
 few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (APT, CD, CT, CD-LoRA, shortcut, MeanFlow, OT-CFM beside make images' stages) -> runs/images/digits/few_step_summary.md

@@ -277,18 +277,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/sweep.json, sweep.md")
         return 0
     if args.command == "distill" and args.distill_command == "run":
-        from flowmatch.few_step import FEW_STEP_METHODS, few_step_from_config, few_step_summary
+        from flowmatch.few_step import FEW_STEP_METHODS, few_step_from_config, few_step_summary, write_few_step_index
 
         cfgs = [load_config(c, args.overrides) for c in args.configs]
-        parts = []
         for cfg in cfgs:
             rows = few_step_from_config(cfg, os.path.join(args.out, cfg.name),
                                         methods=args.methods or FEW_STEP_METHODS, progress=not args.no_progress)
-            parts.append(f"## {cfg.name}\n\n" + few_step_summary(rows))
-            print(parts[-1])
-        from flowmatch.io import atomic_write_text
-
-        atomic_write_text(os.path.join(args.out, "few_step.md"), "\n".join(parts))
+            print(f"## {cfg.name}\n\n" + few_step_summary(rows))
+        # every task's table under OUT, this run's and those of earlier (or parallel) runs alike
+        write_few_step_index(args.out)
         print(f"wrote {args.out}/<name>/few_step.* and {args.out}/few_step.md")
         return 0
     if args.command == "distill" and args.distill_command == "compose":

@@ -44,6 +44,7 @@ __all__ = [
     "ConsistencyConfig",
     "ShortcutConfig",
     "MeanFlowConfig",
+    "OtCfmConfig",
     "LoraConfig",
     "AptConfig",
     "ExperimentConfig",
@@ -581,6 +582,20 @@ class MeanFlowConfig:
 
 
 @dataclass
+class OtCfmConfig:
+    """The few-step table's OT-CFM baseline (``ot-cfm``: flow matching on minibatch-OT pairs from random
+    weights, no teacher). ``steps``: its ``train.steps`` (``None``: the experiment's own, the teacher's
+    budget); its other training keys are the ``train`` section's."""
+
+    steps: Optional[int] = None
+
+    _section: ClassVar[str] = "ot_cfm"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"steps": _int(1, optional=True)})
+
+
+@dataclass
 class AptConfig:
     """Adversarial post-training of a one-step generator (``train.objective: apt``,
     :mod:`flowmatch.distill.adversarial`). The generator is ``train.init``'s one-step checkpoint; the
@@ -660,6 +675,7 @@ class ExperimentConfig:
     apt: AptConfig = field(default_factory=AptConfig)
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    ot_cfm: OtCfmConfig = field(default_factory=OtCfmConfig)
 
     _section: ClassVar[str] = ""
 

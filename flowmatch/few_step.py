@@ -18,8 +18,8 @@
   :mod:`flowmatch.distill.meanflow`) initialised from the teacher (``model.step_input: true``; the step
   projection starts at zero) and trained on real data, their sections' ``steps`` and ``lr``
   (:func:`anystep_stage`); one network for every budget, scored by its jumps (the ``anystep`` solver);
-- ``ot-cfm``: flow matching on minibatch-OT pairs (``coupling.name: ot``) from scratch for the teacher's
-  steps: the straight-path baseline without a teacher.
+- ``ot-cfm``: flow matching on minibatch-OT pairs (``coupling.name: ot``) from scratch for
+  ``ot_cfm.steps`` (default: the teacher's ``train.steps``): the straight-path baseline without a teacher.
 
 :func:`composition_from_config` tests the LCM-LoRA claim on a toy task: a "style" LoRA fine-tunes the
 teacher to another target (``upper_moon``: the upper moon of moons), an acceleration LoRA (CD) is
@@ -72,7 +72,7 @@ from flowmatch.training import load_checkpoint
 
 __all__ = ["FEW_STEP_METHODS", "ANYSTEP_METHODS", "TABLE_NFES", "TEACHER_SOLVERS", "T1_CANDIDATES", "LORA_RANK",
            "VALIDATION_N", "few_step_from_config", "anystep_stage", "best_t1", "few_step_summary", "few_step_best",
-           "write_few_step_pareto",
+           "write_few_step_pareto", "write_few_step_index",
            "few_step_memorisation", "memorisation_summary", "composition_from_config"]
 
 FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora", "shortcut", "meanflow", "ot-cfm")
@@ -109,7 +109,8 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
         stages.append(("1-RF", teacher, _cost(teacher, s, 0, 0)))
     base = stages[0][2]
     if "ot-cfm" in methods:  # the baseline without a teacher: minibatch-OT flow matching from scratch
-        s = train_stage(stage_config(cfg, f"{cfg.name}-ot-cfm", coupling={"name": "ot"}, train={"init": "random"}),
+        train = {"init": "random", "steps": cfg.ot_cfm.steps or cfg.train.steps}
+        s = train_stage(stage_config(cfg, f"{cfg.name}-ot-cfm", coupling={"name": "ot"}, train=train),
                         out, "OT-CFM", progress)
         stages.append(("ot-cfm", s.checkpoint, _cost(s.checkpoint, s, 0, 0)))
     if "reflow" in methods:
@@ -163,6 +164,21 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
                       json.dumps({m: c for m, _, c in stages}, indent=1))
     write_few_step_pareto(rows, out, title=cfg.name)
     return rows
+
+
+def write_few_step_index(out: str) -> str:
+    """``OUT/few_step.md``: every task's ``OUT/<name>/few_step_summary.md`` under ``out``, by name, each
+    under its name's heading (tasks written by separate runs, e.g. ``make few-step``'s parallel ones,
+    gathered in one file). Returns its path."""
+    parts = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name, "few_step_summary.md")
+        if os.path.isfile(path):
+            with open(path) as f:
+                parts.append(f"## {name}\n\n" + f.read())
+    dest = os.path.join(out, "few_step.md")
+    atomic_write_text(dest, "\n".join(parts))
+    return dest
 
 
 def write_few_step_pareto(rows: Sequence[dict], out: str, *, title: Optional[str] = None) -> dict:

@@ -56,11 +56,11 @@ def test_the_anystep_solver_refuses_a_plain_flow_field():
 
 
 def test_the_few_step_table_scores_shortcut_and_meanflow_at_every_budget(make_cfg, tmp_path):
-    cfg = make_cfg(*TINY)
+    cfg = make_cfg(*TINY, "ot_cfm.steps=12")
     rows = few_step_from_config(cfg, str(tmp_path), methods=["shortcut", "meanflow", "ot-cfm"], progress=False)
     assert list(dict.fromkeys(r["method"] for r in rows)) == ["1-RF", "ot-cfm", "shortcut", "meanflow"]
     ot = next(r for r in rows if r["method"] == "ot-cfm")  # from scratch on minibatch-OT pairs: its own cost only
-    assert (ot["steps"], ot["teacher_evals"], ot["params"]) == (20, 0, rows[0]["params"])
+    assert (ot["steps"], ot["teacher_evals"], ot["params"]) == (12, 0, rows[0]["params"])  # ot_cfm.steps
     from flowmatch.training import load_checkpoint
 
     assert load_checkpoint(str(tmp_path / "OT-CFM" / "checkpoints" / "last.pt"))["config"]["coupling"]["name"] == "ot"
@@ -129,6 +129,19 @@ def test_the_cli_runs_the_anystep_methods_and_its_help_names_them(make_cfg, tmp_
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill", "run", "--help"])
     assert "shortcut, meanflow, ot-cfm (default: all)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_index_gathers_every_tasks_table_written_by_separate_runs(tmp_path):
+    from flowmatch.few_step import write_few_step_index
+
+    for name, text in (("b_task", "| method |\n| b |\n"), ("a_task", "| method |\n| a |\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "few_step_summary.md").write_text(text)
+    (tmp_path / "no_table").mkdir()  # a directory without a table (a reflow chain's only) is skipped
+    (tmp_path / "stages.md").write_text("not a task")
+    index = (tmp_path / "few_step.md")
+    assert write_few_step_index(str(tmp_path)) == str(index)
+    assert index.read_text() == "## a_task\n\n| method |\n| a |\n\n## b_task\n\n| method |\n| b |\n"
 
 
 def test_the_table_chooses_nothing_on_the_scored_draw():
