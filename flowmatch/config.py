@@ -612,7 +612,8 @@ class AptConfig:
     RMSProp (alpha 0.9) learning rates of the generator and the discriminator. ``regression_weight``
     keeps the one-step regression onto the run's pair store beside the adversarial loss (0: off;
     needs ``coupling.name=paired``). Every ``eval_every`` updates (0: never) the EMA generator is scored
-    on a validation draw of ``eval_n`` and the best is kept as ``checkpoints/best.pt``. ``steps`` is the
+    on ``eval_draws`` validation draws of ``eval_n`` (the mean of their scores) and the best is kept as
+    ``checkpoints/best.pt``. ``steps`` is the
     stage's ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
     ``batch_size`` (each player's batch), ``ema_decay`` (the generator's EMA), ``warmup_steps`` /
     ``lr_schedule`` (applied to both learning rates; APT's is constant: ``warmup_steps=0``) and ``seed``;
@@ -643,6 +644,7 @@ class AptConfig:
     regression_weight: float = 0.0
     eval_every: int = 50
     eval_n: int = 2000
+    eval_draws: int = 1
 
     _section: ClassVar[str] = "apt"
 
@@ -650,7 +652,7 @@ class AptConfig:
         _check_ranges(self, {"steps": _int(1), "lr_g": _float(gt=0.0), "lr_d": _float(gt=0.0),
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
-                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2)})
+                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1)})
         if self.discriminator_init is not None and (not isinstance(self.discriminator_init, str)
                                                     or not self.discriminator_init.strip()):
             raise ConfigError(f"apt.discriminator_init = {self.discriminator_init!r}: must be a checkpoint path "

@@ -353,6 +353,32 @@ def test_best_checkpoint_is_written_at_the_validation_minimum(ckpts, tmp_path):
     assert load_checkpoint(str(tmp_path / "s" / "checkpoints" / "last.pt"))["objective"]["state"]["best"]["step"] == step
 
 
+def test_validation_over_several_draws_scores_their_mean(ckpts):
+    """``apt.eval_draws = 3``: the score is the mean of three draws' scores, the first of them the single
+    draw's of ``eval_draws = 1`` (same seed), the others of seeds of their own."""
+    from flowmatch.distill.adversarial import VALIDATION_SEED
+    from flowmatch.evaluation import validation_scorer
+    from flowmatch.utils import make_generator
+
+    one_cfg = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64")
+    cfg = apply_overrides(one_cfg, ["apt.eval_draws=3"])
+    model = load_model(ckpts["gen"]).model
+    one = AdversarialPostTraining(one_cfg, build_trainer(one_cfg).components).validate(0, model).scores["apt/val_w2"]
+    obj = AdversarialPostTraining(cfg, build_trainer(cfg).components)
+    got = obj.validate(0, model).scores["apt/val_w2"]
+    source = build_trainer(cfg).components.source
+    each = []
+    with torch.no_grad():
+        for i in range(3):
+            seed = VALIDATION_SEED + 1000 * i
+            x0 = source.sample(64, generator=make_generator(seed))
+            each.append(float(validation_scorer(cfg, 64, seed=seed)(one_step(model, x0))["w2"]))
+    assert each[0] == pytest.approx(one, abs=1e-9) and len({round(v, 9) for v in each}) == 3
+    assert got == pytest.approx(sum(each) / 3, abs=1e-9)
+    with pytest.raises(ConfigError, match="apt.eval_draws = 0"):
+        apply_overrides(cfg, ["apt.eval_draws=0"])
+
+
 def test_regression_term_on_a_pair_store(ckpts, tmp_path):
     from flowmatch.reflow import generate_pairs
 

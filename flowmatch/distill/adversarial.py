@@ -58,9 +58,11 @@ Optimisers: RMSProp with ``alpha = 0.9`` for both players (as APT), learning rat
 loss with that weight: the teacher keeps the student near it while real data corrects it.
 
 Model selection: every ``apt.eval_every`` updates (and before the first) the EMA generator's samples
-of a fixed validation draw (``apt.eval_n`` source draws from seed :data:`VALIDATION_SEED`) are scored by
+of fixed validation draws (``apt.eval_draws`` draws of ``apt.eval_n`` source points, the ``i``-th from
+seed ``VALIDATION_SEED + 1000 i``, each with a scorer of that seed; the score is the mean over the
+draws, so that a checkpoint is not chosen for one draw's matching noise) are scored by
 the task's scorer (:data:`VALIDATION_SCORERS`, registered by :mod:`flowmatch.evaluation`): toy tasks
-by exact W2 against fresh target draws from seed ``VALIDATION_SEED + 1`` (never the bench's seeds
+by exact W2 against fresh target draws from the draw's seed ``+ 1`` (never the bench's seeds
 0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against the
 ``val`` split (:func:`flowmatch.evaluation.validation_scorer`: training images held out of
 ``data.split=fit``, which the chain's APT stage trains the discriminator on; never the test split).
@@ -361,12 +363,15 @@ class AdversarialPostTraining(Objective):
         return LossOutput(total, adv.detach(), t, extra=extra)
 
     # -- model selection
-    def _validation(self):
+    def _validation(self) -> list[tuple[torch.Tensor, Callable]]:
+        """The validation draws, built once: ``apt.eval_draws`` pairs of source draws ``[eval_n, *D]`` and
+        scorers, the ``i``-th of seed ``VALIDATION_SEED + 1000 i``."""
         if self._val is None:
-            n = self.ac.eval_n
-            x0 = self.comp.source.sample(n, generator=make_generator(VALIDATION_SEED), device="cpu")
-            scorer = VALIDATION_SCORERS["default"](self.cfg, n, seed=VALIDATION_SEED, device=self.device)
-            self._val = (x0, scorer)
+            n, self._val = self.ac.eval_n, []
+            for i in range(self.ac.eval_draws):
+                seed = VALIDATION_SEED + 1000 * i
+                x0 = self.comp.source.sample(n, generator=make_generator(seed), device="cpu")
+                self._val.append((x0, VALIDATION_SCORERS["default"](self.cfg, n, seed=seed, device=self.device)))
         return self._val
 
     @torch.no_grad()
@@ -377,10 +382,13 @@ class AdversarialPostTraining(Objective):
         every = self.ac.eval_every
         if every == 0 or (step % every and step != self.cfg.train.steps):
             return None
-        x0, scorer = self._validation()
-        chunk = 2000
-        x1 = torch.cat([one_step(model, x0[i:i + chunk].to(self.device)).cpu() for i in range(0, len(x0), chunk)])
-        scores = scorer(x1)
+        chunk, per_draw = 2000, []
+        for x0, scorer in self._validation():
+            x1 = torch.cat([one_step(model, x0[i:i + chunk].to(self.device)).cpu()
+                            for i in range(0, len(x0), chunk)])
+            per_draw.append(scorer(x1))
+        # each score's mean over the draws (one draw: its scores as they are)
+        scores = {k: sum(float(d[k]) for d in per_draw) / len(per_draw) for k in per_draw[0]}
         score = float(scores[scorer.metric])
         best = math.isfinite(score) and (self.best is None or score < self.best["score"])
         if best:
