@@ -5,7 +5,9 @@ teacher's weights, on real data, the section's ``steps`` and ``lr`` unless ``--s
 change them) for every combination of the ``--grid`` values, and scores each network's jumps at
 ``--nfes`` on validation draws of their own seeds (``--draws`` draws of ``--n`` points: the source
 from ``VALIDATION_SEED + i``, an exact-split reference from ``VALIDATION_SEED + 1000 + i``), so the
-spread between draws is printed beside each mean. A setting is ``monotone`` when its mean W2 does not
+spread between draws is printed beside each mean; ``--baseline CKPT`` (repeatable) scores a one-step
+model (one Euler step: a distilled or consistency model) on the same draws, the mark a one-jump any-step
+model is held to. A setting is ``monotone`` when its mean W2 does not
 rise from one budget to the next by more than two standard errors of the paired difference::
 
     python experiments/toy/anystep_settings.py experiments/toy/reflow_noise_to_moons.yaml \\
@@ -33,7 +35,8 @@ from flowmatch.distill.anystep import ANYSTEP_FAMILIES, sample_anystep
 from flowmatch.few_step import anystep_stage
 from flowmatch.io import atomic_write_text
 from flowmatch.metrics.distances import w2
-from flowmatch.training import build_trainer
+from flowmatch.solvers import get_solver
+from flowmatch.training import build_trainer, load_model
 from flowmatch.utils import make_generator
 
 # none of the bench's (0, 1, 2), paired_w2's (10,000 on), consistency_settings' (20,000 on), APT's
@@ -72,6 +75,8 @@ def main() -> None:
                    help="a config key and its values (repeatable: every combination is trained)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every setting (e.g. meanflow.steps=3000)")
+    p.add_argument("--baseline", action="append", default=[], metavar="CKPT",
+                   help="a one-step model scored by one Euler step on the same draws (repeatable)")
     p.add_argument("--nfes", default="1,2,4,8")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--n", type=int, default=2000)
@@ -88,6 +93,13 @@ def main() -> None:
         draws.append((task.source.sample(args.n, generator=make_generator(VALIDATION_SEED + i)),
                       task.target.reference(args.n, generator=make_generator(VALIDATION_SEED + 1000 + i))))
     rows = []
+    for path in args.baseline:
+        model = load_model(path).model.eval()
+        with torch.no_grad():
+            one = [w2(get_solver("euler").integrate(model, x0, torch.tensor([0.0, 1.0])).x1, ref) for x0, ref in draws]
+        rows.append({"baseline": path, "w2 nfe 1": statistics.mean(one), "sd 1": statistics.stdev(one),
+                     "scores": {1: one}})
+        print({k: v for k, v in rows[-1].items() if k != "scores"}, flush=True)
     for values in itertools.product(*(v for _, v in grid)):
         setting = [f"{k}={v}" for (k, _), v in zip(grid, values)]
         cfg = load_config(args.config, args.overrides + setting + ["tracking.mode=disabled"])
