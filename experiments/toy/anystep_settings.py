@@ -125,7 +125,8 @@ def main() -> None:
     atomic_write_text(os.path.join(args.out, "anystep_settings.json"), json.dumps(
         {"config": args.config, "teacher": args.teacher, "method": args.method, "overrides": args.overrides,
          "draws": args.draws, "n": args.n, "seed": VALIDATION_SEED, "rows": rows}, indent=1))
-    table = rows_to_markdown([{k: v for k, v in r.items() if k != "scores"} for r in rows])
+    shown = [{k: v for k, v in r.items() if k != "scores"} for r in rows]
+    table = rows_to_markdown(shown, list(dict.fromkeys(k for r in shown for k in r)))  # every row's keys
     atomic_write_text(os.path.join(args.out, "anystep_settings.md"), table)
     print(table, end="")
 
