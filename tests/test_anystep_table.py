@@ -158,3 +158,40 @@ def test_the_table_chooses_nothing_on_the_scored_draw():
     best = {(b["method"], b["nfe"]): b for b in few_step_best(rows, nfes=(2,))}
     assert best[("1-RF", 2)]["solver"] == "euler" and best[("1-RF", 2)]["w2"] == 0.50
     assert best[("cd", 2)]["w2"] == 0.25
+
+
+def test_the_settings_script_trains_each_setting_and_scores_it_on_validation_draws(make_cfg, tmp_path):
+    """experiments/toy/anystep_settings.py: one row per grid value (and per baseline), each scored at every
+    NFE on the same validation draws; its monotone test reads paired differences."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from flowmatch.config import to_dict
+    from flowmatch.pipelines import train_from_config
+
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "anystep_settings.py")
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(make_cfg(*TINY, "name=tiny"))))
+    teacher = train_from_config(make_cfg(*TINY), str(tmp_path / "t"), progress=False, evaluate=False).checkpoint
+    subprocess.run([sys.executable, script, str(cfg_path), teacher, "--method", "shortcut", "--grid",
+                    "shortcut.ema=0,0.5", "--set", "shortcut.steps=4", "--baseline", teacher, "--draws", "2",
+                    "--n", "64", "--out", str(tmp_path / "out")], check=True, capture_output=True, timeout=300)
+    out = json.loads((tmp_path / "out" / "anystep_settings.json").read_text())
+    base, *rows = out["rows"]
+    assert base["baseline"] == teacher and len(base["scores"]["1"]) == 2
+    assert [r["shortcut.ema"] for r in rows] == ["0", "0.5"] and all(r["steps"] == 4 for r in rows)
+    for r in rows:
+        assert sorted(r["scores"], key=int) == ["1", "2", "4", "8"] and all(len(v) == 2 for v in r["scores"].values())
+        assert r["w2 nfe 1"] == pytest.approx(sum(r["scores"]["1"]) / 2)
+    assert rows[0]["scores"] != rows[1]["scores"]  # the setting changed the model
+    assert "| shortcut.ema |" in (tmp_path / "out" / "anystep_settings.md").read_text()
+    spec = importlib.util.spec_from_file_location("anystep_settings", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.monotone({1: [0.5, 0.6, 0.7], 2: [0.4, 0.5, 0.6]})
+    assert not mod.monotone({1: [0.5, 0.6, 0.7], 2: [0.6, 0.71, 0.8]})  # worse at NFE 2 on every draw
+    assert mod.monotone({1: [0.5, 0.6], 2: [0.6, 0.5]})  # up on one draw, down on the other: noise
