@@ -762,10 +762,10 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
         raise
 
 
-# Sections that configure pipeline stages (the reflow chain, the distillation stage), not the run they
-# are saved with: a run is the same run, and resumes, whatever they say (so are the sections of the
-# objectives a run does not train: flowmatch.training.objectives.unused_sections).
-STAGE_SECTIONS = ("reflow", "distill")
+# Sections that configure pipeline stages (the reflow chain, the distillation stage, the few-step table's
+# OT-CFM baseline), not the run they are saved with: a run is the same run, and resumes, whatever they say
+# (so are the sections of the objectives a run does not train: flowmatch.training.objectives.unused_sections).
+STAGE_SECTIONS = ("reflow", "distill", "ot_cfm")
 
 # Keys that moved: old dotted key -> new one. A config (or a checkpoint's) with an old key loads
 # as before, its value under the new key; ``--set`` of an old key is refused naming the new one.

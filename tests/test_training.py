@@ -232,7 +232,9 @@ def test_steps_can_be_extended_on_resume(make_cfg, tmp_path):
     first = train(make_cfg("train.steps=10"), run, progress=False)
     assert first.step == 10 and load_checkpoint(last_checkpoint(run))["step"] == 10
     # eval.* and tracking.* may change too
-    more = train(make_cfg("train.steps=20", "eval.n=32"), run, resume=True, progress=False)
+    # so may the pipeline stages' sections (reflow, distill, the few-step table's ot_cfm): a run is the same run
+    more = train(make_cfg("train.steps=20", "eval.n=32", "ot_cfm.steps=7", "reflow.num_pairs=9"), run, resume=True,
+                 progress=False)
     assert more.start_step == 10 and more.step == 20 and len(more.losses) == 10
     assert load_checkpoint(last_checkpoint(run))["step"] == 20
     assert first.losses + more.losses == full.losses
