@@ -195,3 +195,17 @@ def test_the_settings_script_trains_each_setting_and_scores_it_on_validation_dra
     assert mod.monotone({1: [0.5, 0.6, 0.7], 2: [0.4, 0.5, 0.6]})
     assert not mod.monotone({1: [0.5, 0.6, 0.7], 2: [0.6, 0.71, 0.8]})  # worse at NFE 2 on every draw
     assert mod.monotone({1: [0.5, 0.6], 2: [0.6, 0.5]})  # up on one draw, down on the other: noise
+
+
+def test_paired_w2_takes_an_anystep_entry():
+    import importlib.util
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "paired_w2.py")
+    spec = importlib.util.spec_from_file_location("paired_w2", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._entry("Shortcut:anystep:1") == ("Shortcut", "anystep", 1)
+    assert mod._entry("2-RF:dopri5") == ("2-RF", "dopri5", None)
+    with pytest.raises(SystemExit, match="anystep"):  # the message lists the step solvers too
+        mod._entry("Shortcut:anystep")

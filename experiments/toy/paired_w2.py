@@ -13,7 +13,8 @@ in exact shares, so the reference's own binomial split adds no scatter). The noi
 target draws, as a perfect model's samples are, against the reference) is scored alongside:
 "floor - teacher" is how far the teacher is from the best a model can score. ``--also`` adds other
 stages (or checkpoint files), each with its solver: an adaptive one at atol = rtol = 1e-5
-(``2-RF:dopri5``) or a fixed-step solver and its NFE (``2-RF:euler:4``).
+(``2-RF:dopri5``) or a fixed-step solver and its NFE (``2-RF:euler:4``; an any-step model's jumps:
+``Shortcut:anystep:1``).
 Writes ``paired_w2.json`` next to the chain's stages.
 """
 
@@ -30,7 +31,7 @@ import torch
 from flowmatch.data.task import build_task
 from flowmatch.io import atomic_write_text
 from flowmatch.metrics.distances import w2
-from flowmatch.solvers import FIXED_SOLVERS, get_solver, is_adaptive, solve
+from flowmatch.solvers import FIXED_SOLVERS, STEP_SOLVERS, get_solver, is_adaptive, solve
 from flowmatch.training.checkpoint import load_model
 
 
@@ -39,11 +40,12 @@ def _entry(spec: str) -> tuple[str, str, int | None]:
     parts = spec.split(":")
     if len(parts) >= 2 and is_adaptive(parts[-1]):
         stage, solver, nfe = ":".join(parts[:-1]), parts[-1], None
-    elif len(parts) >= 3 and parts[-2] in FIXED_SOLVERS and parts[-1].isdigit() and int(parts[-1]) > 0:
+    elif len(parts) >= 3 and (parts[-2] in FIXED_SOLVERS or parts[-2] in STEP_SOLVERS) and parts[-1].isdigit() \
+            and int(parts[-1]) > 0:
         stage, solver, nfe = ":".join(parts[:-2]), parts[-2], int(parts[-1])
     else:
         raise SystemExit(f"--also {spec!r}: give STAGE:ADAPTIVE or STAGE:SOLVER:NFE, e.g. 2-RF:dopri5 or "
-                         f"2-RF:euler:4 (fixed-step solvers: {', '.join(FIXED_SOLVERS)})")
+                         f"2-RF:euler:4 (fixed-step solvers: {', '.join([*FIXED_SOLVERS, *STEP_SOLVERS])})")
     return stage, solver, nfe
 
 
