@@ -26,7 +26,7 @@ from flowmatch.errors import ConfigError, FlowmatchError, NonFiniteLossError, Un
 from flowmatch.utils import as_time, lookup, make_generator, resolve_device, seed_everything
 
 TOP_KEYS = ["name", "data", "path", "coupling", "time", "model", "train", "eval", "tracking", "reflow", "distill",
-            "consistency", "lora", "apt", "shortcut", "meanflow"]
+            "consistency", "lora", "apt", "shortcut", "meanflow", "ot_cfm"]
 TRAIN_KEYS = ["steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay",
               "ckpt_every", "log_every", "seed", "device", "loss"]
 
