@@ -122,16 +122,17 @@ reflow-sweeps: $(STAMP) $(MOONS_TEACHER) ## one-step W2 of 2-RF against #pairs, 
 # The few-step table: from each toy task's 1-RF teacher, 2-RF, its one-step distillation, consistency
 # distillation (CD) and training (CT), the any-step models (shortcut, MeanFlow) and OT-CFM from scratch,
 # benchmarked alike at NFE 1, 2, 4, 8 with their costs. It runs in the reflow chain's
-# directories, so the chain's 1-RF, pairs and 2-RF are reused (not retrained). The three tasks (and the
+# directories, so the chain's 1-RF, pairs and 2-RF are reused where make reflow made them, and trained
+# where it did not (make reflow then reuses them). The three tasks (and the
 # composition experiment, after the moons task) run as FEW_STEP_JOBS processes of one intra-op thread
 # each (the toy networks gain little from a second thread; two processes use both cores).
 FEW_STEP_TASKS := noise_to_moons noise_to_8gaussians 8gaussians_to_moons
 FEW_STEP_JOBS ?= 2
 FEW_STEP_THREADS ?= 1
-few-step: $(STAMP) $(MOONS_TEACHER) ## few-step methods from one teacher (2-RF, distill, APT, CD, CT, CD-LoRA, shortcut, MeanFlow; OT-CFM from scratch) at NFE 1-8, quality beside cost -> runs/reflow/<task>/few_step_summary.md, few_step_pareto_*.png
+few-step: $(STAMP) ## few-step methods from one teacher (2-RF, distill, APT, CD, CT, CD-LoRA, shortcut, MeanFlow; OT-CFM from scratch) at NFE 1-8, quality beside cost -> runs/reflow/<task>/few_step_summary.md, few_step_pareto_*.png
 	$(MAKE) --no-print-directory -j$(FEW_STEP_JOBS) $(addprefix few-step-,$(FEW_STEP_TASKS)) few-step-compose
 
-few-step-%: $(STAMP) $(MOONS_TEACHER) ## one toy task's few-step table (few-step-noise_to_moons, -noise_to_8gaussians, -8gaussians_to_moons)
+few-step-%: $(STAMP) ## one toy task's few-step table (few-step-noise_to_moons, -noise_to_8gaussians, -8gaussians_to_moons)
 	OMP_NUM_THREADS=$(FEW_STEP_THREADS) $(PY) -m flowmatch distill run experiments/toy/reflow_$*.yaml \
 	  --out $(REFLOW_OUT) --no-progress
 
