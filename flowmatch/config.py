@@ -183,6 +183,8 @@ FAST_MODES = ("auto", "on", "off")
 COMPILE_MODES = ("auto", "on", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FUSED_MODES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")
+# the velocity an any-step objective (shortcut, meanflow) regresses at h = 0: the path's, or a flow teacher's
+ANYSTEP_VELOCITIES = ("data", "teacher")
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 
 
@@ -536,12 +538,17 @@ class ShortcutConfig:
     target of two half steps of the ``ema`` target network (its decay; 0: the student under
     stop-gradient) at steps ``d = 2^-k``, ``k = 0 .. log2(base_steps) - 1``; the rest regresses the
     flow-matching target at the smallest step ``d = 1 / base_steps`` (128, the paper's). ``base_steps``
-    must be a power of two >= 2. Needs ``model.step_input: true``. ``steps`` and ``lr`` are the stage's
-    ``train.*`` where a pipeline trains it from a teacher (the few-step table's ``shortcut``)."""
+    must be a power of two >= 2. ``velocity``: that flow-matching target, the path's conditional
+    velocity (``data``, the paper's) or a frozen flow teacher's velocity at the same point (``teacher``:
+    the checkpoint ``teacher``, default ``train.init``'s). Needs ``model.step_input: true``. ``steps`` and
+    ``lr`` are the stage's ``train.*`` where a pipeline trains it from a teacher (the few-step table's
+    ``shortcut``)."""
 
     self_consistency: float = 0.125
     base_steps: int = 128
     ema: float = 0.999
+    velocity: str = "data"
+    teacher: Optional[str] = None
     steps: int = 2000
     lr: float = 1e-4
 
@@ -549,7 +556,8 @@ class ShortcutConfig:
 
     def __post_init__(self) -> None:
         _check_ranges(self, {"self_consistency": _float(**_PROBABILITY), "base_steps": _int(2),
-                             "ema": _float(ge=0.0, lt=1.0), "steps": _int(1), "lr": _float(gt=0.0)})
+                             "ema": _float(ge=0.0, lt=1.0), "velocity": _one_of(*ANYSTEP_VELOCITIES),
+                             "steps": _int(1), "lr": _float(gt=0.0)})
         if self.base_steps & (self.base_steps - 1):
             raise ConfigError(f"shortcut.base_steps = {self.base_steps}: must be a power of two >= 2")
 
@@ -562,14 +570,19 @@ class MeanFlowConfig:
     then gets ``s = t`` (the flow-matching rows). The paper's values are ``jump_fraction`` 0.25 and a
     logit-normal of mean -0.4 and std 1.0 in its time (``t_theirs = 1 - t_ours``), which is mean +0.4
     here. ``power`` ``p`` and ``eps`` make the adaptive weight ``e / sg(e + eps)^p`` of the squared error
-    ``e`` (p = 0: plain squared error). Needs ``model.step_input: true``. ``steps`` and ``lr`` are the
-    stage's ``train.*`` where a pipeline trains it from a teacher (the few-step table's ``meanflow``)."""
+    ``e`` (p = 0: plain squared error). ``velocity``: the ``v`` of the target ``v + h du/dt`` and of the
+    tangent, the path's conditional velocity (``data``, the paper's) or a frozen flow teacher's velocity
+    at the same point (``teacher``: the checkpoint ``teacher``, default ``train.init``'s). Needs
+    ``model.step_input: true``. ``steps`` and ``lr`` are the stage's ``train.*`` where a pipeline trains
+    it from a teacher (the few-step table's ``meanflow``)."""
 
     jump_fraction: float = 0.25
     logit_mean: float = 0.4
     logit_std: float = 1.0
     power: float = 1.0
     eps: float = 1e-3
+    velocity: str = "data"
+    teacher: Optional[str] = None
     steps: int = 2000
     lr: float = 1e-4
 
@@ -578,7 +591,7 @@ class MeanFlowConfig:
     def __post_init__(self) -> None:
         _check_ranges(self, {"jump_fraction": _float(**_PROBABILITY), "logit_mean": _float(),
                              "logit_std": _float(gt=0.0), "power": _float(ge=0.0), "eps": _float(gt=0.0),
-                             "steps": _int(1), "lr": _float(gt=0.0)})
+                             "velocity": _one_of(*ANYSTEP_VELOCITIES), "steps": _int(1), "lr": _float(gt=0.0)})
 
 
 @dataclass

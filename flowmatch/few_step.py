@@ -16,8 +16,9 @@
   leaves it at 0; the teacher is the adapter disabled), benched as the base with the adapter merged.
 - ``shortcut`` / ``meanflow``: any-step models (:mod:`flowmatch.distill.shortcut`,
   :mod:`flowmatch.distill.meanflow`) initialised from the teacher (``model.step_input: true``; the step
-  projection starts at zero) and trained on real data, their sections' ``steps`` and ``lr``
-  (:func:`anystep_stage`); one network for every budget, scored by its jumps (the ``anystep`` solver);
+  projection starts at zero) and trained on real data, their sections' ``steps``, ``lr`` and ``velocity``
+  (the flow rows' velocity: the data's, or the teacher's; :func:`anystep_stage`); one network for every
+  budget, scored by its jumps (the ``anystep`` solver);
 - ``ot-cfm``: flow matching on minibatch-OT pairs (``coupling.name: ot``) from scratch for
   ``ot_cfm.steps`` (default: the teacher's ``train.steps``): the straight-path baseline without a teacher.
 
@@ -38,8 +39,9 @@ chosen on a validation draw (its own seed, never the scored one) among :data:`T1
 Cost columns, each *cumulative from the 1-RF teacher* (what it takes to get that model):
 ``steps`` (optimiser steps; APT's count both players'), ``wall_s`` (training seconds: steps / the run's steps/s; pair generation
 not included), ``teacher_evals`` (velocity evaluations of a teacher per training sample: pairs x
-NFE per pair for reflow, CD's teacher steps; 0 for shortcut and MeanFlow, which learn from real data
-and their own network, and for CT and OT-CFM, which have no teacher and count only their own steps),
+NFE per pair for reflow, CD's teacher steps, one a flow row for shortcut and MeanFlow with
+``velocity: teacher`` (0 with ``velocity: data``: real data and their own network); 0 for CT and OT-CFM,
+which have no teacher and count only their own steps),
 ``params`` (trainable parameters of the last stage).
 Writes ``OUT/few_step.json`` / ``.csv`` / ``.md`` (the stages.json schema plus ``method`` and the cost
 columns), ``OUT/few_step_summary.md`` (the table: per method, its best W2 or FD at NFE 1, 2, 4 and 8
@@ -146,9 +148,12 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
     for method in ANYSTEP_METHODS:
         if method not in methods:
             continue
-        # from the teacher's weights on real data: its own steps on top of the teacher's, no teacher evaluations
+        # from the teacher's weights on real data: its own steps on top of the teacher's, and the teacher's
+        # evaluations where its flow rows regress the teacher's velocity (<method>.velocity: teacher)
         s = train_stage(anystep_stage(cfg, method, teacher), out, method.capitalize(), progress)
-        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"], 0)))
+        state = load_checkpoint(s.checkpoint)
+        evals = state["objective"]["state"].get("teacher_evals", 0)
+        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals, state=state)))
     rows = _bench(cfg, stages, progress)
     cols = stage_columns(rows)
     lead = ["method", *cols]

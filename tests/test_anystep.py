@@ -268,13 +268,16 @@ def test_a_step_input_student_starts_as_its_flow_teacher(teacher, init):
 
 @pytest.mark.parametrize("extra", [("train.objective=shortcut", "shortcut.base_steps=8", "shortcut.ema=0.9"),
                                    ("train.objective=shortcut", "shortcut.base_steps=4", "shortcut.ema=0"),
-                                   ("train.objective=meanflow", "meanflow.jump_fraction=0.5")],
-                         ids=["shortcut-ema", "shortcut-sg", "meanflow"])
+                                   ("train.objective=meanflow", "meanflow.jump_fraction=0.5"),
+                                   ("train.objective=meanflow", "meanflow.velocity=teacher")],
+                         ids=["shortcut-ema", "shortcut-sg", "meanflow", "meanflow-teacher"])
 def test_kill_and_resume_equals_the_unbroken_run(tmp_path, teacher, extra):
     cfg = make_tiny_cfg(*extra, "model.step_input=true", f"train.init={teacher}", "train.steps=20")
     a, b, ca, cb = _run_killed_and_resumed(cfg, tmp_path)
     assert b.start_step == 10 and b.losses == a.losses[10:]
     assert ("target" in ca.get("nets", {})) == ("shortcut.ema=0.9" in extra)
+    evals = ca["objective"]["state"]["teacher_evals"]  # counted a row each, resumed with the run
+    assert evals == cb["objective"]["state"]["teacher_evals"] == (20 * 32 if "velocity=teacher" in extra[1] else 0)
     for k, v in ca["ema"]["model"].items():
         assert torch.equal(v, cb["ema"]["model"][k])
     assert all(math.isfinite(x) for x in a.losses)
@@ -283,6 +286,38 @@ def test_kill_and_resume_equals_the_unbroken_run(tmp_path, teacher, extra):
     x0 = torch.randn(8, 2, generator=make_generator(4))
     family = extra[0].split("=")[1]
     assert torch.isfinite(sample_anystep(model, x0, 2, family=family, max_steps=8).x1).all()
+
+
+@pytest.mark.parametrize("objective,rows", [("shortcut", "shortcut.self_consistency=0"),
+                                            ("meanflow", "meanflow.jump_fraction=0")])
+def test_with_the_teachers_velocity_a_student_at_its_teacher_has_no_flow_loss(teacher, objective, rows):
+    """Every row a flow row (no self-consistency rows; h = 0): the student starts as its teacher, so with
+    ``velocity: teacher`` its loss is zero, and with the paper's conditional velocity it is not; the teacher's
+    evaluations are counted a row each."""
+    losses = {}
+    for velocity in ("teacher", "data"):
+        cfg = make_tiny_cfg(f"train.objective={objective}", rows, "model.step_input=true", f"train.init={teacher}",
+                            f"{objective}.velocity={velocity}", "train.batch_size=32")
+        tr = build_trainer(cfg)
+        batch = tr.objective.draw(make_generator(5))
+        assert tr.objective.teacher_evals == (32 if velocity == "teacher" else 0)
+        with torch.no_grad():
+            out = tr.objective.loss(tr.nets, batch)
+        losses[velocity] = out.per_sample
+    assert torch.equal(losses["teacher"], torch.zeros(32)) and bool((losses["data"] > 0).all())
+
+
+@pytest.mark.parametrize("objective", ["shortcut", "meanflow"])
+def test_the_teachers_velocity_needs_a_teacher_of_the_same_data(tmp_path, teacher, objective):
+    base = (f"train.objective={objective}", "model.step_input=true", f"{objective}.velocity=teacher")
+    with pytest.raises(ConfigError, match=f"^{objective}.velocity=teacher regresses a flow teacher's velocity: set "
+                                          f"{objective}.teacher \\(or train.init\\) to its checkpoint$"):
+        build_trainer(make_tiny_cfg(*base))
+    other = train(make_tiny_cfg("train.steps=2", "data.target=gaussian", "data.dim=3"), str(tmp_path),
+                  progress=False).checkpoint
+    with pytest.raises(ConfigError, match=f"^{objective}.teacher .* was trained on data of shape \\(3,\\); this "
+                                          f"run's data have shape \\(2,\\)$"):
+        build_trainer(make_tiny_cfg(*base, f"train.init={teacher}", f"{objective}.teacher={other}"))
 
 
 def test_meanflow_learns_a_one_step_map_that_one_euler_step_of_flow_matching_misses():

@@ -342,6 +342,8 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("shortcut.ema=1", "shortcut.ema", "a number in [0, 1)"),
     ("shortcut.steps=0", "shortcut.steps", "an integer >= 1"),
     ("shortcut.lr=0", "shortcut.lr", "a finite number > 0"),
+    ("shortcut.velocity=model", "shortcut.velocity", "one of data, teacher"),
+    ("meanflow.velocity=flow", "meanflow.velocity", "one of data, teacher"),
     ("meanflow.steps=0", "meanflow.steps", "an integer >= 1"),
     ("meanflow.lr=-1", "meanflow.lr", "a finite number > 0"),
     ("meanflow.jump_fraction=-0.1", "meanflow.jump_fraction", "a number in [0, 1]"),

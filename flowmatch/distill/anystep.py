@@ -12,6 +12,15 @@ with ``u(x, t, 0) = v(x, t)``, the flow's velocity. Sampling in ``steps`` jumps 
 evaluation a step: the ``anystep`` solver (:class:`~flowmatch.solvers.anystep.AnyStep`), which the bench
 uses too. A shortcut model is trained at ``h`` a power of two only (``family="shortcut"``
 refuses other step counts); a MeanFlow model at every ``h``.
+
+Both objectives regress the flow's velocity ``v`` somewhere: shortcut models at their smallest step,
+MeanFlow at ``h = 0`` and inside its target ``v + h du/dt``. The papers take the path's conditional
+velocity (``x1 - x0`` on the linear path), whose mean given ``x_t`` is ``v`` but whose spread around it
+is the data's; where a flow teacher exists, ``<section>.velocity: teacher`` takes that teacher's
+``v(x_t, t)`` at the same ``x_t`` instead (:class:`AnyStepObjective`): the same fixed point, without the
+spread, at one teacher evaluation a row. With MeanFlow this is the Eulerian form of flow-map
+self-distillation (Boffi et al. 2025, "How to build a consistency model: learning flow maps via
+self-distillation"): the network learns the teacher's flow map, not the data's.
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ import torch
 from flowmatch.config import check_int
 from flowmatch.errors import ConfigError
 from flowmatch.solvers import get_solver, time_grid
+from flowmatch.training import Batch, Objective
+from flowmatch.training.objectives import frozen_teacher
 from flowmatch.types import Trajectory
 
-__all__ = ["ANYSTEP_FAMILIES", "sample_anystep", "check_anystep_config"]
+__all__ = ["ANYSTEP_FAMILIES", "sample_anystep", "check_anystep_config", "AnyStepObjective"]
 
 ANYSTEP_FAMILIES = ("shortcut", "meanflow")
 
@@ -70,3 +81,53 @@ def check_anystep_config(cfg, objective: str) -> None:
         raise ConfigError(f"train.objective={objective} does not take class labels yet; set model.class_cond=false")
     if not cfg.model.step_input:
         raise ConfigError(f"train.objective={objective} trains a model with a step input: set model.step_input=true")
+
+
+class AnyStepObjective(Objective):
+    """What the any-step objectives share: the model check (:func:`check_anystep_config`) and the
+    velocity their flow rows regress, ``<section>.velocity`` (see the module docstring): ``data``, the
+    batch's ``ut``; ``teacher``, the frozen flow checkpoint ``<section>.teacher`` (default: ``train.init``'s)
+    at the batch's ``(x_t, t)``, its evaluations counted in ``teacher_evals`` (the few-step table's cost).
+    Subclasses call :meth:`count_teacher` in ``draw`` (the loss stays pure) and :meth:`velocity` in
+    ``loss``; their state is the coupling's and ``teacher_evals``."""
+
+    def __init__(self, cfg, comp):
+        super().__init__(cfg, comp)
+        self.sec = getattr(cfg, self.section)
+        self.teacher_evals = 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.sec.velocity == "teacher"
+
+    def teacher_path(self) -> Optional[str]:
+        init = self.cfg.train.init
+        return self.sec.teacher or (init if init not in ("auto", "random") else None)
+
+    def check(self) -> None:
+        check_anystep_config(self.cfg, self.name)
+        if self.uses_teacher and self.teacher_path() is None:
+            raise ConfigError(f"{self.section}.velocity=teacher regresses a flow teacher's velocity: set "
+                              f"{self.section}.teacher (or train.init) to its checkpoint")
+
+    def build_nets(self) -> dict:
+        if not self.uses_teacher:
+            return {}
+        return {"teacher": frozen_teacher(self.teacher_path(), self.cfg, f"{self.section}.teacher", self.device)}
+
+    def count_teacher(self, rows: int) -> None:
+        if self.uses_teacher:
+            self.teacher_evals += rows
+
+    def velocity(self, nets, batch: Batch, rows: slice = slice(None)) -> torch.Tensor:
+        """The flow velocity at the batch's ``(x_t, t)`` for ``rows`` (call it under ``torch.no_grad``)."""
+        if not self.uses_teacher:
+            return batch.ut[rows]
+        return nets["teacher"](batch.xt[rows], batch.t[rows]).to(batch.ut.dtype)
+
+    def state_dict(self) -> dict:
+        return {"coupling": self.comp.coupling.state_dict(), "teacher_evals": self.teacher_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.comp.coupling.load_state_dict(state.get("coupling", {}))
+        self.teacher_evals = int(state.get("teacher_evals", 0))

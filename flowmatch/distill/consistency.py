@@ -39,11 +39,10 @@ from typing import Optional
 
 import torch
 
-from flowmatch.data.task import data_shape
 from flowmatch.errors import ConfigError
 from flowmatch.solvers import get_solver
-from flowmatch.training import OBJECTIVES, Batch, Objective, load_model
-from flowmatch.training.objectives import frozen_copy, lerp_target
+from flowmatch.training import OBJECTIVES, Batch, Objective
+from flowmatch.training.objectives import frozen_copy, frozen_teacher, lerp_target
 from flowmatch.types import LossOutput
 from flowmatch.training.losses import LOSSES
 from flowmatch.utils import expand_like, lookup
@@ -167,13 +166,8 @@ class ConsistencyDistillation(_Consistency):
             from flowmatch.distill.adapters import adapter_disabled
 
             return {**super().build_nets(), "teacher": adapter_disabled(self.comp.model)}
-        path = self.teacher_path()
-        teacher = load_model(path, device=self.device)
-        got, want = data_shape(teacher.config.data), data_shape(self.cfg.data)
-        if tuple(got) != tuple(want):
-            raise ConfigError(f"consistency.teacher {path} was trained on data of shape {tuple(got)}; this run's "
-                              f"data have shape {tuple(want)}")
-        return {**super().build_nets(), "teacher": _frozen(teacher.model)}
+        teacher = frozen_teacher(self.teacher_path(), self.cfg, "consistency.teacher", self.device)
+        return {**super().build_nets(), "teacher": teacher}
 
     def intervals(self) -> int:
         return self.cfg.consistency.num_steps
@@ -206,13 +200,6 @@ class ConsistencyTraining(_Consistency):
 
     def next_point(self, nets, x, x0, x1, t, t_next):
         return expand_like(1 - t_next, x0) * x0 + expand_like(t_next, x1) * x1
-
-
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 OBJECTIVES.update({ConsistencyDistillation.name: ConsistencyDistillation,

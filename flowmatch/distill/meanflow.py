@@ -24,8 +24,10 @@ forward-mode pass by ``torch.func.jvp`` (:func:`meanflow_target`).
 
 Objective (eq. 9 / 10). Draw ``(x0, x1)`` from the run's coupling, times ``(t, s)``, the path's ``x_t``
 and its conditional velocity ``u_t`` (``x1 - x0`` on the linear path); the target is
-``u_tgt = sg[u_t + h du/dt]`` with ``du/dt`` of the model at ``(x_t, t, h)`` along ``(u_t, 1, -1)``, and
-the loss the adaptive weight of sec. 4.3: ``e / sg(e + eps)^p`` with ``e = ||u_theta - u_tgt||^2`` (the
+``u_tgt = sg[u_t + h du/dt]`` with ``du/dt`` of the model at ``(x_t, t, h)`` along ``(u_t, 1, -1)``
+(with ``meanflow.velocity: teacher``, a frozen flow teacher's ``v(x_t, t)`` in place of ``u_t``, in the
+target and the tangent: :class:`~flowmatch.distill.anystep.AnyStepObjective`), and the loss the
+adaptive weight of sec. 4.3: ``e / sg(e + eps)^p`` with ``e = ||u_theta - u_tgt||^2`` (the
 squared norm over dimensions, the paper's) and ``p = meanflow.power`` (1: the paper's best), averaged over
 the batch. Times (sec. 4.3, Table 1a/1b): two logit-normal draws, the smaller ``t`` and the larger ``s``;
 a fraction ``1 - meanflow.jump_fraction`` (75%, the paper's) of the rows gets ``s = t`` (``h = 0``: the
@@ -45,8 +47,8 @@ from typing import Optional
 
 import torch
 
-from flowmatch.distill.anystep import check_anystep_config
-from flowmatch.training import OBJECTIVES, Batch, Objective
+from flowmatch.distill.anystep import AnyStepObjective
+from flowmatch.training import OBJECTIVES, Batch
 from flowmatch.types import LossOutput
 from flowmatch.utils import expand_like
 
@@ -82,7 +84,7 @@ def adaptive_weight(e: torch.Tensor, power: float, eps: float) -> torch.Tensor:
     return e / (e.detach() + eps).pow(power)
 
 
-class MeanFlow(Objective):
+class MeanFlow(AnyStepObjective):
     """MeanFlow's objective (see the module docstring) on the run's coupling and path; the model needs
     ``model.step_input: true``. Sample with :func:`~flowmatch.distill.anystep.sample_anystep` in 1 or 2
     steps (or any number). A batch is drawn as: the coupling's pairs, the times (:func:`meanflow_times`),
@@ -99,14 +101,12 @@ class MeanFlow(Objective):
         self.power, self.eps = mc.power, mc.eps
         self.batch_size = cfg.train.batch_size
 
-    def check(self) -> None:
-        check_anystep_config(self.cfg, self.name)
-
     def draw(self, generator: torch.Generator) -> Batch:
         s = self.comp.coupling.sample(self.batch_size, generator=generator)
         t, h = meanflow_times(self.batch_size, jump_fraction=self.jump_fraction, logit_mean=self.logit_mean,
                               logit_std=self.logit_std, generator=generator, device=self.device, dtype=s.x0.dtype)
         ps = self.comp.path.sample(s.x0, s.x1, t, generator=generator)
+        self.count_teacher(self.batch_size)  # every row's teacher velocity (meanflow.velocity: teacher)
         return Batch(t=ps.t, xt=ps.xt, ut=ps.ut, x0=s.x0, x1=s.x1, extra={"h": h})
 
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
@@ -114,19 +114,14 @@ class MeanFlow(Objective):
         # the JVP runs on the unwrapped student (comp.model; a DDP wrapper is not functional), without autograd
         raw = self.comp.model
         with torch.no_grad():
-            target = meanflow_target(lambda x, t, hh: raw(x, t, h=hh), batch.xt, batch.t, h, batch.ut)
+            v = self.velocity(nets, batch)
+            target = meanflow_target(lambda x, t, hh: raw(x, t, h=hh), batch.xt, batch.t, h, v)
         pred = nets.student(batch.xt, batch.t, h=h)
         pred = pred.to(torch.promote_types(pred.dtype, target.dtype))
         e = (pred - target).reshape(pred.shape[0], -1).pow(2).sum(dim=1)
         weighted = adaptive_weight(e, self.power, self.eps)
         # per sample: the squared error e (the weighted loss is ~1 wherever e >> eps)
         return LossOutput(weighted.mean(), e.detach(), batch.t, extra={"meanflow/sq_error": e.detach().mean()})
-
-    def state_dict(self) -> dict:
-        return {"coupling": self.comp.coupling.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.comp.coupling.load_state_dict(state.get("coupling", {}))
 
 
 OBJECTIVES[MeanFlow.name] = MeanFlow

@@ -20,7 +20,9 @@ Objective (their eq. 5 / 6). With ``K = log2(base_steps)`` and the smallest step
       x'_{t + d/2} = x_t + (d / 2) s_tgt(x_t, t, d/2);                                      (eq. 5)
 
 - the rest draws ``t`` from the run's time sampler and regresses the flow-matching target at the
-  smallest step, ``s(x_t, t, d_min) ~ u_t`` (eq. 6 with ``d = 0`` taken at ``d_min``, as the paper's code).
+  smallest step, ``s(x_t, t, d_min) ~ u_t`` (eq. 6 with ``d = 0`` taken at ``d_min``, as the paper's code);
+  with ``shortcut.velocity: teacher`` a frozen flow teacher's ``v(x_t, t)`` instead of ``u_t``
+  (:class:`~flowmatch.distill.anystep.AnyStepObjective`).
 
 ``x_t`` and ``u_t`` come from the run's path and coupling. The distance is ``train.loss`` (``l2``: the
 mean squared error over dimensions), averaged over the whole batch. The target network is an EMA of
@@ -33,8 +35,8 @@ import math
 
 import torch
 
-from flowmatch.distill.anystep import check_anystep_config
-from flowmatch.training import OBJECTIVES, Batch, Objective
+from flowmatch.distill.anystep import AnyStepObjective
+from flowmatch.training import OBJECTIVES, Batch
 from flowmatch.training.objectives import frozen_copy, lerp_target
 from flowmatch.training.losses import LOSSES
 from flowmatch.types import LossOutput
@@ -53,7 +55,7 @@ def shortcut_target(s, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> tor
     return (v1 + v2) / 2
 
 
-class Shortcut(Objective):
+class Shortcut(AnyStepObjective):
     """Shortcut models' objective (see the module docstring); the model needs ``model.step_input: true``.
     Sample with :func:`~flowmatch.distill.anystep.sample_anystep` (``family="shortcut"``) at any power
     of two of steps up to ``shortcut.base_steps``. A batch is drawn as: the coupling's pairs; for the
@@ -71,14 +73,12 @@ class Shortcut(Objective):
         self.n_sc = int(round(self.batch_size * sc.self_consistency))
         self.distance = lookup(LOSSES, cfg.train.loss, "loss")
 
-    def check(self) -> None:
-        check_anystep_config(self.cfg, self.name)
-
     def build_nets(self) -> dict:
+        nets = super().build_nets()  # the teacher, with shortcut.velocity: teacher
         if self.ema == 0:
-            return {}
+            return nets
         self.target = frozen_copy(self.comp.model)
-        return {"target": self.target}
+        return {**nets, "target": self.target}
 
     @property
     def saved_nets(self) -> tuple:
@@ -96,6 +96,7 @@ class Shortcut(Objective):
         t = torch.cat([t_sc, t_fm])
         d = torch.cat([d_sc, torch.full_like(t_fm, 1.0 / self.base_steps)])
         ps = self.comp.path.sample(s.x0, s.x1, t, generator=generator)
+        self.count_teacher(self.batch_size - n)  # the flow rows' teacher velocities (shortcut.velocity: teacher)
         return Batch(t=ps.t, xt=ps.xt, ut=ps.ut, x0=s.x0, x1=s.x1, extra={"d": d})
 
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
@@ -104,7 +105,7 @@ class Shortcut(Objective):
         net = nets["target"] if self.ema > 0 else self.comp.model
         with torch.no_grad():
             sc = shortcut_target(lambda x, t, h: net(x, t, h=h), batch.xt[:n], batch.t[:n], d[:n])
-            target = torch.cat([sc.to(batch.ut.dtype), batch.ut[n:]])
+            target = torch.cat([sc.to(batch.ut.dtype), self.velocity(nets, batch, slice(n, None))])
         pred = nets.student(batch.xt, batch.t, h=d)
         pred = pred.to(torch.promote_types(pred.dtype, target.dtype))
         per = self.distance((pred - target).reshape(pred.shape[0], -1))
@@ -114,12 +115,6 @@ class Shortcut(Objective):
     def after_update(self, nets) -> None:
         if self.ema > 0:  # target <- ema target + (1 - ema) student
             lerp_target(self.target, self.comp.model, self.ema)
-
-    def state_dict(self) -> dict:
-        return {"coupling": self.comp.coupling.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.comp.coupling.load_state_dict(state.get("coupling", {}))
 
 
 OBJECTIVES[Shortcut.name] = Shortcut

@@ -56,7 +56,7 @@ from flowmatch.types import LossOutput
 from flowmatch.utils import lookup
 
 __all__ = ["Batch", "Nets", "Validation", "Objective", "VelocityRegression", "CFM", "OneStepDistill", "OBJECTIVES",
-           "build_objective", "unused_sections", "frozen_copy", "lerp_target"]
+           "build_objective", "unused_sections", "frozen_copy", "frozen_teacher", "lerp_target"]
 
 
 @dataclass
@@ -289,6 +289,20 @@ def _unlabeled_error(coupling: Coupling) -> ConfigError:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every parameter frozen: an objective's target network."""
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def frozen_teacher(path: str, cfg: ExperimentConfig, key: str, device=None) -> nn.Module:
+    """The flow checkpoint ``path``'s model (its EMA weights) on ``device``, in eval mode with every
+    parameter frozen: an objective's teacher. ``key``: the config key that named it, for the one-line
+    :class:`~flowmatch.errors.ConfigError` when its data shape is not that of ``cfg``'s run."""
+    from flowmatch.data.task import data_shape
+    from flowmatch.training.checkpoint import load_model
+
+    teacher = load_model(path, device=device or "cpu")
+    got, want = tuple(data_shape(teacher.config.data)), tuple(data_shape(cfg.data))
+    if got != want:
+        raise ConfigError(f"{key} {path} was trained on data of shape {got}; this run's data have shape {want}")
+    return teacher.model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
