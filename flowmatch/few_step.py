@@ -79,6 +79,7 @@ __all__ = ["FEW_STEP_METHODS", "ANYSTEP_METHODS", "TABLE_NFES", "TEACHER_SOLVERS
 
 FEW_STEP_METHODS = ("reflow", "distill", "apt", "cd", "ct", "cd-lora", "shortcut", "meanflow", "ot-cfm")
 ANYSTEP_METHODS = ("shortcut", "meanflow")
+CONSISTENCY_METHODS = ("cd", "ct", "cd-lora")
 TABLE_NFES = (1, 2, 4, 8)  # the table's budgets: every method's best W2 / FD at each
 # the teacher's fixed-step solvers beside reflow.bench_solvers, so that its row at each NFE is its best solver's
 TEACHER_SOLVERS = ("euler", "midpoint", "heun", "rk4", "ab2")
@@ -132,7 +133,7 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
             s = train_stage(apt_stage_config(cfg, prev, teacher, chain[-1][2]), out, f"{label}+APT", progress)
             stages.append(("apt", selected_checkpoint(s.checkpoint),
                            _cost(s.checkpoint, s, cost["steps"], cost["wall_s"], cost["teacher_evals"])))
-    for method in ("cd", "ct", "cd-lora"):
+    for method in CONSISTENCY_METHODS:
         if method not in methods:
             continue
         s = train_stage(_consistency_stage(cfg, method, teacher if method != "ct" else "random"), out,
@@ -254,9 +255,16 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     rc = cfg.reflow
     kw = dict(n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, tracking="disabled", progress=progress,
               plot=False)
-    flows = [(m, c) for m, c, _ in stages if m not in ANYSTEP_METHODS]
+    flows = [(m, c) for m, c, _ in stages if m not in ANYSTEP_METHODS and m not in CONSISTENCY_METHODS]
     rows = bench_from_checkpoints([c for _, c in flows], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
                                   names=[m for m, _ in flows], **kw)
+    # a consistency model's velocity form at one Euler step (its one-step sample) and the adaptive solve; its
+    # other budgets are its own sampler's (below), so its Euler rows at NFE > 1 would go unused
+    consistency = [(m, c) for m, c, _ in stages if m in CONSISTENCY_METHODS]
+    if consistency:
+        rows += bench_from_checkpoints([c for _, c in consistency], None, solvers=rc.bench_solvers,
+                                       nfes=[k for k in rc.bench_nfes if k == 1] or [1],
+                                       names=[m for m, _ in consistency], **kw)
     first = {r["model"]: r for r in rows}
     # the teacher at its best solver: the other fixed-step solvers at the table's NFEs (straightness: the first bench's)
     # (the bench's own solvers too where it skipped one of those NFEs; a row it has is not run twice)
@@ -289,7 +297,6 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
         nfes = [k for k in TABLE_NFES if "shortcut" not in dict(anystep) or k <= cfg.shortcut.base_steps]
         rows += bench_from_checkpoints([c for _, c in anystep], None, solvers=["anystep"], nfes=nfes,
                                        names=[m for m, _ in anystep], **kw)
-    consistency = [(m, c) for m, c, _ in stages if m in ("cd", "ct", "cd-lora")]
     if consistency:
         nfes = [k for k in (2, 4, 8) if k in rc.bench_nfes or k == 2]
         # the field's straightness is the first bench's: measured on one draw here, then taken from there

@@ -31,6 +31,9 @@ def test_every_method_is_benched_with_its_cost_and_reused(make_cfg, tmp_path):
         two = [r for r in by[m] if r["solver"] == "consistency" and r["nfe"] == 2]
         assert len(two) == 2 and sum("t1" in r for r in two) == 1
         assert next(r["t1"] for r in two if "t1" in r) in T1_CANDIDATES
+        # its velocity form by one Euler step (the one-step sample) and the adaptive solve; no unused Euler rows
+        assert [r["nfe"] for r in by[m] if r["solver"] == "euler"] == [1]
+        assert sum(r["solver"] == "dopri5" for r in by[m]) == 1
     saved = json.loads((tmp_path / "few_step.json").read_text())
     assert [r["method"] for r in saved] == [r["method"] for r in rows]
     assert "| cd |" in (tmp_path / "few_step_summary.md").read_text()
