@@ -561,3 +561,54 @@ def test_ablation_script_scores_each_variants_best_checkpoint_against_the_start(
         assert sel["config"]["apt"]["discriminator_init"] == (
             "random" if name == "random D" else str(chain / "1-RF" / "checkpoints" / "last.pt"))
     assert "| base |" in (out / "apt_ablations.md").read_text()
+
+
+# --------------------------------------------------------------------------- experiments/toy/two_sample.py
+
+_TWO_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "two_sample.py")
+
+
+def _two_sample_module():
+    sys.path.insert(0, os.path.dirname(_TWO_SAMPLE))  # it imports paired_w2's entry parser
+    try:
+        spec = importlib.util.spec_from_file_location("two_sample", _TWO_SAMPLE)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.dirname(_TWO_SAMPLE))
+    return mod
+
+
+def test_the_two_sample_classifier_tells_apart_what_differs_and_only_that():
+    mod = _two_sample_module()
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(2000, 2, generator=g) for _ in range(3))
+    same = mod.classifier_test(a, b, steps=150, seed=1)
+    apart = mod.classifier_test(c + torch.tensor([1.5, 0.0]), b, steps=150, seed=1)
+    assert same["accuracy_se"] == pytest.approx(math.sqrt(0.25 / 1000))
+    assert abs(same["accuracy"] - 0.5) < 4 * same["accuracy_se"]  # the same law: at chance
+    assert apart["accuracy"] > 0.7 and apart["logloss_minus_ln2"] < -0.1  # the Bayes accuracy is 0.77
+
+
+def test_far_fractions_count_the_points_beyond_each_radius():
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree([[0.0, 0.0], [10.0, 0.0]])
+    x = torch.tensor([[0.05, 0.0], [0.0, 0.15], [10.0, 0.25], [5.0, 0.0]])  # nearest: 0.05, 0.15, 0.25, 5
+    assert _two_sample_module().far_fractions(x, tree, [0.1, 0.2, 1.0]) == {"far > 0.1": 0.75, "far > 0.2": 0.5,
+                                                                            "far > 1.0": 0.25}
+
+
+def test_two_sample_script_scores_the_data_and_each_model(ckpts, tmp_path):
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    os.symlink(os.path.dirname(os.path.dirname(ckpts["teacher"])), chain / "1-RF")
+    out = tmp_path / "ts.json"
+    subprocess.run([sys.executable, _TWO_SAMPLE, str(chain), "--model", "1-RF:euler:2", "--model",
+                    f"{ckpts['gen']}:euler:1", "--n", "64", "--steps", "3", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["data", "1-RF:euler:2", f"{ckpts['gen']}:euler:1"]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["accuracy_se"] == pytest.approx(math.sqrt(0.25 / 32))
+        assert 1 >= r["far > 0.1"] >= r["far > 0.2"] >= r["far > 0.3"] >= 0
