@@ -138,12 +138,10 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
             continue
         s = train_stage(_consistency_stage(cfg, method, teacher if method != "ct" else "random"), out,
                         method.upper(), progress)
-        state = load_checkpoint(s.checkpoint)  # read once: its teacher evaluations and its cost
         if method == "ct":  # no teacher: its own cost only
-            stages.append(("ct", s.checkpoint, _cost(s.checkpoint, s, 0, 0, 0, state=state)))
+            stages.append(("ct", s.checkpoint, _cost(s.checkpoint, s, 0, 0)))
             continue
-        evals = state["objective"]["state"].get("teacher_evals", 0)
-        cost = _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals, state=state)
+        cost = _cost(s.checkpoint, s, base["steps"], base["wall_s"])  # with its own teacher evaluations
         ckpt = s.checkpoint if method == "cd" else _merged(teacher, s.checkpoint, os.path.join(out, method.upper()))
         stages.append((method, ckpt, cost))
     for method in ANYSTEP_METHODS:
@@ -152,9 +150,7 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
         # from the teacher's weights on real data: its own steps on top of the teacher's, and the teacher's
         # evaluations where its flow rows regress the teacher's velocity (<method>.velocity: teacher)
         s = train_stage(anystep_stage(cfg, method, teacher), out, method.capitalize(), progress)
-        state = load_checkpoint(s.checkpoint)
-        evals = state["objective"]["state"].get("teacher_evals", 0)
-        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"], evals, state=state)))
+        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"])))
     rows = _bench(cfg, stages, progress)
     cols = stage_columns(rows)
     lead = ["method", *cols]
@@ -234,14 +230,16 @@ def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = Non
     return merge_adapters(base, [AdapterSpec(adapter, 1.0)], os.path.join(run_dir, name), config=config)
 
 
-def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0, *,
-          state: Optional[dict] = None) -> dict:
-    """The cumulative cost of the model in ``ckpt`` (``state``: the checkpoint, when already read): its
-    own run's optimiser steps (every player's: an APT step updates the discriminator and the generator)
-    and seconds added to ``steps`` and ``wall``; ``params`` the trainable parameters of the model
+def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0) -> dict:
+    """The cumulative cost of the model in ``ckpt``: its own run's optimiser steps (every player's: an APT
+    step updates the discriminator and the generator), seconds and the teacher evaluations its objective
+    counted (``teacher_evals`` in its state: CD's teacher steps, the any-step models' teacher velocities)
+    added to ``steps``, ``wall`` and ``teacher_evals``; ``params`` the trainable parameters of the model
     (a LoRA run's: the adapter's; APT's generator, not its discriminator)."""
-    state = load_checkpoint(ckpt) if state is None else state
+    state = load_checkpoint(ckpt)
     run_steps = int(state["step"]) if s is not None else 0
+    if s is not None:
+        teacher_evals += ((state.get("objective") or {}).get("state") or {}).get("teacher_evals", 0)
     own_steps = run_steps * (1 + len(state.get("players") or {}))
     own_wall = (run_steps / s.steps_per_sec) if s is not None and s.steps_per_sec > 0 else 0.0
     floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
@@ -262,8 +260,7 @@ def _bench(cfg: ExperimentConfig, stages: list, progress: bool) -> list[dict]:
     # other budgets are its own sampler's (below), so its Euler rows at NFE > 1 would go unused
     consistency = [(m, c) for m, c, _ in stages if m in CONSISTENCY_METHODS]
     if consistency:
-        rows += bench_from_checkpoints([c for _, c in consistency], None, solvers=rc.bench_solvers,
-                                       nfes=[k for k in rc.bench_nfes if k == 1] or [1],
+        rows += bench_from_checkpoints([c for _, c in consistency], None, solvers=rc.bench_solvers, nfes=[1],
                                        names=[m for m, _ in consistency], **kw)
     first = {r["model"]: r for r in rows}
     # the teacher at its best solver: the other fixed-step solvers at the table's NFEs (straightness: the first bench's)

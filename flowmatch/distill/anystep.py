@@ -33,7 +33,7 @@ from flowmatch.config import check_int
 from flowmatch.errors import ConfigError
 from flowmatch.solvers import get_solver, time_grid
 from flowmatch.training import Batch, Objective
-from flowmatch.training.objectives import frozen_teacher
+from flowmatch.training.objectives import frozen_teacher, teacher_checkpoint
 from flowmatch.types import Trajectory
 
 __all__ = ["ANYSTEP_FAMILIES", "sample_anystep", "check_anystep_config", "AnyStepObjective"]
@@ -101,8 +101,7 @@ class AnyStepObjective(Objective):
         return self.sec.velocity == "teacher"
 
     def teacher_path(self) -> Optional[str]:
-        init = self.cfg.train.init
-        return self.sec.teacher or (init if init not in ("auto", "random") else None)
+        return teacher_checkpoint(self.cfg, self.section)
 
     def check(self) -> None:
         check_anystep_config(self.cfg, self.name)

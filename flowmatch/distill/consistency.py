@@ -42,7 +42,7 @@ import torch
 from flowmatch.errors import ConfigError
 from flowmatch.solvers import get_solver
 from flowmatch.training import OBJECTIVES, Batch, Objective
-from flowmatch.training.objectives import frozen_copy, frozen_teacher, lerp_target
+from flowmatch.training.objectives import frozen_copy, frozen_teacher, lerp_target, teacher_checkpoint
 from flowmatch.types import LossOutput
 from flowmatch.training.losses import LOSSES
 from flowmatch.utils import expand_like, lookup
@@ -148,8 +148,7 @@ class ConsistencyDistillation(_Consistency):
         self.teacher_evals = 0  # velocity evaluations of the teacher (per sample): the cost table's
 
     def teacher_path(self) -> Optional[str]:
-        cc, init = self.cfg.consistency, self.cfg.train.init
-        return cc.teacher or (init if init not in ("auto", "random") else None)
+        return teacher_checkpoint(self.cfg, "consistency")
 
     def check(self) -> None:
         super().check()

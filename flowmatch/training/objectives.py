@@ -56,7 +56,8 @@ from flowmatch.types import LossOutput
 from flowmatch.utils import lookup
 
 __all__ = ["Batch", "Nets", "Validation", "Objective", "VelocityRegression", "CFM", "OneStepDistill", "OBJECTIVES",
-           "build_objective", "unused_sections", "frozen_copy", "frozen_teacher", "lerp_target"]
+           "build_objective", "unused_sections", "frozen_copy", "teacher_checkpoint", "frozen_teacher",
+           "lerp_target"]
 
 
 @dataclass
@@ -289,6 +290,13 @@ def _unlabeled_error(coupling: Coupling) -> ConfigError:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every parameter frozen: an objective's target network."""
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def teacher_checkpoint(cfg: ExperimentConfig, section: str) -> Optional[str]:
+    """The flow teacher an objective reads: ``<section>.teacher``, else ``train.init``'s checkpoint (``None``
+    where neither names one: ``train.init`` ``auto`` or ``random``)."""
+    init = cfg.train.init
+    return getattr(cfg, section).teacher or (init if init not in ("auto", "random") else None)
 
 
 def frozen_teacher(path: str, cfg: ExperimentConfig, key: str, device=None) -> nn.Module:
