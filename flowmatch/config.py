@@ -185,6 +185,8 @@ FUSED_MODES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")
 # the velocity an any-step objective (shortcut, meanflow) regresses at h = 0: the path's, or a flow teacher's
 ANYSTEP_VELOCITIES = ("data", "teacher")
+# the flow of the chain the few-step table starts an any-step model from: the 1-RF teacher, or 2-RF
+ANYSTEP_STARTS = ("1-RF", "2-RF")
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 
 
@@ -542,7 +544,9 @@ class ShortcutConfig:
     velocity (``data``, the paper's) or a frozen flow teacher's velocity at the same point (``teacher``:
     the checkpoint ``teacher``, default ``train.init``'s). Needs ``model.step_input: true``. ``steps`` and
     ``lr`` are the stage's ``train.*`` where a pipeline trains it from a teacher (the few-step table's
-    ``shortcut``)."""
+    ``shortcut``); ``start`` is the flow of the chain that table starts it from (its weights, and its
+    velocity with ``velocity: teacher``): ``1-RF`` (the teacher, the paper's setting) or ``2-RF`` (the
+    reflowed, straighter flow; needs the table's ``reflow`` method)."""
 
     self_consistency: float = 0.125
     base_steps: int = 128
@@ -551,13 +555,14 @@ class ShortcutConfig:
     teacher: Optional[str] = None
     steps: int = 2000
     lr: float = 1e-4
+    start: str = "1-RF"
 
     _section: ClassVar[str] = "shortcut"
 
     def __post_init__(self) -> None:
         _check_ranges(self, {"self_consistency": _float(**_PROBABILITY), "base_steps": _int(2),
                              "ema": _float(ge=0.0, lt=1.0), "velocity": _one_of(*ANYSTEP_VELOCITIES),
-                             "steps": _int(1), "lr": _float(gt=0.0)})
+                             "steps": _int(1), "lr": _float(gt=0.0), "start": _one_of(*ANYSTEP_STARTS)})
         if self.base_steps & (self.base_steps - 1):
             raise ConfigError(f"shortcut.base_steps = {self.base_steps}: must be a power of two >= 2")
 
@@ -574,7 +579,8 @@ class MeanFlowConfig:
     tangent, the path's conditional velocity (``data``, the paper's) or a frozen flow teacher's velocity
     at the same point (``teacher``: the checkpoint ``teacher``, default ``train.init``'s). Needs
     ``model.step_input: true``. ``steps`` and ``lr`` are the stage's ``train.*`` where a pipeline trains
-    it from a teacher (the few-step table's ``meanflow``)."""
+    it from a teacher (the few-step table's ``meanflow``); ``start``: the chain's flow that table starts
+    it from, ``1-RF`` or ``2-RF`` (as the shortcut section's)."""
 
     jump_fraction: float = 0.25
     logit_mean: float = 0.4
@@ -585,13 +591,15 @@ class MeanFlowConfig:
     teacher: Optional[str] = None
     steps: int = 2000
     lr: float = 1e-4
+    start: str = "1-RF"
 
     _section: ClassVar[str] = "meanflow"
 
     def __post_init__(self) -> None:
         _check_ranges(self, {"jump_fraction": _float(**_PROBABILITY), "logit_mean": _float(),
                              "logit_std": _float(gt=0.0), "power": _float(ge=0.0), "eps": _float(gt=0.0),
-                             "velocity": _one_of(*ANYSTEP_VELOCITIES), "steps": _int(1), "lr": _float(gt=0.0)})
+                             "velocity": _one_of(*ANYSTEP_VELOCITIES), "steps": _int(1), "lr": _float(gt=0.0),
+                             "start": _one_of(*ANYSTEP_STARTS)})
 
 
 @dataclass

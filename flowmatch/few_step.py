@@ -15,10 +15,12 @@
 - ``cd-lora``: CD as a LoRA on the teacher's weights (``lora.rank``, :data:`LORA_RANK` when the config
   leaves it at 0; the teacher is the adapter disabled), benched as the base with the adapter merged.
 - ``shortcut`` / ``meanflow``: any-step models (:mod:`flowmatch.distill.shortcut`,
-  :mod:`flowmatch.distill.meanflow`) initialised from the teacher (``model.step_input: true``; the step
-  projection starts at zero) and trained on real data, their sections' ``steps``, ``lr`` and ``velocity``
-  (the flow rows' velocity: the data's, or the teacher's; :func:`anystep_stage`); one network for every
-  budget, scored by its jumps (the ``anystep`` solver);
+  :mod:`flowmatch.distill.meanflow`) initialised from the flow their section's ``start`` names
+  (``model.step_input: true``; the step projection starts at zero): the teacher (``1-RF``, stage
+  ``Shortcut`` / ``Meanflow``) or 2-RF (``2-RF``, stage ``2-RF+Shortcut`` / ``2-RF+Meanflow``, needs
+  ``reflow``: the straightened flow's jumps are short to learn), trained on real data, their sections'
+  ``steps``, ``lr`` and ``velocity`` (the flow rows' velocity: the data's, or that flow's;
+  :func:`anystep_stage`); one network for every budget, scored by its jumps (the ``anystep`` solver);
 - ``ot-cfm``: flow matching on minibatch-OT pairs (``coupling.name: ot``) from scratch for
   ``ot_cfm.steps`` (default: the teacher's ``train.steps``): the straight-path baseline without a teacher.
 
@@ -101,6 +103,10 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
     if "apt" in methods and "distill" not in methods:
         raise FlowmatchError("few-step method apt post-trains the distilled one-step model: add reflow,distill "
                              "to --methods")
+    for method in ANYSTEP_METHODS:
+        if method in methods and getattr(cfg, method).start == "2-RF" and "reflow" not in methods:
+            raise FlowmatchError(f"few-step method {method} starts from 2-RF ({method}.start=2-RF): add reflow to "
+                                 f"--methods, or set {method}.start=1-RF")
     rc, cc = cfg.reflow, cfg.consistency
     stages: list[tuple[str, str, dict]] = []  # (method, checkpoint, cost)
     if rc.teacher:
@@ -147,10 +153,16 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
     for method in ANYSTEP_METHODS:
         if method not in methods:
             continue
-        # from the teacher's weights on real data: its own steps on top of the teacher's, and the teacher's
-        # evaluations where its flow rows regress the teacher's velocity (<method>.velocity: teacher)
-        s = train_stage(anystep_stage(cfg, method, teacher), out, method.capitalize(), progress)
-        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, base["steps"], base["wall_s"])))
+        # from the start flow's weights on real data: its own steps on top of that flow's cost, and that flow's
+        # evaluations where its flow rows regress its velocity (<method>.velocity: teacher)
+        if getattr(cfg, method).start == "2-RF":
+            init, start = next((c, cost) for m, c, cost in stages if m == "reflow")
+            label = f"2-RF+{method.capitalize()}"
+        else:
+            init, start, label = teacher, base, method.capitalize()
+        s = train_stage(anystep_stage(cfg, method, init), out, label, progress)
+        stages.append((method, s.checkpoint, _cost(s.checkpoint, s, start["steps"], start["wall_s"],
+                                                   start["teacher_evals"])))
     rows = _bench(cfg, stages, progress)
     cols = stage_columns(rows)
     lead = ["method", *cols]
@@ -213,8 +225,8 @@ def _consistency_stage(cfg: ExperimentConfig, method: str, init: str, name: Opti
 
 
 def anystep_stage(cfg: ExperimentConfig, method: str, init: str, name: Optional[str] = None):
-    """The training config of ``shortcut`` or ``meanflow`` from ``init`` (the teacher: a plain flow
-    checkpoint initialises the step-input model, its step projection at zero): the section's ``steps`` and
+    """The training config of ``shortcut`` or ``meanflow`` from ``init`` (a plain flow checkpoint, 1-RF or
+    2-RF, initialises the step-input model, its step projection at zero): the section's ``steps`` and
     ``lr``, ``model.step_input: true``, evaluated by one jump of the ``anystep`` solver."""
     sec = getattr(cfg, method)
     return stage_config(cfg, name or f"{cfg.name}-{method}",

@@ -87,6 +87,46 @@ def test_the_few_step_table_scores_shortcut_and_meanflow_at_every_budget(make_cf
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_anystep_models_start_from_2rf_with_its_cost(make_cfg, tmp_path):
+    """``start: 2-RF``: the any-step model is initialised from the chain's 2-RF (its weights, and its velocity
+    with ``velocity: teacher``), in a stage of its own, its cost cumulative from 2-RF's (steps, pairs)."""
+    from flowmatch.training import load_checkpoint
+
+    cfg = make_cfg(*TINY, "reflow.num_pairs=64", "reflow.shard_size=64", "reflow.solver=euler", "reflow.nfe=4",
+                   "reflow.steps=10", "shortcut.start=2-RF", "shortcut.velocity=teacher")
+    rows = few_step_from_config(cfg, str(tmp_path), methods=["reflow", "shortcut"], progress=False)
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["1-RF", "reflow", "shortcut"]
+    cost = {r["method"]: r for r in rows}
+    reflow_ckpt = str(tmp_path / "2-RF" / "checkpoints" / "last.pt")
+    state = load_checkpoint(str(tmp_path / "2-RF+Shortcut" / "checkpoints" / "last.pt"))
+    assert state["config"]["train"]["init"] == reflow_ckpt and not (tmp_path / "Shortcut").exists()
+    evals = state["objective"]["state"]["teacher_evals"]  # one 2-RF velocity a flow row
+    assert evals > 0
+    assert cost["shortcut"]["steps"] == cost["reflow"]["steps"] + 10 == 40
+    assert cost["shortcut"]["teacher_evals"] == cost["reflow"]["teacher_evals"] + evals == 64 * 4 + evals
+    assert cost["shortcut"]["wall_s"] >= cost["reflow"]["wall_s"]
+    # before any update its one jump is 2-RF's Euler step: the step projection starts at zero
+    from flowmatch.training.checkpoint import load_model
+
+    two_rf = load_model(reflow_ckpt).model.eval()
+    fresh = anystep_start(cfg, reflow_ckpt)
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(solve(fresh, x0, "anystep", nfe=1).x1, solve(two_rf, x0, "euler", nfe=1).x1)
+    with pytest.raises(FlowmatchError, match=r"^few-step method meanflow starts from 2-RF \(meanflow.start=2-RF\): "
+                                             r"add reflow"):
+        few_step_from_config(make_cfg(*TINY, "meanflow.start=2-RF"), str(tmp_path / "x"), methods=["meanflow"],
+                             progress=False)
+
+
+def anystep_start(cfg, init):
+    """The shortcut stage's network as built from ``init``, before any update."""
+    from flowmatch.few_step import anystep_stage
+    from flowmatch.training import build_trainer
+
+    return build_trainer(anystep_stage(cfg, "shortcut", init)).ema.model.eval()
+
+
 def test_bench_rows_of_an_anystep_checkpoint(make_cfg, tmp_path):
     """The bench samples an any-step checkpoint with the anystep solver like any solver; a plain flow
     checkpoint is refused by it."""

@@ -344,6 +344,8 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("shortcut.lr=0", "shortcut.lr", "a finite number > 0"),
     ("shortcut.velocity=model", "shortcut.velocity", "one of data, teacher"),
     ("meanflow.velocity=flow", "meanflow.velocity", "one of data, teacher"),
+    ("shortcut.start=3-RF", "shortcut.start", "one of 1-RF, 2-RF"),
+    ("meanflow.start=teacher", "meanflow.start", "one of 1-RF, 2-RF"),
     ("meanflow.steps=0", "meanflow.steps", "an integer >= 1"),
     ("meanflow.lr=-1", "meanflow.lr", "a finite number > 0"),
     ("meanflow.jump_fraction=-0.1", "meanflow.jump_fraction", "a number in [0, 1]"),
