@@ -1,8 +1,8 @@
 """Choose an any-step model's settings (shortcut or MeanFlow) on validation draws, not on the table's.
 
-Trains the few-step table's any-step stage (:func:`flowmatch.few_step.anystep_stage`: from the 1-RF
-teacher's weights, on real data, the section's ``steps`` and ``lr`` unless ``--steps`` / ``--set``
-change them) for every combination of the ``--grid`` values, and scores each network's jumps at
+Trains the few-step table's any-step stage (:func:`flowmatch.few_step.anystep_stage`: from the weights of
+the flow checkpoint given, the chain's 1-RF teacher or its 2-RF, on real data, the section's ``steps`` and
+``lr`` unless ``--steps`` / ``--set`` change them) for every combination of the ``--grid`` values, and scores each network's jumps at
 ``--nfes`` on validation draws of their own seeds (``--draws`` draws of ``--n`` points: the source
 from ``VALIDATION_SEED + i``, an exact-split reference from ``VALIDATION_SEED + 1000 + i``), so the
 spread between draws is printed beside each mean; ``--baseline CKPT`` (repeatable) scores a one-step
@@ -69,7 +69,8 @@ def monotone(scores: dict[int, list[float]]) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config")
-    p.add_argument("teacher", help="the 1-RF checkpoint the any-step model starts from")
+    p.add_argument("teacher", help="the flow checkpoint the any-step model starts from (1-RF, or 2-RF as the "
+                                   "table's start: 2-RF); with velocity: teacher, its velocity is the flow target")
     p.add_argument("--method", required=True, choices=ANYSTEP_FAMILIES)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a config key and its values (repeatable: every combination is trained)")
