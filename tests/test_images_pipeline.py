@@ -326,3 +326,37 @@ def test_anystep_methods_on_images(run, tmp_path, monkeypatch):
     memo = json.loads((tmp_path / "few_step_memorisation.json").read_text())
     assert memo["shortcut"]["sampler"] == memo["meanflow"]["sampler"] == "anystep nfe 1"
     assert "fd NFE 8" in (tmp_path / "few_step_summary.md").read_text()
+
+
+def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
+    # experiments/images/paired_fd.py: image models on the same draws of noise, paired against the student
+    import subprocess
+    import sys
+
+    from flowmatch.cli import main
+
+    digits = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "digits.yaml")
+    assert main(["train", digits, "--set", "model.preset=tiny", "--set", "model.attention_resolutions=[]",
+                 "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "eval.n=8",
+                 "--set", "eval.solver=euler", "--set", "eval.nfe=1", "--set", "tracking.mode=disabled",
+                 "--out", str(tmp_path / "run" / "A"), "--no-progress"]) == 0
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "paired_fd.py")
+    ckpt = str(tmp_path / "run" / "A" / "checkpoints" / "last.pt")
+    subprocess.run([sys.executable, script, str(tmp_path / "run"), "--student", "A", "--teacher", "A",
+                    "--also", f"{ckpt}:euler:1", "--also", "A:euler:2", "--draws", "2", "--n", "32"],
+                   check=True, capture_output=True, timeout=300)
+    paired = json.loads((tmp_path / "run" / "paired_fd.json").read_text())
+    s, summary = paired["scores"], paired["summary"]
+    assert list(s) == ["student euler 1", "teacher dopri5", f"{ckpt} euler 1", "A euler 2"]
+    assert all(len(v["fd"]) == len(v["fd_test"]) == 2 for v in s.values())
+    # the same checkpoint and solver on the same noise: the same scores to the bit, a paired ratio of exactly 1
+    assert s[f"{ckpt} euler 1"] == s["student euler 1"]
+    assert summary[f"{ckpt} euler 1"]["fd"]["vs_student"] == {"ratio": 1.0, "ratio_se": 0.0, "diff": 0.0,
+                                                             "diff_se": 0.0}
+    two, one = s["A euler 2"]["fd"], s["student euler 1"]["fd"]
+    assert two != one
+    assert summary["A euler 2"]["fd"]["vs_student"]["ratio"] == pytest.approx((two[0] / one[0] + two[1] / one[1]) / 2)
+    assert summary["A euler 2"]["fd_test"]["mean"] == pytest.approx(sum(s["A euler 2"]["fd_test"]) / 2)
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "run"), "--student", "B"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "B: no checkpoint at" in bad.stderr

@@ -1,0 +1,115 @@
+"""The image counterpart of ``experiments/toy/paired_w2.py``: a few-step table's image models on the same noise.
+
+The few-step table scores each image model on one draw of source noise (``reflow.bench_n`` samples, the
+bench's seed). Between draws a 1,000-sample Fréchet distance moves by a few percent, as much as the gaps
+the table is read for (an any-step model's one jump against the distilled model's one step). This script
+scores every entry on the same ``--draws`` draws of ``--n`` noise samples (seeds ``--seed + i``), by the
+bench's two FDs in the task classifier's feature space: ``fd`` against the training images (the bench's
+reference, :func:`flowmatch.evaluation.image_reference`) and ``fd_test`` against the held-out test split.
+It prints each draw, the mean and sd of every entry, and per entry its paired ratio to the one-step
+student (mean over draws of entry / student, with the standard error of that mean) and its paired
+difference::
+
+    python experiments/images/paired_fd.py runs/images/digits --student 2-RF+distill \\
+        --also 2-RF:euler:1 --also 2-RF+Meanflow:anystep:1 --also 2-RF+Meanflow:anystep:2 --draws 10
+
+Entries as in ``paired_w2.py``: ``STAGE:ADAPTIVE`` (at the config's ``eval.atol`` / ``eval.rtol``) or
+``STAGE:SOLVER:NFE`` (an any-step model's jumps: ``2-RF+Shortcut:anystep:4``), a stage of the run or a
+checkpoint file. The teacher (``--teacher``, dopri5) is scored too unless ``--teacher none``.
+Writes ``paired_fd.json`` in the run directory (or ``--out``), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+from flowmatch.data.task import build_task, is_image_task
+from flowmatch.evaluation import image_reference
+from flowmatch.io import atomic_write_text
+from flowmatch.solvers import get_solver, solve
+from flowmatch.training.checkpoint import load_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "toy"))
+from paired_w2 import _entry  # noqa: E402  (the entry parser is shared with the toy script)
+
+STUDENT = "student euler 1"
+
+
+def paired(values: list[float], base: list[float]) -> dict:
+    """Mean and standard error of the per-draw ratio ``values / base`` and difference ``values - base``."""
+    ratio = [v / b for v, b in zip(values, base)]
+    diff = [v - b for v, b in zip(values, base)]
+    se = (lambda xs: statistics.stdev(xs) / math.sqrt(len(xs)))
+    return {"ratio": statistics.mean(ratio), "ratio_se": se(ratio), "diff": statistics.mean(diff), "diff_se": se(diff)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="an image few-step table's or reflow chain's task directory (holds its stages)")
+    p.add_argument("--student", default="2-RF+distill", help="the one-step stage (one Euler step) or a checkpoint")
+    p.add_argument("--teacher", default="1-RF", help="the teacher's stage or checkpoint (dopri5), or none")
+    p.add_argument("--also", action="append", default=[], metavar="STAGE:SOLVER[:NFE]",
+                   help="another stage or checkpoint to score on the same draws (repeatable)")
+    p.add_argument("--out", help="the JSON to write (default RUN/paired_fd.json)")
+    p.add_argument("--draws", type=int, default=10)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=10_000)
+    args = p.parse_args()
+    if args.draws < 2:
+        p.error(f"--draws {args.draws}: give at least 2 (a standard error needs two)")
+
+    def ckpt(stage: str) -> str:
+        path = stage if os.path.isfile(stage) else os.path.join(args.run, stage, "checkpoints", "last.pt")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{stage}: no checkpoint at {path} (a stage of {args.run} or a checkpoint file)")
+        return path
+
+    entries = [(STUDENT, args.student, "euler", 1)]
+    if args.teacher != "none":
+        entries.append(("teacher dopri5", args.teacher, "dopri5", None))
+    for stage, solver, nfe in map(_entry, dict.fromkeys(args.also)):
+        entries.append((f"{stage} {solver}" + (f" {nfe}" if nfe else ""), stage, solver, nfe))
+    models = {key: load_model(ckpt(stage)) for key, stage, _, _ in entries}
+    cfg = models[STUDENT].config
+    if not is_image_task(cfg.data):
+        raise SystemExit(f"{args.run}: {cfg.name} is a toy task; score it with experiments/toy/paired_w2.py")
+    source = build_task(cfg.data).source
+    metrics, _, held_out = image_reference(cfg, args.n)
+    scores = {key: {"fd": [], "fd_test": []} for key, *_ in entries}
+    with torch.no_grad():
+        for i in range(args.draws):
+            x0 = source.sample(args.n, generator=torch.Generator().manual_seed(args.seed + i))
+            for key, _, solver, nfe in entries:
+                s = get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
+                x1 = solve(models[key].model.eval(), x0, s, **({} if nfe is None else {"nfe": nfe})).x1
+                scores[key]["fd"].append(metrics.fd(x1))
+                scores[key]["fd_test"].append(held_out.fd(x1))
+            print(f"draw {i}: " + ", ".join(f"{k} {v['fd'][-1]:.4f}" for k, v in scores.items()), flush=True)
+    summary = {}
+    for key, sc in scores.items():
+        summary[key] = {m: {"mean": statistics.mean(v), "sd": statistics.stdev(v)} for m, v in sc.items()}
+        if key != STUDENT:
+            for m in ("fd", "fd_test"):
+                summary[key][m] |= {"vs_student": paired(sc[m], scores[STUDENT][m])}
+    for key, s in summary.items():
+        line = f"{key}: fd {s['fd']['mean']:.4f} (sd {s['fd']['sd']:.4f}), fd_test {s['fd_test']['mean']:.4f}"
+        if "vs_student" in s["fd"]:
+            r = s["fd"]["vs_student"]
+            line += f"; fd / student {r['ratio']:.3f} +- {r['ratio_se']:.3f} (paired)"
+        print(line)
+    out = args.out or os.path.join(args.run, "paired_fd.json")
+    atomic_write_text(out, json.dumps({"run": args.run, "student": args.student, "teacher": args.teacher,
+                                       "also": args.also, "n": args.n, "draws": args.draws, "seed": args.seed,
+                                       "scores": scores, "summary": summary}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
