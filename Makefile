@@ -141,9 +141,26 @@ few-step-compose: few-step-noise_to_moons
 	OMP_NUM_THREADS=$(FEW_STEP_THREADS) $(PY) -m flowmatch distill compose experiments/toy/reflow_noise_to_moons.yaml \
 	  --out $(REFLOW_OUT)/noise_to_moons --no-progress
 
-# the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused)
-few-step-images: $(STAMP) ## the few-step table on the 8x8 digits (APT, CD, CT, CD-LoRA, shortcut, MeanFlow, OT-CFM beside make images' stages) -> runs/images/digits/few_step_summary.md
+# the same on the 8x8 digits, in make images' directory (its 1-RF, pairs, 2-RF and distillation reused; make
+# images runs first where they are missing). Its methods are trained in four parts (few-step-images-<part>,
+# --train-only), FEW_STEP_JOBS processes of one thread at a time, then one run benches them all.
+FEW_STEP_IMAGES_PARTS := anystep consistency apt ot-cfm
+FEW_STEP_IMAGES_anystep := reflow,shortcut,meanflow
+FEW_STEP_IMAGES_consistency := cd,ct,cd-lora
+FEW_STEP_IMAGES_apt := reflow,distill,apt
+FEW_STEP_IMAGES_ot-cfm := ot-cfm
+IMAGES_DISTILLED := $(IMAGES_OUT)/digits/2-RF+distill/checkpoints/last.pt
+$(IMAGES_DISTILLED):
+	$(MAKE) --no-print-directory images
+
+few-step-images: $(STAMP) $(IMAGES_DISTILLED) ## the few-step table on the 8x8 digits (APT, CD, CT, CD-LoRA, shortcut, MeanFlow, OT-CFM beside make images' stages) -> runs/images/digits/few_step_summary.md
+	$(MAKE) --no-print-directory -j$(FEW_STEP_JOBS) $(addprefix few-step-images-,$(FEW_STEP_IMAGES_PARTS))
 	$(PY) -m flowmatch distill run experiments/images/reflow_digits.yaml --out $(IMAGES_OUT) --no-progress
+
+few-step-images-%: $(STAMP) $(IMAGES_DISTILLED) ## one part of the digits table, trained only (few-step-images-anystep, -consistency, -apt, -ot-cfm)
+	@test -n "$(FEW_STEP_IMAGES_$*)" || { echo "few-step-images-$*: no such part (parts: $(FEW_STEP_IMAGES_PARTS))"; exit 2; }
+	OMP_NUM_THREADS=$(FEW_STEP_THREADS) $(PY) -m flowmatch distill run experiments/images/reflow_digits.yaml \
+	  --methods $(FEW_STEP_IMAGES_$*) --train-only --out $(IMAGES_OUT) --no-progress
 
 # the README's figures, from the outputs of make demo and make reflow under FIGURES_RUNS
 FIGURES_RUNS ?= runs

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dr.add_argument("--out", default=os.path.join("runs", "few_step"),
                     help="parent directory: each task goes to OUT/<name>; all summaries to OUT/few_step.md")
+    dr.add_argument("--train-only", action="store_true",
+                    help="train (or reuse) the methods' stages and write no table: a part of a table trained in "
+                         "several processes, benched by a last run with every method")
     dr.add_argument("--no-progress", action="store_true")
     dc = dsub.add_parser("compose", help="a style LoRA + an acceleration LoRA composed, against a dedicated one")
     dc.add_argument("config", help="a toy experiment YAML (its 1-RF is the base)")
@@ -281,9 +284,15 @@ def _run(args: argparse.Namespace) -> int:
 
         cfgs = [load_config(c, args.overrides) for c in args.configs]
         for cfg in cfgs:
-            rows = few_step_from_config(cfg, os.path.join(args.out, cfg.name),
-                                        methods=args.methods or FEW_STEP_METHODS, progress=not args.no_progress)
+            rows = few_step_from_config(cfg, os.path.join(args.out, cfg.name), methods=args.methods or FEW_STEP_METHODS,
+                                        progress=not args.no_progress, bench=not args.train_only)
+            if args.train_only:
+                print(f"trained {', '.join(args.methods or FEW_STEP_METHODS)} under {args.out}/{cfg.name} "
+                      f"(--train-only: no table)")
+                continue
             print(f"## {cfg.name}\n\n" + few_step_summary(rows))
+        if args.train_only:
+            return 0
         # every task's table under OUT, this run's and those of earlier (or parallel) runs alike
         write_few_step_index(args.out)
         print(f"wrote {args.out}/<name>/few_step.* and {args.out}/few_step.md")

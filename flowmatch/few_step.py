@@ -92,9 +92,11 @@ VALIDATION_N = 2000  # samples of the t1 validation draw (W2 on 5,000 points cos
 
 
 def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[str] = FEW_STEP_METHODS,
-                         progress: bool = True) -> list[dict]:
+                         progress: bool = True, bench: bool = True) -> list[dict]:
     """Train every method of ``methods`` from one teacher and write the few-step table (see the
-    module docstring); returns its rows."""
+    module docstring); returns its rows. ``bench=False`` trains (or reuses) the stages and stops there,
+    writing no table and returning ``[]``: a part of a table whose methods are trained by several
+    processes (``make few-step-images``), benched once they are all done."""
     unknown = [m for m in methods if m not in FEW_STEP_METHODS]
     if unknown:
         raise FlowmatchError(f"unknown few-step method {unknown[0]!r}; valid methods: {', '.join(FEW_STEP_METHODS)}")
@@ -163,6 +165,8 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
         s = train_stage(anystep_stage(cfg, method, init), out, label, progress)
         stages.append((method, s.checkpoint, _cost(s.checkpoint, s, start["steps"], start["wall_s"],
                                                    start["teacher_evals"])))
+    if not bench:
+        return []
     rows = _bench(cfg, stages, progress)
     cols = stage_columns(rows)
     lead = ["method", *cols]

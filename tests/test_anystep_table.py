@@ -171,6 +171,31 @@ def test_the_cli_runs_the_anystep_methods_and_its_help_names_them(make_cfg, tmp_
     assert "shortcut, meanflow, ot-cfm (default: all)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_train_only_parts_are_reused_by_the_run_that_benches_them(make_cfg, tmp_path, capsys):
+    # make few-step-images: parts of the table trained in separate processes (--train-only), one bench after
+    import yaml
+
+    from flowmatch.cli import main
+    from flowmatch.config import to_dict
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(make_cfg(*TINY, "name=tiny", "ot_cfm.steps=12"))))
+    out = tmp_path / "out"
+    for methods in ("shortcut", "ot-cfm"):
+        assert main(["distill", "run", str(cfg_path), "--methods", methods, "--train-only", "--out", str(out),
+                     "--no-progress"]) == 0
+        assert f"trained {methods} under {out}/tiny (--train-only: no table)" in capsys.readouterr().out
+    assert not (out / "tiny" / "few_step.json").exists() and not (out / "few_step.md").exists()
+    ckpts = {label: out / "tiny" / label / "checkpoints" / "last.pt" for label in ("1-RF", "Shortcut", "OT-CFM")}
+    before = {label: p.stat().st_mtime_ns for label, p in ckpts.items()}
+    assert main(["distill", "run", str(cfg_path), "--methods", "shortcut,ot-cfm", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert {label: p.stat().st_mtime_ns for label, p in ckpts.items()} == before  # reused, not retrained
+    rows = json.loads((out / "tiny" / "few_step.json").read_text())
+    assert {r["method"] for r in rows} == {"1-RF", "shortcut", "ot-cfm"}
+    assert "| shortcut | " in (out / "few_step.md").read_text()
+
+
 def test_the_index_gathers_every_tasks_table_written_by_separate_runs(tmp_path):
     from flowmatch.few_step import write_few_step_index
 
