@@ -22,7 +22,6 @@ Writes ``paired_fd.json`` in the run directory (or ``--out``), atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -32,12 +31,11 @@ import torch
 
 from flowmatch.data.task import build_task, is_image_task
 from flowmatch.evaluation import image_reference
-from flowmatch.io import atomic_write_text
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "toy"))
-from paired_w2 import _entry  # noqa: E402  (the entry parser is shared with the toy script)
+from paired_w2 import _entry, paired_arguments, write_paired  # noqa: E402  (shared with the toy script)
 
 STUDENT = "student euler 1"
 
@@ -53,17 +51,8 @@ def paired(values: list[float], base: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="an image few-step table's or reflow chain's task directory (holds its stages)")
-    p.add_argument("--student", default="2-RF+distill", help="the one-step stage (one Euler step) or a checkpoint")
-    p.add_argument("--teacher", default="1-RF", help="the teacher's stage or checkpoint (dopri5), or none")
-    p.add_argument("--also", action="append", default=[], metavar="STAGE:SOLVER[:NFE]",
-                   help="another stage or checkpoint to score on the same draws (repeatable)")
-    p.add_argument("--out", help="the JSON to write (default RUN/paired_fd.json)")
-    p.add_argument("--draws", type=int, default=10)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=10_000)
-    args = p.parse_args()
-    if args.draws < 2:
-        p.error(f"--draws {args.draws}: give at least 2 (a standard error needs two)")
+    args = paired_arguments(p, student="2-RF+distill", n=1000, out="paired_fd.json",
+                            teacher_help="the teacher's stage or checkpoint (dopri5), or none")
 
     def ckpt(stage: str) -> str:
         path = stage if os.path.isfile(stage) else os.path.join(args.run, stage, "checkpoints", "last.pt")
@@ -104,11 +93,7 @@ def main() -> None:
             r = s["fd"]["vs_student"]
             line += f"; fd / student {r['ratio']:.3f} +- {r['ratio_se']:.3f} (paired)"
         print(line)
-    out = args.out or os.path.join(args.run, "paired_fd.json")
-    atomic_write_text(out, json.dumps({"run": args.run, "student": args.student, "teacher": args.teacher,
-                                       "also": args.also, "n": args.n, "draws": args.draws, "seed": args.seed,
-                                       "scores": scores, "summary": summary}, indent=2))
-    print(f"wrote {out}")
+    write_paired(args, "paired_fd.json", scores, summary)
 
 
 if __name__ == "__main__":

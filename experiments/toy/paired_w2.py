@@ -49,21 +49,37 @@ def _entry(spec: str) -> tuple[str, str, int | None]:
     return stage, solver, nfe
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a reflow chain's output directory (holds 1-RF/ and the distilled stage)")
-    p.add_argument("--student", default="3-RF+distill",
-                   help="the one-step stage (default 3-RF+distill) or a checkpoint file")
-    p.add_argument("--teacher", default="1-RF", help="the teacher's stage or a checkpoint file")
+def paired_arguments(p: argparse.ArgumentParser, *, student: str, n: int, out: str,
+                     teacher_help: str = "the teacher's stage or a checkpoint file") -> argparse.Namespace:
+    """The options of a paired script (this one and ``experiments/images/paired_fd.py``), parsed:
+    ``--student``, ``--teacher``, ``--also``, ``--out``, ``--draws`` (at least 2), ``--n``, ``--seed``."""
+    p.add_argument("--student", default=student, help=f"the one-step stage (default {student}) or a checkpoint file")
+    p.add_argument("--teacher", default="1-RF", help=teacher_help)
     p.add_argument("--also", action="append", default=[], metavar="STAGE:SOLVER[:NFE]",
                    help="another stage or checkpoint to score on the same draws (repeatable)")
-    p.add_argument("--out", help="the JSON to write (default RUN/paired_w2.json)")
+    p.add_argument("--out", help=f"the JSON to write (default RUN/{out})")
     p.add_argument("--draws", type=int, default=10)
-    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--n", type=int, default=n)
     p.add_argument("--seed", type=int, default=10_000)
     args = p.parse_args()
     if args.draws < 2:
         p.error(f"--draws {args.draws}: give at least 2 (the spread between draws needs two)")
+    return args
+
+
+def write_paired(args: argparse.Namespace, name: str, scores: dict, summary: dict) -> None:
+    """Writes a paired script's scores and summary, with its options, to ``--out`` (default ``RUN/name``)."""
+    out = args.out or os.path.join(args.run, name)
+    atomic_write_text(out, json.dumps({"run": args.run, "student": args.student, "teacher": args.teacher,
+                                       "also": args.also, "n": args.n, "draws": args.draws, "seed": args.seed,
+                                       "scores": scores, "summary": summary}, indent=2))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a reflow chain's output directory (holds 1-RF/ and the distilled stage)")
+    args = paired_arguments(p, student="3-RF+distill", n=5000, out="paired_w2.json")
 
     def ckpt(stage: str) -> str:  # a stage of the chain, or a checkpoint file
         return stage if os.path.isfile(stage) else os.path.join(args.run, stage, "checkpoints", "last.pt")
@@ -103,11 +119,7 @@ def main() -> None:
             summary[name] = {"mean": statistics.mean(diff), "sd": statistics.stdev(diff)}
     for k, v in summary.items():
         print(f"{k}: mean {v['mean']:+.5f}, sd {v['sd']:.5f}")
-    out = args.out or os.path.join(args.run, "paired_w2.json")
-    atomic_write_text(out, json.dumps({"run": args.run, "student": args.student, "teacher": args.teacher,
-                                       "also": args.also, "n": args.n, "draws": args.draws, "seed": args.seed,
-                                       "scores": scores, "summary": summary}, indent=2))
-    print(f"wrote {out}")
+    write_paired(args, "paired_w2.json", scores, summary)
 
 
 if __name__ == "__main__":
