@@ -283,14 +283,12 @@ def _run(args: argparse.Namespace) -> int:
         from flowmatch.few_step import FEW_STEP_METHODS, few_step_from_config, few_step_summary, write_few_step_index
 
         cfgs = [load_config(c, args.overrides) for c in args.configs]
+        methods = args.methods or FEW_STEP_METHODS
         for cfg in cfgs:
-            rows = few_step_from_config(cfg, os.path.join(args.out, cfg.name), methods=args.methods or FEW_STEP_METHODS,
+            rows = few_step_from_config(cfg, os.path.join(args.out, cfg.name), methods=methods,
                                         progress=not args.no_progress, bench=not args.train_only)
-            if args.train_only:
-                print(f"trained {', '.join(args.methods or FEW_STEP_METHODS)} under {args.out}/{cfg.name} "
-                      f"(--train-only: no table)")
-                continue
-            print(f"## {cfg.name}\n\n" + few_step_summary(rows))
+            print(f"trained {', '.join(methods)} under {args.out}/{cfg.name} (--train-only: no table)"
+                  if args.train_only else f"## {cfg.name}\n\n" + few_step_summary(rows))
         if args.train_only:
             return 0
         # every task's table under OUT, this run's and those of earlier (or parallel) runs alike

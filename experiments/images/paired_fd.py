@@ -35,7 +35,7 @@ from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "toy"))
-from paired_w2 import _entry, paired_arguments, write_paired  # noqa: E402  (shared with the toy script)
+from paired_w2 import also_entries, paired_arguments, write_paired  # noqa: E402  (shared with the toy script)
 
 STUDENT = "student euler 1"
 
@@ -63,8 +63,7 @@ def main() -> None:
     entries = [(STUDENT, args.student, "euler", 1)]
     if args.teacher != "none":
         entries.append(("teacher dopri5", args.teacher, "dopri5", None))
-    for stage, solver, nfe in map(_entry, dict.fromkeys(args.also)):
-        entries.append((f"{stage} {solver}" + (f" {nfe}" if nfe else ""), stage, solver, nfe))
+    entries += also_entries(args.also)
     models = {key: load_model(ckpt(stage)) for key, stage, _, _ in entries}
     cfg = models[STUDENT].config
     if not is_image_task(cfg.data):
@@ -72,12 +71,14 @@ def main() -> None:
     source = build_task(cfg.data).source
     metrics, _, held_out = image_reference(cfg, args.n)
     scores = {key: {"fd": [], "fd_test": []} for key, *_ in entries}
+    # each solve starts its own state (a consistency sampler re-seeds its noise), so one solver an entry serves every draw
+    solvers = {key: get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
+               for key, _, solver, _ in entries}
     with torch.no_grad():
         for i in range(args.draws):
             x0 = source.sample(args.n, generator=torch.Generator().manual_seed(args.seed + i))
-            for key, _, solver, nfe in entries:
-                s = get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
-                x1 = solve(models[key].model.eval(), x0, s, **({} if nfe is None else {"nfe": nfe})).x1
+            for key, _, _, nfe in entries:
+                x1 = solve(models[key].model.eval(), x0, solvers[key], **({} if nfe is None else {"nfe": nfe})).x1
                 scores[key]["fd"].append(metrics.fd(x1))
                 scores[key]["fd_test"].append(held_out.fd(x1))
             print(f"draw {i}: " + ", ".join(f"{k} {v['fd'][-1]:.4f}" for k, v in scores.items()), flush=True)

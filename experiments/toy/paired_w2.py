@@ -49,6 +49,13 @@ def _entry(spec: str) -> tuple[str, str, int | None]:
     return stage, solver, nfe
 
 
+def also_entries(also: list[str]) -> list[tuple[str, str, str, int | None]]:
+    """``--also`` specs as ``(key, stage, solver, nfe)``, the key naming the entry in the scores (e.g.
+    ``2-RF euler 4``); a repeated spec is scored once."""
+    return [(f"{stage} {solver}" + (f" {nfe}" if nfe else ""), stage, solver, nfe)
+            for stage, solver, nfe in map(_entry, dict.fromkeys(also))]
+
+
 def paired_arguments(p: argparse.ArgumentParser, *, student: str, n: int, out: str,
                      teacher_help: str = "the teacher's stage or a checkpoint file") -> argparse.Namespace:
     """The options of a paired script (this one and ``experiments/images/paired_fd.py``), parsed:
@@ -84,9 +91,8 @@ def main() -> None:
     def ckpt(stage: str) -> str:  # a stage of the chain, or a checkpoint file
         return stage if os.path.isfile(stage) else os.path.join(args.run, stage, "checkpoints", "last.pt")
 
-    entries = [("teacher dopri5", args.teacher, "dopri5", None), ("student euler 1", args.student, "euler", 1)]
-    for stage, solver, nfe in map(_entry, dict.fromkeys(args.also)):  # a repeated --also is scored once
-        entries.append((f"{stage} {solver}" + (f" {nfe}" if nfe else ""), stage, solver, nfe))
+    entries = [("teacher dopri5", args.teacher, "dopri5", None), ("student euler 1", args.student, "euler", 1),
+               *also_entries(args.also)]
     models = {key: load_model(ckpt(stage)) for key, stage, _, _ in entries}
     task = build_task(models["teacher dopri5"].config.data)
     source, target = task.source, task.target
