@@ -343,12 +343,18 @@ def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "paired_fd.py")
     ckpt = str(tmp_path / "run" / "A" / "checkpoints" / "last.pt")
     subprocess.run([sys.executable, script, str(tmp_path / "run"), "--student", "A", "--teacher", "A",
-                    "--also", f"{ckpt}:euler:1", "--also", "A:euler:2", "--draws", "2", "--n", "32"],
-                   check=True, capture_output=True, timeout=300)
+                    "--also", f"{ckpt}:euler:1", "--also", "A:euler:2", "--draws", "2", "--n", "32",
+                    "--memorisation"], check=True, capture_output=True, timeout=300)
     paired = json.loads((tmp_path / "run" / "paired_fd.json").read_text())
     s, summary = paired["scores"], paired["summary"]
     assert list(s) == ["student euler 1", "teacher dopri5", f"{ckpt} euler 1", "A euler 2"]
-    assert all(len(v["fd"]) == len(v["fd_test"]) == 2 for v in s.values())
+    assert all(len(v["fd"]) == len(v["fd_test"]) == len(v["copies_features"]) == 2 for v in s.values())
+    assert all(0 <= c <= 1 for v in s.values() for c in v["copies_pixels"] + v["copies_features"])
+    # against the teacher as against the student: the per-draw difference's mean
+    got = summary["A euler 2"]["copies_features"]["vs_teacher"]["diff"]
+    assert got == pytest.approx(sum(a - b for a, b in zip(s["A euler 2"]["copies_features"],
+                                                          s["teacher dopri5"]["copies_features"])) / 2)
+    assert "vs_teacher" not in summary["teacher dopri5"]["fd"] and "vs_student" not in summary["student euler 1"]["fd"]
     # the same checkpoint and solver on the same noise: the same scores to the bit, a paired ratio of exactly 1
     assert s[f"{ckpt} euler 1"] == s["student euler 1"]
     assert summary[f"{ckpt} euler 1"]["fd"]["vs_student"] == {"ratio": 1.0, "ratio_se": 0.0, "diff": 0.0,

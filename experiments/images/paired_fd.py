@@ -8,7 +8,10 @@ bench's two FDs in the task classifier's feature space: ``fd`` against the train
 reference, :func:`flowmatch.evaluation.image_reference`) and ``fd_test`` against the held-out test split.
 It prints each draw, the mean and sd of every entry, and per entry its paired ratio to the one-step
 student (mean over draws of entry / student, with the standard error of that mean) and its paired
-difference::
+difference, and the same against the teacher (``vs_teacher``). With ``--memorisation`` every sample set
+also gets the memorisation check (:func:`flowmatch.evaluation.image_memorisation`: the fraction of
+samples nearer a training image than 95% of the held-out test images are, ``copies``, 0.05 expected), in
+pixels and in the classifier's features, paired the same way::
 
     python experiments/images/paired_fd.py runs/images/digits --student 2-RF+distill \\
         --also 2-RF:euler:1 --also 2-RF+Meanflow:anystep:1 --also 2-RF+Meanflow:anystep:2 --draws 10
@@ -30,7 +33,7 @@ import sys
 import torch
 
 from flowmatch.data.task import build_task, is_image_task
-from flowmatch.evaluation import image_reference
+from flowmatch.evaluation import image_memorisation, image_reference
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 
@@ -41,16 +44,22 @@ STUDENT = "student euler 1"
 
 
 def paired(values: list[float], base: list[float]) -> dict:
-    """Mean and standard error of the per-draw ratio ``values / base`` and difference ``values - base``."""
-    ratio = [v / b for v, b in zip(values, base)]
+    """Mean and standard error of the per-draw ratio ``values / base`` (``None`` where a ``base`` is 0, as a
+    fraction of copies can be) and difference ``values - base``."""
     diff = [v - b for v, b in zip(values, base)]
     se = (lambda xs: statistics.stdev(xs) / math.sqrt(len(xs)))
-    return {"ratio": statistics.mean(ratio), "ratio_se": se(ratio), "diff": statistics.mean(diff), "diff_se": se(diff)}
+    out = {"ratio": None, "ratio_se": None, "diff": statistics.mean(diff), "diff_se": se(diff)}
+    if all(b != 0 for b in base):
+        ratio = [v / b for v, b in zip(values, base)]
+        out |= {"ratio": statistics.mean(ratio), "ratio_se": se(ratio)}
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="an image few-step table's or reflow chain's task directory (holds its stages)")
+    p.add_argument("--memorisation", action="store_true",
+                   help="score each sample set's memorisation check too (copies_pixels, copies_features)")
     args = paired_arguments(p, student="2-RF+distill", n=1000, out="paired_fd.json",
                             teacher_help="the teacher's stage or checkpoint (dopri5), or none")
 
@@ -70,7 +79,8 @@ def main() -> None:
         raise SystemExit(f"{args.run}: {cfg.name} is a toy task; score it with experiments/toy/paired_w2.py")
     source = build_task(cfg.data).source
     metrics, _, held_out = image_reference(cfg, args.n)
-    scores = {key: {"fd": [], "fd_test": []} for key, *_ in entries}
+    names = ["fd", "fd_test"] + (["copies_pixels", "copies_features"] if args.memorisation else [])
+    scores = {key: {m: [] for m in names} for key, *_ in entries}
     # each solve starts its own state (a consistency sampler re-seeds its noise), so one solver an entry serves every draw
     solvers = {key: get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
                for key, _, solver, _ in entries}
@@ -81,18 +91,25 @@ def main() -> None:
                 x1 = solve(models[key].model.eval(), x0, solvers[key], **({} if nfe is None else {"nfe": nfe})).x1
                 scores[key]["fd"].append(metrics.fd(x1))
                 scores[key]["fd_test"].append(held_out.fd(x1))
+                if args.memorisation:
+                    for space, r in image_memorisation(cfg, x1).items():
+                        scores[key][f"copies_{space}"].append(r.copies_fraction)
             print(f"draw {i}: " + ", ".join(f"{k} {v['fd'][-1]:.4f}" for k, v in scores.items()), flush=True)
     summary = {}
     for key, sc in scores.items():
         summary[key] = {m: {"mean": statistics.mean(v), "sd": statistics.stdev(v)} for m, v in sc.items()}
-        if key != STUDENT:
-            for m in ("fd", "fd_test"):
-                summary[key][m] |= {"vs_student": paired(sc[m], scores[STUDENT][m])}
+        for base, name in ((STUDENT, "vs_student"), ("teacher dopri5", "vs_teacher")):
+            if key != base and base in scores:
+                for m in names:
+                    summary[key][m] |= {name: paired(sc[m], scores[base][m])}
     for key, s in summary.items():
         line = f"{key}: fd {s['fd']['mean']:.4f} (sd {s['fd']['sd']:.4f}), fd_test {s['fd_test']['mean']:.4f}"
         if "vs_student" in s["fd"]:
             r = s["fd"]["vs_student"]
             line += f"; fd / student {r['ratio']:.3f} +- {r['ratio_se']:.3f} (paired)"
+        if "vs_teacher" in s["fd"]:
+            line += "; minus the teacher: " + ", ".join(
+                f"{m} {s[m]['vs_teacher']['diff']:+.4f} +- {s[m]['vs_teacher']['diff_se']:.4f}" for m in names)
         print(line)
     write_paired(args, "paired_fd.json", scores, summary)
 
