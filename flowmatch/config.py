@@ -616,6 +616,10 @@ class OtCfmConfig:
         _check_ranges(self, {"steps": _int(1, optional=True)})
 
 
+# the discriminator's differentiable augmentations (``apt.augment``, images only)
+APT_AUGMENTS = ("translation", "cutout")
+
+
 @dataclass
 class AptConfig:
     """Adversarial post-training of a one-step generator (``train.objective: apt``,
@@ -632,7 +636,12 @@ class AptConfig:
     ``N(0, fourier_scale^2)``), summed with the feature head's logit. ``lr_g`` / ``lr_d``: the
     RMSProp (alpha 0.9) learning rates of the generator and the discriminator. ``regression_weight``
     keeps the one-step regression onto the run's pair store beside the adversarial loss (0: off;
-    needs ``coupling.name=paired``). Every ``eval_every`` updates (0: never) the EMA generator is scored
+    needs ``coupling.name=paired``). ``augment`` (images only): ``none`` or a comma-separated list of
+    ``translation`` and ``cutout``, the differentiable augmentations of every image the discriminator
+    sees (real and generated, both players, R1), against a discriminator that learns a few thousand
+    training images by heart. ``d_steps``: discriminator updates per generator update (each on a batch of
+    its own); ``d_warmup``: discriminator updates before the generator's first (in the first step), so
+    that the generator starts against a discriminator that has learnt what it can. Every ``eval_every`` updates (0: never) the EMA generator is scored
     on ``eval_draws`` validation draws of ``eval_n`` (the mean of their scores) and the best is kept as
     ``checkpoints/best.pt``. ``steps`` is the
     stage's ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
@@ -663,6 +672,9 @@ class AptConfig:
     fourier_scale: float = 1.0
     discriminator_init: Optional[str] = None
     regression_weight: float = 0.0
+    augment: str = "none"
+    d_steps: int = 1
+    d_warmup: int = 0
     eval_every: int = 50
     eval_n: int = 2000
     eval_draws: int = 1
@@ -673,7 +685,11 @@ class AptConfig:
         _check_ranges(self, {"steps": _int(1), "lr_g": _float(gt=0.0), "lr_d": _float(gt=0.0),
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
-                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1)})
+                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0), "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1)})
+        kinds = self.augment.split(",")
+        if kinds != ["none"] and (len(set(kinds)) != len(kinds) or not set(kinds) <= set(APT_AUGMENTS)):
+            raise ConfigError(f"apt.augment = {self.augment!r}: must be 'none' or a comma-separated list of "
+                              f"{', '.join(APT_AUGMENTS)} (each at most once)")
         if self.discriminator_init is not None and (not isinstance(self.discriminator_init, str)
                                                     or not self.discriminator_init.strip()):
             raise ConfigError(f"apt.discriminator_init = {self.discriminator_init!r}: must be a checkpoint path "

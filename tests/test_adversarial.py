@@ -18,8 +18,9 @@ import torch
 import flowmatch.evaluation  # noqa: F401 - registers the validation scorer
 from conftest import make_tiny_cfg
 from flowmatch.config import apply_overrides, to_dict
-from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, discriminator_loss,
-                                           exact_r1, generator_loss, one_step, shifted_time)
+from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, augment,
+                                           augment_params, discriminator_loss, discriminator_updates, exact_r1,
+                                           generator_loss, one_step, shifted_time)
 from flowmatch.errors import ConfigError, NonFiniteLossError
 from flowmatch.models import build_model
 from flowmatch.training import (OBJECTIVES, build_trainer, load_checkpoint, load_model, read_metrics,
@@ -183,8 +184,9 @@ def test_fourier_head_is_refused_for_a_unet_and_out_of_range():
 # --------------------------------------------------------------------------- players
 
 
-def test_players_alternate_and_each_optimiser_moves_only_its_own_parameters(ckpts):
-    trainer = build_trainer(_cfg(ckpts))
+@pytest.mark.parametrize("d_steps, d_warmup", [(1, 0), (3, 2)])
+def test_players_alternate_and_each_optimiser_moves_only_its_own_parameters(ckpts, d_steps, d_warmup):
+    trainer = build_trainer(_cfg(ckpts, f"apt.d_steps={d_steps}", f"apt.d_warmup={d_warmup}"))
     disc, student = trainer.nets_raw["discriminator"], trainer.model
     calls = []
 
@@ -207,7 +209,10 @@ def test_players_alternate_and_each_optimiser_moves_only_its_own_parameters(ckpt
                 (_n, changed(_b["state"][0], snapshot()[0]), changed(_b["state"][1], snapshot()[1]))))
     for _ in range(2):
         trainer.step()
-    assert calls == [("discriminator", True, False), ("student", False, True)] * 2
+    d, g = ("discriminator", True, False), ("student", False, True)
+    # d_steps discriminator updates a step and d_warmup more before the generator's first, each on a batch of its own
+    assert calls == [d] * (d_warmup + d_steps) + [g] + [d] * d_steps + [g]
+    assert [p.scheduler.last_epoch for p in trainer.players] == [2, 2]  # the schedules advance once a step
 
 
 # --------------------------------------------------------------------------- a 1-D GAN
@@ -249,8 +254,9 @@ def test_adversarial_loss_moves_an_affine_generator_to_the_targets_mean_and_scal
 # --------------------------------------------------------------------------- the loop: resume, logs, selection
 
 
-def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path):
-    cfg = _cfg(ckpts)
+@pytest.mark.parametrize("extra", [(), ("apt.d_steps=2", "apt.d_warmup=3")])
+def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
+    cfg = _cfg(ckpts, *extra)
     a = train(cfg, str(tmp_path / "a"), progress=False)
     ckpt = load_checkpoint(a.checkpoint)
     assert ckpt["objective"]["name"] == "apt" and set(ckpt["nets"]) == {"discriminator"}
@@ -275,6 +281,16 @@ def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path):
     keys = ("apt/d_loss", "apt/g_loss", "apt/r1", "apt/d_real", "apt/d_fake")
     assert len(rows) == 4 and all(all(math.isfinite(r[k]) for k in keys) for r in rows)
     assert all(r["apt/r1"] > 0 for r in rows)
+
+
+def test_few_step_cost_counts_every_discriminator_update(ckpts, tmp_path):
+    from flowmatch.few_step import _cost
+
+    res = train(_cfg(ckpts, "train.steps=4", "apt.d_steps=2", "apt.d_warmup=3"), str(tmp_path / "r"), progress=False)
+    assert _cost(res.checkpoint, res, 100, 0.0)["steps"] == 100 + 4 + (4 * 2 + 3)  # generator, then discriminator
+    plain = train(_cfg(ckpts, "train.steps=4"), str(tmp_path / "p"), progress=False)
+    assert _cost(plain.checkpoint, plain, 0, 0.0)["steps"] == 8  # APT's own: one update of each player a step
+    assert discriminator_updates({}, 0) == 0 and discriminator_updates({"d_warmup": 3}, 1) == 4
 
 
 def _flat(d, prefix=""):
@@ -474,6 +490,71 @@ def test_images_train_a_unet_generator_against_a_unet_discriminator_scored_by_fd
     assert all(math.isfinite(v) for v in res.losses) and any(r.get("apt/r1", 0) > 0 for r in rows)
     sel = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "best.pt"))["selection"]
     assert sel["metric"] == "fd" and sel["score"] == min(v for _, v in curve)
+
+
+def test_augmentation_translates_with_black_fill_and_cuts_out_a_half_side_square():
+    x = torch.arange(2 * 64, dtype=torch.float64).reshape(2, 1, 8, 8).requires_grad_(True)
+    shift = torch.tensor([[1, -1], [0, 0]])
+    out = augment(x, {"shift": shift})
+    want = torch.full((8, 8), -1.0, dtype=torch.float64)
+    want[1:, :7] = x[0, 0, :7, 1:]  # row y reads y - 1, column c reads c + 1
+    assert torch.equal(out[0, 0], want) and torch.equal(out[1], x[1])
+    corner = torch.tensor([[6, -2], [1, 3]])  # a 4 x 4 square, clipped at the border in the first row
+    cut = augment(x, {"corner": corner})
+    mask = torch.ones(2, 8, 8, dtype=torch.bool)
+    mask[0, 6:, :2], mask[1, 1:5, 3:7] = False, False
+    assert torch.equal(cut[:, 0], torch.where(mask, x[:, 0], torch.zeros((), dtype=torch.float64)))
+    (g,) = torch.autograd.grad(augment(x, {"shift": shift, "corner": corner}).sum(), x)  # differentiable
+    assert g[1, 0].sum() == 64 - 16 and set(g.unique().tolist()) == {0.0, 1.0}
+    draws = [augment_params(("translation", "cutout"), (4096, 1, 8, 8), torch.Generator().manual_seed(0), "cpu")
+             for _ in range(2)]
+    assert torch.equal(draws[0]["shift"], draws[1]["shift"])  # from the stream it is given
+    assert set(draws[0]["shift"].unique().tolist()) == {-1, 0, 1}
+    assert draws[0]["corner"].min() == -2 and draws[0]["corner"].max() == 5
+    big = augment_params(("translation",), (8, 3, 32, 32), torch.Generator().manual_seed(0), "cpu")["shift"]
+    assert big.abs().max() <= 4 and set(big.flatten().tolist()) - set(range(-4, 5)) == set()
+
+
+def test_augmented_discriminator_sees_the_transformed_real_and_generated_images(tmp_path):
+    img = ["data.target=digits", "model.name=unet", "model.preset=tiny", "train.batch_size=8", "train.fast=off"]
+    teacher = train(make_tiny_cfg(*img, "train.steps=2"), str(tmp_path / "t"), progress=False).checkpoint
+    gen = train(make_tiny_cfg(*img, "train.objective=ct", "train.steps=1", f"train.init={teacher}"),
+                str(tmp_path / "g"), progress=False).checkpoint
+    cfg = make_tiny_cfg(*img, "train.objective=apt", f"train.init={gen}", f"apt.discriminator_init={teacher}",
+                        "train.grad_clip=0", "train.steps=2", "apt.eval_every=0", "apt.augment=translation,cutout",
+                        "apt.r1=exact")
+    trainer = build_trainer(cfg)
+    obj, disc, student = trainer.objective, trainer.nets_raw["discriminator"], trainer.model
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    assert set(batch.extra) == {"eps", "shift_real", "corner_real", "shift_fake", "corner_fake"}
+    with torch.no_grad():
+        fake = one_step(student, batch.x0)
+    real_in = augment(batch.x1, {"shift": batch.extra["shift_real"], "corner": batch.extra["corner_real"]})
+    fake_in = augment(fake, {"shift": batch.extra["shift_fake"], "corner": batch.extra["corner_fake"]})
+    out_d = obj.loss(trainer.nets, batch, "discriminator")
+    with torch.no_grad():
+        d_real, d_fake = disc(real_in, batch.t), disc(fake_in, batch.t)
+    assert out_d.extra["apt/d_real"].item() == pytest.approx(d_real.mean().item(), rel=1e-5, abs=1e-6)
+    assert out_d.extra["apt/d_fake"].item() == pytest.approx(d_fake.mean().item(), rel=1e-5, abs=1e-6)
+    x = real_in.clone().requires_grad_(True)  # R1 at the augmented real images
+    (g,) = torch.autograd.grad(disc(x, batch.t).sum(), x)
+    assert out_d.extra["apt/r1"].item() == pytest.approx(100 * 1e-4 * g.pow(2).flatten(1).sum(1).mean().item(),
+                                                         rel=1e-4)
+    res = train(cfg, str(tmp_path / "a"), progress=False)  # both players train through it
+    assert all(math.isfinite(v) for v in res.losses)
+
+
+@pytest.mark.parametrize("value", ["flip", "translation,translation", "none,cutout", ""])
+def test_unknown_or_repeated_augmentation_is_refused(value):
+    with pytest.raises(ConfigError, match=r"^apt\.augment = .*: must be 'none' or a comma-separated list of "
+                                          r"translation, cutout \(each at most once\)$"):
+        apply_overrides(make_tiny_cfg(), [f"apt.augment={value}"])
+
+
+def test_augmentation_of_vector_data_is_refused(ckpts):
+    with pytest.raises(ConfigError, match=r"^apt\.augment = translation: augmentations transform images "
+                                          r"\[C, H, W\]; this run's data have shape \(2,\); set apt\.augment=none$"):
+        build_trainer(_cfg(ckpts, "apt.augment=translation"))
 
 
 def _ddp_results(rank: int, out_dir: str) -> dict:

@@ -38,6 +38,18 @@ are: ``x_t = t x + (1 - t) n`` with ``n ~ N(0, I)`` of its own for each real and
 teacher's own inputs at ``t``; a ``t_shift`` below 1 moves ``t`` towards the data); R1 is then taken
 at the noised real inputs.
 
+Augmentation (``apt.augment``, images only; off by default): with few real images a discriminator
+learns them by heart within a few hundred updates, and the generator it trains then degrades (on the
+digits every run's validation FD rose after 100-300 updates, the sooner the faster ``lr_d``).
+Differentiable augmentation (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN
+Training") transforms every image the discriminator sees, real and generated, in both players' losses
+and in R1, with transforms the generator's gradient passes through, so the discriminator cannot key
+on exact pixels while the generator is still trained towards the real images' distribution:
+``translation`` shifts each image by a whole number of pixels in ``[-r, r]`` per axis (``r`` = an eighth
+of the side, at least 1), filling with -1 (black: the background of the digits datasets);
+``cutout`` sets a square of half the side, at a uniform position (clipped at the border), to 0. Each
+row draws its own shift and square, real and generated rows separately, from the run's stream.
+
 Losses (per sample, averaged). Non-saturating (``apt.loss: ns``, APT's loss written on logits):
 ``L_D = softplus(-D(x1, t)) + softplus(D(G(x0), t))``, ``L_G = softplus(-D(G(x0), t))``. Relativistic
 pairing (``relativistic``; RpGAN, Jolicoeur-Martineau 2019): ``L_D = softplus(-(D(x1, t) - D(G(x0), t)))``,
@@ -53,7 +65,9 @@ standard deviation. For small ``sigma`` its expectation is ``lambda sigma^2 ||gr
 
 Optimisers: RMSProp with ``alpha = 0.9`` for both players (as APT), learning rates
 ``apt.lr_g`` and ``apt.lr_d``, no weight decay, and no gradient clipping (``train.grad_clip`` must be
-0). ``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
+0). The discriminator updates ``apt.d_steps`` times per generator update (APT: once), and
+``apt.d_warmup`` more times in the first step, before the generator's first update; each update draws
+its own batch (:meth:`AdversarialPostTraining.player_updates`, :func:`discriminator_updates`). ``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
 (:class:`~flowmatch.training.objectives.OneStepDistill`, ``d(v(x0, 0), x1 - x0)``) to the generator's
 loss with that weight: the teacher keeps the student near it while real data corrects it.
 
@@ -95,8 +109,9 @@ from flowmatch.types import LossOutput
 from flowmatch.utils import expand_like, make_generator
 
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
-           "generator_loss", "approx_r1", "exact_r1", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS",
-           "VALIDATION_SEED"]
+           "generator_loss", "approx_r1", "exact_r1", "augment_params", "augment", "discriminator_updates",
+           "ONE_STEP_OBJECTIVES",
+           "VALIDATION_SCORERS", "VALIDATION_SEED"]
 
 # objectives whose students are one-step generators x0 + v(x0, 0)
 ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
@@ -150,6 +165,58 @@ def exact_r1(d, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(d(x, t).sum(), x, create_graph=True)
     return grad.reshape(grad.shape[0], -1).pow(2).sum(1)
+
+
+def discriminator_updates(apt: dict, steps: int) -> int:
+    """The discriminator's optimiser updates in the first ``steps`` steps of a run with the ``apt``
+    section ``apt`` (a config's dict): ``d_steps`` a step, and ``d_warmup`` in the first."""
+    return steps * int(apt.get("d_steps", 1)) + (int(apt.get("d_warmup", 0)) if steps > 0 else 0)
+
+
+def _max_shift(h: int, w: int) -> int:
+    """The largest translation of an ``h`` x ``w`` image, in pixels: an eighth of the side, at least 1."""
+    return max(1, round(min(h, w) / 8))
+
+
+def augment_params(kinds: tuple[str, ...], shape: tuple, generator: torch.Generator,
+                   device) -> dict[str, torch.Tensor]:
+    """Each row's random transform of images of ``shape`` ``[B, C, H, W]`` (see the module docstring):
+    ``shift`` ``[B, 2]`` (rows, columns) for ``translation``, ``corner`` ``[B, 2]`` (the square's top-left,
+    possibly outside the image) for ``cutout``; drawn in the order of ``kinds``."""
+    b, _, h, w = shape
+    out = {}
+    for kind in kinds:
+        if kind == "translation":
+            r = _max_shift(h, w)
+            out["shift"] = torch.randint(-r, r + 1, (b, 2), generator=generator, device=device)
+        elif kind == "cutout":
+            sh, sw = h // 2, w // 2
+            cy = torch.randint(0, h, (b,), generator=generator, device=device) - sh // 2
+            cx = torch.randint(0, w, (b,), generator=generator, device=device) - sw // 2
+            out["corner"] = torch.stack([cy, cx], dim=1)
+    return out
+
+
+def augment(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` transformed row by row by :func:`augment_params`' draws (translation, then
+    cutout); differentiable in ``x``."""
+    b, _, h, w = x.shape
+    if "shift" in params:
+        shift, r = params["shift"], _max_shift(h, w)
+        pad = F.pad(x, (r, r, r, r), value=-1.0)
+        # every output pixel reads the padded input at its own position minus the row's shift
+        ys = (torch.arange(h, device=x.device) + r).unsqueeze(0) - shift[:, :1]  # [B, H]
+        xs = (torch.arange(w, device=x.device) + r).unsqueeze(0) - shift[:, 1:]  # [B, W]
+        rows = torch.arange(b, device=x.device)[:, None, None]
+        x = pad.permute(0, 2, 3, 1)[rows, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
+    if "corner" in params:
+        corner = params["corner"]
+        ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        iny = (ys[None] >= corner[:, :1]) & (ys[None] < corner[:, :1] + h // 2)  # [B, H]
+        inx = (xs[None] >= corner[:, 1:]) & (xs[None] < corner[:, 1:] + w // 2)  # [B, W]
+        keep = ~(iny[:, :, None] & inx[:, None, :])
+        x = x * keep[:, None].to(x.dtype)
+    return x
 
 
 class Discriminator(nn.Module):
@@ -229,6 +296,7 @@ class AdversarialPostTraining(Objective):
         ac = cfg.apt
         self.ac, self.batch_size = ac, cfg.train.batch_size
         self.regression = OneStepDistill(cfg, comp) if ac.regression_weight > 0 else None
+        self.augments = tuple(k for k in ac.augment.split(",") if k != "none")
         self.best: Optional[dict] = None  # {"step", "score"} of the best validation so far (state)
         self._val: Optional[tuple] = None  # (x0 [n, *D], scorer), built at the first validation
 
@@ -253,6 +321,9 @@ class AdversarialPostTraining(Objective):
             raise ConfigError(f"train.init {init} is a LoRA run's checkpoint: merge its adapter first "
                               f"(`flowmatch adapter merge`)")
         self._same_shape(gen, init, "train.init")
+        if self.augments and len(data_shape(cfg.data)) != 3:
+            raise ConfigError(f"apt.augment = {ac.augment}: augmentations transform images [C, H, W]; this run's "
+                              f"data have shape {tuple(data_shape(cfg.data))}; set apt.augment=none")
         if ac.fourier_features > 0 and cfg.model.name != "mlp":
             raise ConfigError(f"apt.fourier_features = {ac.fourier_features}: the Fourier head reads vector data "
                               f"(an MLP discriminator), this run's model is a {cfg.model.name}; set "
@@ -303,6 +374,12 @@ class AdversarialPostTraining(Objective):
             disc = Discriminator(backbone, self.ac.fourier_features, self.ac.fourier_scale)
         return {"discriminator": disc.to(self.device).train()}
 
+    def player_updates(self, player: str, step: int) -> int:
+        """The discriminator: ``d_steps`` updates a step, ``d_warmup`` more in the first; the generator: one."""
+        if player != "discriminator":
+            return 1
+        return self.ac.d_steps + (self.ac.d_warmup if step == 1 else 0)
+
     def make_optimizer(self, player: str, params: list, impl: dict) -> torch.optim.Optimizer:
         lr = self.ac.lr_d if player == "discriminator" else self.ac.lr_g
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, weight_decay=0.0, foreach=True)
@@ -310,7 +387,9 @@ class AdversarialPostTraining(Objective):
     # -- draws and losses
     def draw(self, generator: torch.Generator) -> Batch:
         """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps``, with
-        ``noise_inputs`` the noise of the real and the fake inputs (``n_real``, ``n_fake``, ``[B, *D]``) and,
+        ``noise_inputs`` the noise of the real and the fake inputs (``n_real``, ``n_fake``, ``[B, *D]``), with
+        ``augment`` each row's transform of the real and the fake inputs (``shift_real``, ``corner_real``,
+        ``shift_fake``, ``corner_fake``: :func:`augment_params`) and,
         with a regression term, the pair store's batch (``more``), in this order."""
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
@@ -320,12 +399,20 @@ class AdversarialPostTraining(Objective):
         if self.ac.noise_inputs:
             extra["n_real"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
             extra["n_fake"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+        if self.augments:
+            for which in ("real", "fake"):
+                for k, v in augment_params(self.augments, tuple(x1.shape), generator, dev).items():
+                    extra[f"{k}_{which}"] = v
         more = (self.regression.draw(generator),) if self.regression is not None else ()
         return Batch(t=t, x0=x0, x1=x1, more=more, extra=extra)
 
     def inputs(self, x: torch.Tensor, batch: Batch, which: str) -> torch.Tensor:
         """What the discriminator sees of ``x`` (``[B, *D]``, the ``which`` rows: ``real`` or ``fake``):
-        ``x`` itself, or with ``noise_inputs`` ``t x + (1 - t) n`` at the batch's times."""
+        ``x`` itself, with ``augment`` transformed (:func:`augment`), then with ``noise_inputs``
+        ``t x + (1 - t) n`` at the batch's times."""
+        if self.augments:
+            x = augment(x, {k: batch.extra[f"{k}_{which}"] for k in ("shift", "corner")
+                            if f"{k}_{which}" in batch.extra})
         if not self.ac.noise_inputs:
             return x
         t = expand_like(batch.t.to(x.dtype), x)

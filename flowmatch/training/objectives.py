@@ -12,7 +12,8 @@ know nothing of any particular objective. An objective
   host reads, so the step can compile it as it is (``train.compile``), autocast it
   (``train.precision``) and run it under DistributedDataParallel;
 - names the ``players`` it trains, in the order they update, one optimiser each (an adversarial
-  objective alternates a generator and a discriminator: each player's update draws its own batch);
+  objective alternates a generator and a discriminator: each player's update draws its own batch),
+  and how many updates each makes in a step (:meth:`Objective.player_updates`: one by default);
 - declares what the plan may do with it (:meth:`Objective.fused_reason`: whether the fused MLP step
   can stand in for its loss) and refuses what it cannot use (:meth:`Objective.check`) before any step;
 - keeps its own state for exact resume (:meth:`Objective.state_dict`).
@@ -135,6 +136,11 @@ class Objective:
 
     def after_update(self, nets: Nets) -> None:
         """Called after every optimiser step of every player, outside autograd (e.g. an EMA target)."""
+
+    def player_updates(self, player: str, step: int) -> int:
+        """How many optimiser updates ``player`` makes in step ``step`` (from 1), each on a batch of its
+        own; its schedule advances once a step. One by default."""
+        return 1
 
     # -- the step's inputs and loss
     def check(self) -> None:

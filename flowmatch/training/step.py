@@ -1,11 +1,12 @@
 """One optimiser step of any objective: the update body every plan runs.
 
-For each of the objective's players, in order: clear its gradients; ``grad_accum`` times draw a
+For each of the objective's players, in order, ``objective.player_updates(player, step)`` times (once for
+most objectives): clear its gradients; ``grad_accum`` times draw a
 micro-batch (``objective.draw``, eager), compute ``objective.loss(nets, batch, player)`` (compiled,
 autocast and under DistributedDataParallel as the plan says) and backpropagate it divided by
 ``grad_accum`` (under DDP only the last micro-batch averages the gradients over the ranks; the others
 run under ``no_sync``); clip the player's gradients (``clip_grad_norm_(..., foreach=True)``), step its
-optimiser and its schedule; ``objective.after_update``. Then the EMA of the student (one multi-tensor
+optimiser; ``objective.after_update``. Then its schedule, once a step. Then the EMA of the student (one multi-tensor
 lerp). The plan's ``fast`` says only whether each micro-batch's loss is read (and checked) before its
 backward (off: a non-finite loss raises :class:`~flowmatch.errors.NonFiniteLossError` before anything
 is updated) or left on the device (on: the trainer reads the losses when the loop asks).
@@ -201,14 +202,15 @@ class TrainStep:
         """Step number ``step`` (from 1; used in error messages)."""
         losses, main = {}, None
         for player in self.players:
-            loss, value = self.accumulate(step, player)
-            # foreach clipping never reads the norm on the host (no error_if_nonfinite)
-            grad_norm = torch.nn.utils.clip_grad_norm_(player.params, self.max_norm, foreach=True)
             lr = player.scheduler.get_last_lr()[0]
-            player.optimizer.step()
+            for _ in range(self.objective.player_updates(player.name, step)):
+                loss, value = self.accumulate(step, player)
+                # foreach clipping never reads the norm on the host (no error_if_nonfinite)
+                grad_norm = torch.nn.utils.clip_grad_norm_(player.params, self.max_norm, foreach=True)
+                player.optimizer.step()
+                with torch.no_grad():
+                    self.objective.after_update(self.nets)
             player.scheduler.step()
-            with torch.no_grad():
-                self.objective.after_update(self.nets)
             losses[player.name] = loss
             if player.name == self.main:
                 main = StepOutput(loss, grad_norm, lr, value)
