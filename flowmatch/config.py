@@ -641,10 +641,10 @@ class AptConfig:
     sees (real and generated, both players, R1), against a discriminator that learns a few thousand
     training images by heart. ``d_steps``: discriminator updates per generator update (each on a batch of
     its own); ``d_warmup``: discriminator updates before the generator's first (in the first step), so
-    that the generator starts against a discriminator that has learnt what it can. Every ``eval_every`` updates (0: never) the EMA generator is scored
-    on ``eval_draws`` validation draws of ``eval_n`` (the mean of their scores) and the best is kept as
-    ``checkpoints/best.pt``. ``steps`` is the
-    stage's ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
+    that the generator starts against a discriminator that has learnt what it can. Every ``eval_every``
+    updates (0: never) the EMA generator is scored on ``eval_draws`` validation draws of ``eval_n`` (the
+    mean of their scores) and the best is kept as ``checkpoints/best.pt``. ``steps`` is the stage's
+    ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
     ``batch_size`` (each player's batch), ``ema_decay`` (the generator's EMA), ``warmup_steps`` /
     ``lr_schedule`` (applied to both learning rates; APT's is constant: ``warmup_steps=0``) and ``seed``;
     not ``lr`` or ``weight_decay``; ``grad_clip`` must be 0.
@@ -681,13 +681,20 @@ class AptConfig:
 
     _section: ClassVar[str] = "apt"
 
+    @property
+    def augments(self) -> tuple[str, ...]:
+        """``augment`` as a tuple of its kinds (empty for ``none``)."""
+        return () if self.augment == "none" else tuple(self.augment.split(","))
+
     def __post_init__(self) -> None:
         _check_ranges(self, {"steps": _int(1), "lr_g": _float(gt=0.0), "lr_d": _float(gt=0.0),
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
-                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0), "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0), "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1)})
-        kinds = self.augment.split(",")
-        if kinds != ["none"] and (len(set(kinds)) != len(kinds) or not set(kinds) <= set(APT_AUGMENTS)):
+                             "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
+                             "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0),
+                             "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1)})
+        kinds = self.augments
+        if len(set(kinds)) != len(kinds) or not set(kinds) <= set(APT_AUGMENTS):
             raise ConfigError(f"apt.augment = {self.augment!r}: must be 'none' or a comma-separated list of "
                               f"{', '.join(APT_AUGMENTS)} (each at most once)")
         if self.discriminator_init is not None and (not isinstance(self.discriminator_init, str)

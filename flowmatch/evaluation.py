@@ -18,7 +18,7 @@ says whether samples sit closer to training images than held-out images do
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,8 +35,8 @@ from flowmatch.training import Tracker, read_metrics
 from flowmatch.utils import make_generator
 
 __all__ = ["LabeledField", "sampling_field", "make_scorer", "image_reference", "image_memorisation",
-           "inception_score_of", "straightness_n", "check_image_metric", "evaluate", "EVAL_KEYS",
-           "IMAGE_EVAL_BATCH"]
+           "memorisation_checker", "inception_score_of", "straightness_n", "check_image_metric", "evaluate",
+           "EVAL_KEYS", "IMAGE_EVAL_BATCH"]
 
 IMAGE_EVAL_BATCH = 2000  # images per solve in the end-of-training evaluation
 # the scores :func:`evaluate` reports (as ``eval/<key>``), per scorer metric, in the order it writes them
@@ -92,7 +92,13 @@ def image_memorisation(cfg, x1: torch.Tensor, *, device: str | torch.device = "c
     (:func:`flowmatch.metrics.memorisation.memorisation`): each sample's distance to its nearest
     training image (the whole training split) against the test split's, in pixel space and in the
     feature space of the task's classifier. Returns ``{"pixels": MemorisationResult, "features":
-    MemorisationResult}``."""
+    MemorisationResult}``. To check several sample sets, build :func:`memorisation_checker` once."""
+    return memorisation_checker(cfg, device=device)(x1)
+
+
+def memorisation_checker(cfg, *, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], dict]:
+    """:func:`image_memorisation` for ``cfg``'s task with its splits and classifier loaded once:
+    ``check(x1) -> {"pixels": MemorisationResult, "features": MemorisationResult}``."""
     from flowmatch.metrics.frechet import ImageFeatureMetrics
     from flowmatch.metrics.memorisation import memorisation
 
@@ -100,8 +106,11 @@ def image_memorisation(cfg, x1: torch.Tensor, *, device: str | torch.device = "c
     test, _ = build_task(cfg.data, split="test").target.tensors()
     features = ImageFeatureMetrics(cfg.data.target, test, path=cfg.eval.classifier, device=device).features
 
-    x1 = x1.detach().cpu()
-    return {"pixels": memorisation(x1, train, test), "features": memorisation(x1, train, test, features=features)}
+    def check(x1: torch.Tensor) -> dict:
+        x1 = x1.detach().cpu()
+        return {"pixels": memorisation(x1, train, test), "features": memorisation(x1, train, test, features=features)}
+
+    return check
 
 
 def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu"):

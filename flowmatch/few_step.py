@@ -392,14 +392,14 @@ def few_step_memorisation(cfg: ExperimentConfig, stages: Sequence[tuple]) -> dic
     import torch
 
     from flowmatch.data.task import build_source
-    from flowmatch.evaluation import image_memorisation, sampling_field
+    from flowmatch.evaluation import memorisation_checker, sampling_field
     from flowmatch.solvers import solve
     from flowmatch.training import load_model
     from flowmatch.utils import make_generator
 
     n = cfg.reflow.bench_n
     x0 = build_source(cfg.data).sample(n, generator=make_generator(0))
-    out = {}
+    out, check = {}, memorisation_checker(cfg)
     for method, ckpt, _ in stages:
         field = sampling_field(load_model(ckpt).model, n, cfg.eval.guidance)
         with torch.no_grad():
@@ -409,7 +409,7 @@ def few_step_memorisation(cfg: ExperimentConfig, stages: Sequence[tuple]) -> dic
                 label, x1 = "anystep nfe 1", solve(field, x0, "anystep", nfe=1).x1
             else:
                 label, x1 = "euler nfe 1", solve(field, x0, "euler", nfe=1).x1
-        checks = image_memorisation(cfg, x1)
+        checks = check(x1)
         out[method] = {"sampler": label, **{space: r.summary() for space, r in checks.items()}}
     return out
 

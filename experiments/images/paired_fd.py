@@ -33,7 +33,7 @@ import sys
 import torch
 
 from flowmatch.data.task import build_task, is_image_task
-from flowmatch.evaluation import image_memorisation, image_reference
+from flowmatch.evaluation import image_reference, memorisation_checker
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 
@@ -79,6 +79,7 @@ def main() -> None:
         raise SystemExit(f"{args.run}: {cfg.name} is a toy task; score it with experiments/toy/paired_w2.py")
     source = build_task(cfg.data).source
     metrics, _, held_out = image_reference(cfg, args.n)
+    check = memorisation_checker(cfg) if args.memorisation else None
     names = ["fd", "fd_test"] + (["copies_pixels", "copies_features"] if args.memorisation else [])
     scores = {key: {m: [] for m in names} for key, *_ in entries}
     # each solve starts its own state (a consistency sampler re-seeds its noise), so one solver an entry serves every draw
@@ -91,8 +92,8 @@ def main() -> None:
                 x1 = solve(models[key].model.eval(), x0, solvers[key], **({} if nfe is None else {"nfe": nfe})).x1
                 scores[key]["fd"].append(metrics.fd(x1))
                 scores[key]["fd_test"].append(held_out.fd(x1))
-                if args.memorisation:
-                    for space, r in image_memorisation(cfg, x1).items():
+                if check is not None:
+                    for space, r in check(x1).items():
                         scores[key][f"copies_{space}"].append(r.copies_fraction)
             print(f"draw {i}: " + ", ".join(f"{k} {v['fd'][-1]:.4f}" for k, v in scores.items()), flush=True)
     summary = {}

@@ -67,7 +67,8 @@ Optimisers: RMSProp with ``alpha = 0.9`` for both players (as APT), learning rat
 ``apt.lr_g`` and ``apt.lr_d``, no weight decay, and no gradient clipping (``train.grad_clip`` must be
 0). The discriminator updates ``apt.d_steps`` times per generator update (APT: once), and
 ``apt.d_warmup`` more times in the first step, before the generator's first update; each update draws
-its own batch (:meth:`AdversarialPostTraining.player_updates`, :func:`discriminator_updates`). ``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
+its own batch (:meth:`AdversarialPostTraining.player_updates`, :func:`discriminator_updates`).
+``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
 (:class:`~flowmatch.training.objectives.OneStepDistill`, ``d(v(x0, 0), x1 - x0)``) to the generator's
 loss with that weight: the teacher keeps the student near it while real data corrects it.
 
@@ -110,8 +111,7 @@ from flowmatch.utils import expand_like, make_generator
 
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
            "generator_loss", "approx_r1", "exact_r1", "augment_params", "augment", "discriminator_updates",
-           "ONE_STEP_OBJECTIVES",
-           "VALIDATION_SCORERS", "VALIDATION_SEED"]
+           "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS", "VALIDATION_SEED"]
 
 # objectives whose students are one-step generators x0 + v(x0, 0)
 ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
@@ -296,7 +296,7 @@ class AdversarialPostTraining(Objective):
         ac = cfg.apt
         self.ac, self.batch_size = ac, cfg.train.batch_size
         self.regression = OneStepDistill(cfg, comp) if ac.regression_weight > 0 else None
-        self.augments = tuple(k for k in ac.augment.split(",") if k != "none")
+        self.augments = ac.augments
         self.best: Optional[dict] = None  # {"step", "score"} of the best validation so far (state)
         self._val: Optional[tuple] = None  # (x0 [n, *D], scorer), built at the first validation
 
