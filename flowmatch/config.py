@@ -643,7 +643,10 @@ class AptConfig:
     its own); ``d_warmup``: discriminator updates before the generator's first (in the first step), so
     that the generator starts against a discriminator that has learnt what it can. Every ``eval_every``
     updates (0: never) the EMA generator is scored on ``eval_draws`` validation draws of ``eval_n`` (the
-    mean of their scores) and the best is kept as ``checkpoints/best.pt``. ``steps`` is the stage's
+    mean of their scores) and the best is kept as ``checkpoints/best.pt``; ``eval_noise``: the validation
+    draws' source points i.i.d. (``iid``) or quasi-random (``quasi``: scrambled Sobol, a mixture's components
+    in exact shares, :meth:`flowmatch.data.toy.ToyDistribution.quasi`), which leaves less scatter between
+    two checkpoints' scores. ``steps`` is the stage's
     ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
     ``batch_size`` (each player's batch), ``ema_decay`` (the generator's EMA), ``warmup_steps`` /
     ``lr_schedule`` (applied to both learning rates; APT's is constant: ``warmup_steps=0``) and ``seed``;
@@ -678,6 +681,7 @@ class AptConfig:
     eval_every: int = 50
     eval_n: int = 2000
     eval_draws: int = 1
+    eval_noise: str = "iid"
 
     _section: ClassVar[str] = "apt"
 
@@ -692,7 +696,8 @@ class AptConfig:
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
                              "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
                              "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0),
-                             "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1)})
+                             "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
+                             "eval_noise": _one_of("iid", "quasi")})
         kinds = self.augments
         if len(set(kinds)) != len(kinds) or not set(kinds) <= set(APT_AUGMENTS):
             raise ConfigError(f"apt.augment = {self.augment!r}: must be 'none' or a comma-separated list of "

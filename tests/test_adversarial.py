@@ -395,6 +395,30 @@ def test_validation_over_several_draws_scores_their_mean(ckpts):
         apply_overrides(cfg, ["apt.eval_draws=0"])
 
 
+def test_quasi_validation_scores_the_sources_quasi_draws(ckpts):
+    """``apt.eval_noise = quasi``: each validation draw's source points are the source's quasi-random draw
+    of the draw's seed (the scorer's reference as with i.i.d. noise); a source without one is refused."""
+    from flowmatch.distill.adversarial import VALIDATION_SEED
+    from flowmatch.evaluation import validation_scorer
+
+    cfg = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64", "apt.eval_draws=2", "apt.eval_noise=quasi")
+    model = load_model(ckpts["gen"]).model
+    got = AdversarialPostTraining(cfg, build_trainer(cfg).components).validate(0, model).scores["apt/val_w2"]
+    source = build_trainer(cfg).components.source
+    each = []
+    with torch.no_grad():
+        for i in range(2):
+            seed = VALIDATION_SEED + 1000 * i
+            each.append(float(validation_scorer(cfg, 64, seed=seed)(one_step(model, source.quasi(64, seed=seed)))["w2"]))
+    assert got == pytest.approx(sum(each) / 2, abs=1e-9)
+    iid = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64", "apt.eval_draws=2")
+    assert AdversarialPostTraining(iid, build_trainer(iid).components).validate(0, model).scores["apt/val_w2"] != \
+        pytest.approx(got, abs=1e-6)
+    bad = _cfg(ckpts, "apt.eval_every=4", "apt.eval_noise=quasi", "data.source=checkerboard")
+    with pytest.raises(ConfigError, match="apt.eval_noise=quasi: the source 'checkerboard' has no quasi-random draw"):
+        AdversarialPostTraining(bad, build_trainer(bad).components)
+
+
 def test_regression_term_on_a_pair_store(ckpts, tmp_path):
     from flowmatch.reflow import generate_pairs
 

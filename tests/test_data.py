@@ -452,3 +452,68 @@ def test_8gaussians_circles_spirals_training_draws_keep_their_stream():
     noise = torch.randn(n, 2, generator=g)
     expected = torch.stack([dx, dy], dim=1) * sign[:, None] / 3 + 0.1 * noise
     assert torch.equal(get_dataset("spirals").sample(n, generator=gen(22)), expected)
+
+
+# --------------------------------------------------------------------------- quasi-random draws
+
+
+def _one_per_cell(u: torch.Tensor) -> bool:
+    """Whether the ``n`` values ``u`` in (0, 1) put exactly one point in each cell ``[i / n, (i + 1) / n)``."""
+    n = len(u)
+    return torch.equal(torch.sort((u * n).floor().long()).values, torch.arange(n))
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_gaussian_quasi_draw_stratifies_every_coordinate(n):
+    # a scrambled Sobol draw of n = 2^m points is a (t, m, 2)-net: each coordinate's normal CDF puts one
+    # point in each of n equal-probability cells, which an i.i.d. draw does with probability ~ n! / n^n
+    z = get_dataset("gaussian").quasi(n, seed=3, dtype=torch.float64)
+    assert z.shape == (n, 2) and z.dtype == torch.float64
+    assert all(_one_per_cell(_normal_cdf(z[:, j])) for j in range(2))
+    assert z.mean(0).abs().max() < 0.5 / n ** 0.5  # an i.i.d. mean's standard error is 1 / sqrt(n)
+    assert torch.equal(z, get_dataset("gaussian").quasi(n, seed=3, dtype=torch.float64))  # fixed by the seed
+    assert not torch.equal(z, get_dataset("gaussian").quasi(n, seed=4, dtype=torch.float64))
+
+
+def test_gaussian_quasi_draw_has_the_source_shape():
+    z = get_dataset("gaussian", shape=(1, 4, 4)).quasi(64, seed=0)
+    assert z.shape == (64, 1, 4, 4) and z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert _one_per_cell(_normal_cdf(z.reshape(64, 16)[:, 15].double()))
+
+
+def test_8gaussians_quasi_draw_splits_exactly_and_stratifies_each_component():
+    n = 8 * 256
+    ds = get_dataset("8gaussians")
+    x = ds.quasi(n, seed=5, dtype=torch.float64)
+    # row i around centre i mod 8, as the reference's: each component's rows, less their centre, are a net
+    # of their own (a row placed around another centre would fall outside every cell's count)
+    for c in range(8):
+        z = (x[c::8] - _eight_centres()[c]) / 0.1 ** 0.25
+        assert all(_one_per_cell(_normal_cdf(z[:, j])) for j in range(2))
+    assert (_component("8gaussians", x) == torch.arange(n) % 8).double().mean() > 0.99
+
+
+def test_moons_quasi_draw_is_the_moons_formula_on_sobol_points():
+    n = 2 * 128
+    x = get_dataset("moons").quasi(n, seed=6, dtype=torch.float64)
+    expected = torch.empty(n, 2, dtype=torch.float64)
+    for c in range(2):  # even rows: the lower moon, from the engine of seed 6 + c
+        u = torch.quasirandom.SobolEngine(3, scramble=True, seed=6 + c).draw(n // 2, dtype=torch.float64)
+        theta, noise = math.pi * u[:, 0], math.sqrt(2) * torch.erfinv(2 * u[:, 1:] - 1)
+        up = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+        moon = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1) if c == 0 else up
+        expected[c::2] = (moon + 0.2 * noise) * 3 - 1
+    assert torch.allclose(x, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["upper_moon", "checkerboard", "spirals", "circles"])
+def test_quasi_draw_of_a_distribution_without_one_is_refused(name):
+    ds = get_dataset(name)
+    assert not ds.has_quasi
+    with pytest.raises(ConfigError, match=f"dataset '{name}' has no quasi-random draw"):
+        ds.quasi(8, seed=0)
+    assert all(get_dataset(k).has_quasi for k in ("gaussian", "8gaussians", "moons"))

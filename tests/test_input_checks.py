@@ -334,6 +334,7 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("apt.eval_every=-1", "apt.eval_every", "an integer >= 0"),
     ("apt.eval_n=1", "apt.eval_n", "an integer >= 2"),
     ("apt.eval_draws=0", "apt.eval_draws", "an integer >= 1"),
+    ("apt.eval_noise=sobol", "apt.eval_noise", "one of"),
     ("apt.d_steps=0", "apt.d_steps", "an integer >= 1"),
     ("apt.d_warmup=-1", "apt.d_warmup", "an integer >= 0"),
     ("ot_cfm.steps=0", "ot_cfm.steps", "an integer >= 1"),
