@@ -60,13 +60,16 @@ class ToyScorer:
     0.160, 8gaussians 0.134 against 0.264), a floor no model could reach.
     The W2 runs in a second thread while the MMD runs in this one (POT's network simplex
     releases the GIL), so a row costs the slower of the two rather than their sum; ``workers``
-    rows are scored at once by :func:`bench_suite`. Neither changes a score."""
+    rows are scored at once by :func:`bench_suite`. Neither changes a score. ``quasi=True`` (model
+    selection, ``apt.eval_noise=quasi``) draws the reference as ``target.quasi(n, seed=seed + 1)``
+    instead: a low-discrepancy set whose W2 to a model's samples scatters less between draws."""
 
     metric = "w2"
     scores = ("w2", "mmd")
 
-    def __init__(self, target, n: int, seed: int = 0, *, workers: Optional[int] = None):
-        self.ref = target.reference(n, generator=make_generator(seed + 1), device="cpu")
+    def __init__(self, target, n: int, seed: int = 0, *, workers: Optional[int] = None, quasi: bool = False):
+        self.ref = (target.quasi(n, seed=seed + 1) if quasi
+                    else target.reference(n, generator=make_generator(seed + 1), device="cpu"))
         self.ref2 = target.sample(n, generator=make_generator(seed + 2), device="cpu")
         self._mmd: dict = {}
         # rows :func:`bench_suite` scores at once, after its timed solves (default: torch's thread count, at most 4)

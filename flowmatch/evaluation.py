@@ -121,12 +121,16 @@ def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu
     return ToyScorer(build_task(cfg.data).target, n, seed)
 
 
-def validation_scorer(cfg, n: int, *, seed: int, device: str | torch.device = "cpu"):
+def validation_scorer(cfg, n: int, *, seed: int, device: str | torch.device = "cpu", quasi: bool = False):
     """The scorer a run selects its checkpoint with (APT's model selection): for a toy task the bench's
-    scorer of ``seed`` (``n`` points against an exact-split reference of its own seed); for an image
-    task the classifier FD (and KID) against the ``val`` split, the training images held out of
-    ``data.split=fit`` (never the test split, which reports ``fd_test``, nor the bench's reference)."""
+    scorer of ``seed`` (``n`` points against an exact-split reference of its own seed; with ``quasi``
+    against the target's quasi-random draw of that seed, :class:`~flowmatch.bench.ToyScorer`); for an
+    image task the classifier FD (and KID) against the ``val`` split, the training images held out of
+    ``data.split=fit`` (never the test split, which reports ``fd_test``, nor the bench's reference;
+    ``quasi`` changes nothing there)."""
     if not is_image_task(cfg.data):
+        if quasi:
+            return ToyScorer(build_task(cfg.data).target, n, seed, quasi=True)
         return make_scorer(cfg, n, seed=seed, device=device)
     from flowmatch.metrics.frechet import ImageFeatureMetrics
 

@@ -397,7 +397,8 @@ def test_validation_over_several_draws_scores_their_mean(ckpts):
 
 def test_quasi_validation_scores_the_sources_quasi_draws(ckpts):
     """``apt.eval_noise = quasi``: each validation draw's source points are the source's quasi-random draw
-    of the draw's seed (the scorer's reference as with i.i.d. noise); a source without one is refused."""
+    of the draw's seed, its reference the target's of the seed + 1; a source or target without one is
+    refused."""
     from flowmatch.distill.adversarial import VALIDATION_SEED
     from flowmatch.evaluation import validation_scorer
 
@@ -409,14 +410,17 @@ def test_quasi_validation_scores_the_sources_quasi_draws(ckpts):
     with torch.no_grad():
         for i in range(2):
             seed = VALIDATION_SEED + 1000 * i
-            each.append(float(validation_scorer(cfg, 64, seed=seed)(one_step(model, source.quasi(64, seed=seed)))["w2"]))
+            scorer = validation_scorer(cfg, 64, seed=seed, quasi=True)
+            assert torch.equal(scorer.ref, build_trainer(cfg).components.target.quasi(64, seed=seed + 1))
+            each.append(float(scorer(one_step(model, source.quasi(64, seed=seed)))["w2"]))
     assert got == pytest.approx(sum(each) / 2, abs=1e-9)
     iid = _cfg(ckpts, "apt.eval_every=4", "apt.eval_n=64", "apt.eval_draws=2")
     assert AdversarialPostTraining(iid, build_trainer(iid).components).validate(0, model).scores["apt/val_w2"] != \
         pytest.approx(got, abs=1e-6)
-    bad = _cfg(ckpts, "apt.eval_every=4", "apt.eval_noise=quasi", "data.source=checkerboard")
-    with pytest.raises(ConfigError, match="apt.eval_noise=quasi: the source 'checkerboard' has no quasi-random draw"):
-        AdversarialPostTraining(bad, build_trainer(bad).components)
+    for key in ("source", "target"):
+        bad = _cfg(ckpts, "apt.eval_every=4", "apt.eval_noise=quasi", f"data.{key}=checkerboard")
+        with pytest.raises(ConfigError, match="apt.eval_noise=quasi: 'checkerboard' has no quasi-random draw"):
+            AdversarialPostTraining(bad, build_trainer(bad).components)
 
 
 def test_regression_term_on_a_pair_store(ckpts, tmp_path):

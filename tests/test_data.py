@@ -501,8 +501,8 @@ def test_moons_quasi_draw_is_the_moons_formula_on_sobol_points():
     n = 2 * 128
     x = get_dataset("moons").quasi(n, seed=6, dtype=torch.float64)
     expected = torch.empty(n, 2, dtype=torch.float64)
-    for c in range(2):  # even rows: the lower moon, from the engine of seed 6 + c
-        u = torch.quasirandom.SobolEngine(3, scramble=True, seed=6 + c).draw(n // 2, dtype=torch.float64)
+    for c in range(2):  # even rows: the lower moon, from the engine of seed 64 * 6 + c
+        u = torch.quasirandom.SobolEngine(3, scramble=True, seed=64 * 6 + c).draw(n // 2, dtype=torch.float64)
         theta, noise = math.pi * u[:, 0], math.sqrt(2) * torch.erfinv(2 * u[:, 1:] - 1)
         up = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
         moon = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1) if c == 0 else up
@@ -517,3 +517,15 @@ def test_quasi_draw_of_a_distribution_without_one_is_refused(name):
     with pytest.raises(ConfigError, match=f"dataset '{name}' has no quasi-random draw"):
         ds.quasi(8, seed=0)
     assert all(get_dataset(k).has_quasi for k in ("gaussian", "8gaussians", "moons"))
+
+
+def test_quasi_draws_of_neighbouring_seeds_share_no_engine():
+    # a source draw of seed s and a reference of seed s + 1 (the validation's): engines of one seed
+    # scramble alike in their common dimensions, so a shared engine would align the two sets
+    a = get_dataset("8gaussians").quasi(64, seed=10, dtype=torch.float64)
+    b = get_dataset("moons").quasi(64, seed=11, dtype=torch.float64)
+    u = torch.quasirandom.SobolEngine(2, scramble=True, seed=64 * 11).draw(8, dtype=torch.float64)
+    assert not torch.allclose(_normal_cdf((a[1::8] - _eight_centres()[1]) / 0.1 ** 0.25), u)
+    lower = torch.quasirandom.SobolEngine(3, scramble=True, seed=64 * 11).draw(32, dtype=torch.float64)
+    assert torch.allclose(b[0::2, 0], (1 - torch.cos(math.pi * lower[:, 0]) + 0.2 * math.sqrt(2)
+                                       * torch.erfinv(2 * lower[:, 1] - 1)) * 3 - 1, atol=1e-12)

@@ -75,9 +75,9 @@ class ToyDistribution:
     def quasi(self, n: int, *, seed: int, device: Optional[torch.device | str] = None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A low-discrepancy draw of ``n`` points, shape as :meth:`sample`'s: scrambled Sobol points
-        (``torch.quasirandom.SobolEngine``, scrambled from ``seed``) through the inverse normal CDF, a
-        mixture's components in exact shares as in :meth:`reference` (each component's points from an
-        engine of its own, seed ``seed + k``). A model fed such a draw has no binomial or multinomial
+        (``torch.quasirandom.SobolEngine``, scrambled from ``64 seed``) through the inverse normal CDF, a
+        mixture's components in exact shares as in :meth:`reference` (component ``c``'s points from an
+        engine of its own, scrambled from ``64 seed + c``, so that draws of two seeds share none). A model fed such a draw has no binomial or multinomial
         share noise of its own, so two models compared on it differ by less scatter than on i.i.d.
         draws (model selection, ``apt.eval_noise=quasi``). Only ``gaussian``, ``8gaussians`` and
         ``moons`` have one (:attr:`has_quasi`); the others raise a ConfigError."""
@@ -138,11 +138,18 @@ def _normal_quantile(u: torch.Tensor) -> torch.Tensor:
     return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
 
 
+def _engine_seed(seed: int, c: int = 0) -> int:
+    """The Sobol engine's scrambling seed of a quasi draw's component ``c`` (< 64): draws of different
+    seeds (a model's source points and the reference it is scored against) share no engine, since
+    engines of one seed scramble alike in every dimension they have in common."""
+    return 64 * seed + c
+
+
 def _per_component(n: int, k: int, seed: int, draw) -> torch.Tensor:
     """Rows of an exact split (row ``i`` in component ``i mod k``), component ``c``'s rows filled by
-    ``draw(c, m, seed + c)`` (``[m, d]``, its ``m`` rows in order)."""
+    ``draw(c, m, _engine_seed(seed, c))`` (``[m, d]``, its ``m`` rows in order)."""
     comps = _components(n, k, "cpu")
-    parts = [draw(c, int((comps == c).sum()), seed + c) for c in range(k)]
+    parts = [draw(c, int((comps == c).sum()), _engine_seed(seed, c)) for c in range(k)]
     out = torch.empty(n, parts[0].shape[1], dtype=parts[0].dtype)
     for c, part in enumerate(parts):
         out[comps == c] = part
@@ -177,7 +184,7 @@ class Gaussian(ToyDistribution):
         return _randn(n, self.dim, g, device, dtype)
 
     def _quasi(self, n, seed, device, dtype):
-        z = _normal_quantile(_sobol(n, self.dim, seed)).to(device=device, dtype=dtype)
+        z = _normal_quantile(_sobol(n, self.dim, _engine_seed(seed))).to(device=device, dtype=dtype)
         return z if self.shape is None else z.reshape(n, *self.shape)
 
     def __repr__(self) -> str:

@@ -76,9 +76,9 @@ Model selection: every ``apt.eval_every`` updates (and before the first) the EMA
 of fixed validation draws (``apt.eval_draws`` draws of ``apt.eval_n`` source points, the ``i``-th from
 seed ``VALIDATION_SEED + 1000 i``, each with a scorer of that seed; the score is the mean over the
 draws, so that a checkpoint is not chosen for one draw's matching noise; with ``apt.eval_noise=quasi``
-the source points are a quasi-random draw of that seed, :meth:`~flowmatch.data.toy.ToyDistribution.quasi`:
-a model's samples then carry no binomial share noise, and two checkpoints' scores differ by less
-scatter, on N(0, I) -> 8 Gaussians a fifth of an i.i.d. draw's) are scored by
+the source points, and a toy task's reference, are quasi-random draws of that seed,
+:meth:`~flowmatch.data.toy.ToyDistribution.quasi`: neither side carries i.i.d. share noise, and two
+checkpoints' scores differ by less scatter, on 8 Gaussians -> moons half an i.i.d. draw's) are scored by
 the task's scorer (:data:`VALIDATION_SCORERS`, registered by :mod:`flowmatch.evaluation`): toy tasks
 by exact W2 against fresh target draws from the draw's seed ``+ 1`` (never the bench's seeds
 0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against the
@@ -347,10 +347,12 @@ class AdversarialPostTraining(Objective):
             except ConfigError as e:
                 raise ConfigError(f"apt.regression_weight = {ac.regression_weight} regresses the teacher's pairs: "
                                   f"{e}") from None
-        source = self.comp.source
-        if ac.eval_noise == "quasi" and not getattr(source, "has_quasi", False):
-            raise ConfigError(f"apt.eval_noise=quasi: the source {getattr(source, 'name', source)!r} has no "
-                              f"quasi-random draw (gaussian, 8gaussians and moons do); set apt.eval_noise=iid")
+        # the source's draw, and a toy target's reference (an image target's is the val split)
+        quasi_of = [self.comp.source] + ([self.comp.target] if hasattr(self.comp.target, "has_quasi") else [])
+        lacking = [getattr(d, "name", repr(d)) for d in quasi_of if not getattr(d, "has_quasi", False)]
+        if ac.eval_noise == "quasi" and lacking:
+            raise ConfigError(f"apt.eval_noise=quasi: {lacking[0]!r} has no quasi-random draw (gaussian, 8gaussians "
+                              f"and moons do); set apt.eval_noise=iid")
         if ac.eval_every > 0 and "default" not in VALIDATION_SCORERS:
             raise ConfigError("apt.eval_every > 0 scores the generator with flowmatch.evaluation's scorer: import "
                               "flowmatch.evaluation (the CLI and the pipelines do), or set apt.eval_every=0")
@@ -468,7 +470,9 @@ class AdversarialPostTraining(Objective):
                     x0 = self.comp.source.quasi(n, seed=seed)
                 else:
                     x0 = self.comp.source.sample(n, generator=make_generator(seed), device="cpu")
-                self._val.append((x0, VALIDATION_SCORERS["default"](self.cfg, n, seed=seed, device=self.device)))
+                scorer = VALIDATION_SCORERS["default"](self.cfg, n, seed=seed, device=self.device,
+                                                       quasi=self.ac.eval_noise == "quasi")
+                self._val.append((x0, scorer))
         return self._val
 
     @torch.no_grad()
