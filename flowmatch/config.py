@@ -646,8 +646,9 @@ class AptConfig:
     mean of their scores) and the best is kept as ``checkpoints/best.pt``; ``eval_noise``: the validation
     draws' source points i.i.d. (``iid``) or quasi-random (``quasi``: scrambled Sobol, a mixture's components
     in exact shares, :meth:`flowmatch.data.toy.ToyDistribution.quasi`), which leaves less scatter between
-    two checkpoints' scores. ``steps`` is the stage's
-    ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
+    two checkpoints' scores; ``eval_min_gain``: a checkpoint replaces the start only when its score is
+    lower than the start's by more than this (0: any gain; the lowest of those that are is kept). ``steps``
+    is the stage's ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
     ``batch_size`` (each player's batch), ``ema_decay`` (the generator's EMA), ``warmup_steps`` /
     ``lr_schedule`` (applied to both learning rates; APT's is constant: ``warmup_steps=0``) and ``seed``;
     not ``lr`` or ``weight_decay``; ``grad_clip`` must be 0.
@@ -682,6 +683,7 @@ class AptConfig:
     eval_n: int = 2000
     eval_draws: int = 1
     eval_noise: str = "iid"
+    eval_min_gain: float = 0.0
 
     _section: ClassVar[str] = "apt"
 
@@ -697,7 +699,7 @@ class AptConfig:
                              "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
                              "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
-                             "eval_noise": _one_of("iid", "quasi")})
+                             "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0)})
         kinds = self.augments
         if len(set(kinds)) != len(kinds) or not set(kinds) <= set(APT_AUGMENTS):
             raise ConfigError(f"apt.augment = {self.augment!r}: must be 'none' or a comma-separated list of "

@@ -21,7 +21,9 @@ from flowmatch.config import apply_overrides, to_dict
 from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, augment,
                                            augment_params, discriminator_loss, discriminator_updates, exact_r1,
                                            generator_loss, one_step, shifted_time)
+from flowmatch.data.task import build_task
 from flowmatch.errors import ConfigError, NonFiniteLossError
+from flowmatch.metrics.distances import w2
 from flowmatch.models import build_model
 from flowmatch.training import (OBJECTIVES, build_trainer, load_checkpoint, load_model, read_metrics,
                                 save_checkpoint, train)
@@ -395,6 +397,31 @@ def test_validation_over_several_draws_scores_their_mean(ckpts):
         apply_overrides(cfg, ["apt.eval_draws=0"])
 
 
+@pytest.mark.parametrize("gain, kept", [(0.0, [0, 1, 3]), (0.05, [0, 3]), (0.5, [0])])
+def test_a_checkpoint_replaces_the_start_only_by_more_than_eval_min_gain(ckpts, gain, kept):
+    """Scores 1.0 (the start), 0.97, 0.99, 0.90, 0.95: with no margin each new low is kept; with 0.05 the
+    start stays until 0.90; with 0.5 it is never replaced. A resumed objective keeps the start's score."""
+    cfg = _cfg(ckpts, "apt.eval_every=1", "train.steps=10", f"apt.eval_min_gain={gain}")
+    obj = AdversarialPostTraining(cfg, build_trainer(cfg).components)
+    scores = iter([1.0, 0.97, 0.99, 0.90, 0.95])
+
+    class Scorer:
+        metric = "w2"
+
+        def __call__(self, x1):
+            return {"w2": next(scores)}
+
+    obj._val = [(torch.zeros(4, 2), Scorer())]
+    model = load_model(ckpts["gen"]).model
+    marks = [obj.validate(step, model).best for step in range(3)]
+    resumed = AdversarialPostTraining(cfg, build_trainer(cfg).components)
+    resumed.load_state_dict(obj.state_dict())
+    resumed._val = obj._val
+    marks += [resumed.validate(step, model).best for step in (3, 4)]
+    assert [i for i, m in enumerate(marks) if m] == kept
+    assert resumed.best["step"] == kept[-1] and resumed.first == 1.0
+
+
 def test_quasi_validation_scores_the_sources_quasi_draws(ckpts):
     """``apt.eval_noise = quasi``: each validation draw's source points are the source's quasi-random draw
     of the draw's seed, its reference the target's of the seed + 1; a source or target without one is
@@ -721,3 +748,32 @@ def test_two_sample_script_scores_the_data_and_each_model(ckpts, tmp_path):
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["accuracy_se"] == pytest.approx(math.sqrt(0.25 / 32))
         assert 1 >= r["far > 0.1"] >= r["far > 0.2"] >= r["far > 0.3"] >= 0
+
+
+# --------------------------------------------------------------------------- experiments/toy/selection_scatter.py
+
+_SCATTER = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "selection_scatter.py")
+
+
+def test_selection_scatter_scores_each_mode_on_its_draws(ckpts, tmp_path):
+    """Each mode's scores are the W2 of the model's one step from that mode's source points against that
+    mode's reference (recomputed here for the second model's first draw); the base differs from itself by 0."""
+    out = tmp_path / "scatter.json"
+    subprocess.run([sys.executable, _SCATTER, str(tmp_path), ckpts["gen"], ckpts["teacher"], "--draws", "2",
+                    "--n", "64", "--seed", "7", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    model = load_model(ckpts["teacher"])
+    task = build_task(model.config.data)
+    g = torch.Generator().manual_seed(7)
+    x0, ref = task.source.sample(64, generator=g), task.target.reference(64, generator=g)
+    xq, refq = task.source.quasi(64, seed=7), task.target.quasi(64, seed=8)
+    with torch.no_grad():
+        want = {"iid": w2(one_step(model.model.eval(), x0), ref), "quasi source": w2(one_step(model.model, xq), ref),
+                "quasi": w2(one_step(model.model, xq), refq)}
+    for mode, value in want.items():
+        assert res["scores"][mode][1][0] == pytest.approx(value, rel=1e-6)
+        base, other = res["summary"][mode]
+        assert base["diff_mean"] == 0 and base["diff_sd"] == 0
+        diffs = [a - b for a, b in zip(res["scores"][mode][1], res["scores"][mode][0])]
+        assert other["diff_mean"] == pytest.approx(sum(diffs) / 2) and other["diff_se"] == pytest.approx(
+            abs(diffs[0] - diffs[1]) / 2)

@@ -335,6 +335,7 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("apt.eval_n=1", "apt.eval_n", "an integer >= 2"),
     ("apt.eval_draws=0", "apt.eval_draws", "an integer >= 1"),
     ("apt.eval_noise=sobol", "apt.eval_noise", "one of"),
+    ("apt.eval_min_gain=-0.1", "apt.eval_min_gain", "a finite number >= 0"),
     ("apt.d_steps=0", "apt.d_steps", "an integer >= 1"),
     ("apt.d_warmup=-1", "apt.d_warmup", "an integer >= 0"),
     ("ot_cfm.steps=0", "ot_cfm.steps", "an integer >= 1"),

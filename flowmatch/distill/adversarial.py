@@ -84,6 +84,9 @@ by exact W2 against fresh target draws from the draw's seed ``+ 1`` (never the b
 0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against the
 ``val`` split (:func:`flowmatch.evaluation.validation_scorer`: training images held out of
 ``data.split=fit``, which the chain's APT stage trains the discriminator on; never the test split).
+A checkpoint replaces the start only when its score is below the start's by more than
+``apt.eval_min_gain`` (0: any gain), so that a gain within the validation's own scatter does not
+swap a known model for one that is as likely worse; among those that do, the lowest score is kept.
 The loop logs ``apt/val_w2`` (or ``apt/val_fd``) and writes the best state as
 ``checkpoints/best.pt`` (with ``selection``: its step, metric and score).
 
@@ -301,6 +304,7 @@ class AdversarialPostTraining(Objective):
         self.regression = OneStepDistill(cfg, comp) if ac.regression_weight > 0 else None
         self.augments = ac.augments
         self.best: Optional[dict] = None  # {"step", "score"} of the best validation so far (state)
+        self.first: Optional[float] = None  # the first validation's score: the start's (state)
         self._val: Optional[tuple] = None  # (x0 [n, *D], scorer), built at the first validation
 
     # -- inputs
@@ -479,7 +483,8 @@ class AdversarialPostTraining(Objective):
     def validate(self, step: int, model: nn.Module) -> Optional[Validation]:
         """Every ``apt.eval_every`` updates (step 0 included) and at the last: the EMA generator's score
         on the validation draw (``apt/val_<metric>`` and the scorer's other scores), ``best`` when it is
-        below every earlier one (a non-finite score never is)."""
+        below every earlier one and below the first (the start's) by more than ``apt.eval_min_gain`` (a
+        non-finite score never is)."""
         every = self.ac.eval_every
         if every == 0 or (step % every and step != self.cfg.train.steps):
             return None
@@ -491,7 +496,11 @@ class AdversarialPostTraining(Objective):
         # each score's mean over the draws (one draw: its scores as they are)
         scores = {k: sum(float(d[k]) for d in per_draw) / len(per_draw) for k in per_draw[0]}
         score = float(scores[scorer.metric])
-        best = math.isfinite(score) and (self.best is None or score < self.best["score"])
+        if self.first is None:
+            self.first = score
+        # a later checkpoint replaces the start only when it beats it by more than apt.eval_min_gain
+        best = math.isfinite(score) and (self.best is None or (
+            score < self.best["score"] and score < self.first - self.ac.eval_min_gain))
         if best:
             self.best = {"step": int(step), "score": score, "metric": scorer.metric}
         return Validation({f"apt/val_{k}": float(v) for k, v in scores.items()}, best,
@@ -499,13 +508,14 @@ class AdversarialPostTraining(Objective):
 
     # -- state
     def state_dict(self) -> dict:
-        state = {"best": dict(self.best) if self.best is not None else None}
+        state = {"best": dict(self.best) if self.best is not None else None, "first": self.first}
         if self.regression is not None:
             state["regression"] = self.regression.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.best = dict(state["best"]) if state.get("best") is not None else None
+        self.first = state.get("first", self.best["score"] if self.best is not None else None)
         if self.regression is not None:
             self.regression.load_state_dict(state.get("regression", {}))
 
