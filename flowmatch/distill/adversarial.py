@@ -78,7 +78,7 @@ seed ``VALIDATION_SEED + 1000 i``, each with a scorer of that seed; the score is
 draws, so that a checkpoint is not chosen for one draw's matching noise; with ``apt.eval_noise=quasi``
 the source points, and a toy task's reference, are quasi-random draws of that seed,
 :meth:`~flowmatch.data.toy.ToyDistribution.quasi`: neither side carries i.i.d. share noise, and two
-checkpoints' scores differ by less scatter, on 8 Gaussians -> moons half an i.i.d. draw's) are scored by
+checkpoints' scores differ by a seventh to a tenth of an i.i.d. draw's scatter, README) are scored by
 the task's scorer (:data:`VALIDATION_SCORERS`, registered by :mod:`flowmatch.evaluation`): toy tasks
 by exact W2 against fresh target draws from the draw's seed ``+ 1`` (never the bench's seeds
 0, 1, 2 or the evaluation's ``eval.seed``); image tasks by the classifier Fréchet distance against the
