@@ -77,10 +77,11 @@ class ToyDistribution:
         """A low-discrepancy draw of ``n`` points, shape as :meth:`sample`'s: scrambled Sobol points
         (``torch.quasirandom.SobolEngine``, scrambled from ``64 seed``) through the inverse normal CDF, a
         mixture's components in exact shares as in :meth:`reference` (component ``c``'s points from an
-        engine of its own, scrambled from ``64 seed + c``, so that draws of two seeds share none). A model fed such a draw has no binomial or multinomial
-        share noise of its own, so two models compared on it differ by less scatter than on i.i.d.
-        draws (model selection, ``apt.eval_noise=quasi``). Only ``gaussian``, ``8gaussians`` and
-        ``moons`` have one (:attr:`has_quasi`); the others raise a ConfigError."""
+        engine of its own, scrambled from ``64 seed + c``, so that draws of two seeds share none). A
+        model fed such a draw has no binomial or multinomial share noise of its own, so two models
+        compared on it differ by less scatter than on i.i.d. draws (model selection,
+        ``apt.eval_noise=quasi``). Only ``gaussian``, ``8gaussians`` and ``moons`` have one
+        (:attr:`has_quasi`); the others raise a ConfigError."""
         if not self.has_quasi:
             raise ConfigError(f"dataset {self.name!r} has no quasi-random draw (gaussian, 8gaussians and moons do)")
         return self._quasi(int(n), int(seed), torch.device("cpu") if device is None else torch.device(device), dtype)
