@@ -51,8 +51,9 @@ def main() -> None:
     args = p.parse_args()
     if args.draws < 2 or len(args.checkpoints) < 2:
         p.error("give at least 2 draws and 2 checkpoints (a paired standard deviation needs both)")
-    models = [load_model(c).model.eval() for c in args.checkpoints]
-    task = build_task(load_model(args.checkpoints[0]).config.data)
+    loaded = [load_model(c) for c in args.checkpoints]
+    models = [m.model.eval() for m in loaded]
+    task = build_task(loaded[0].config.data)
     source, target = task.source, task.target
     scores = {m: [[] for _ in models] for m in MODES}
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool, torch.no_grad():
