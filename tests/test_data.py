@@ -529,3 +529,64 @@ def test_quasi_draws_of_neighbouring_seeds_share_no_engine():
     lower = torch.quasirandom.SobolEngine(3, scramble=True, seed=64 * 11).draw(32, dtype=torch.float64)
     assert torch.allclose(b[0::2, 0], (1 - torch.cos(math.pi * lower[:, 0]) + 0.2 * math.sqrt(2)
                                        * torch.erfinv(2 * lower[:, 1] - 1)) * 3 - 1, atol=1e-12)
+
+
+# ----------------------------------------------------------------- draws at layout positions (quantiles)
+
+def test_8gaussians_at_quantiles_puts_each_point_in_mode_floor_8u():
+    ds = get_dataset("8gaussians")
+    u = torch.tensor([0.0, 0.124, 0.125, 0.5, 0.874, 0.999, 1.0], dtype=torch.float64)
+    x = ds.at_quantiles(u.repeat(4000), generator=gen(1), dtype=torch.float64)
+    modes = torch.tensor([0, 0, 1, 4, 6, 7, 7]).repeat(4000)
+    offsets = x - _eight_centres().to(torch.float64)[modes]
+    # each point is its mode's centre plus N(0, std^2 I): mean 0, std 0.1 ** 0.25 per coordinate (28,000 draws)
+    assert offsets.mean(0).abs().max() < 4 * 0.1 ** 0.25 / math.sqrt(len(x))
+    assert offsets.std(0).sub(0.1 ** 0.25).abs().max() < 0.02
+    # the mode's centre sits at the middle of its position range [k pi/4, (k+1) pi/4)
+    assert torch.allclose(ds.position(_eight_centres().to(torch.float64)),
+                          math.pi / 8 + math.pi / 4 * torch.arange(8, dtype=torch.float64), atol=1e-12)
+
+
+def test_noise_free_moons_positions_invert_their_quantiles():
+    ds = get_dataset("moons")
+    ds.noise = 0.0  # on this instance: the points lie on the moons
+    u = torch.rand(5000, generator=gen(2), dtype=torch.float64)
+    pos = ds.position(ds.at_quantiles(u, generator=gen(3), dtype=torch.float64))
+    # the upper moon's angle 2 pi u for u < 1/2, then 2 pi + the lower moon's angle pi (2u - 1)
+    assert torch.allclose(pos, torch.where(u < 0.5, 2 * math.pi * u, math.pi * (2 * u + 1)), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "moons"])
+def test_draws_at_uniform_quantiles_are_the_distributions_draws(name):
+    # u i.i.d. uniform: the same law as sample's (moments and the positions' spread against each other)
+    ds = get_dataset(name)
+    a = ds.at_quantiles(torch.rand(N_BIG, generator=gen(4), dtype=torch.float64), generator=gen(5),
+                        dtype=torch.float64)
+    b = ds.sample(N_BIG, generator=gen(6), dtype=torch.float64)
+    se = (a.var(0) / N_BIG + b.var(0) / N_BIG).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() < 4 * se).all()
+    assert torch.allclose(a.std(0), b.std(0), rtol=0.01)
+    # the positions' CDFs at a grid of points agree within 4 standard errors (0.0016 each at 200,000 a side)
+    grid = torch.linspace(0.5, 9.0, 18, dtype=torch.float64)[:, None]
+    assert torch.allclose((ds.position(a) < grid).double().mean(1), (ds.position(b) < grid).double().mean(1),
+                          atol=4 * math.sqrt(0.5 / N_BIG), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "upper_moon", "checkerboard", "spirals", "circles"])
+def test_positions_of_a_distribution_without_a_layout_are_refused(name):
+    ds = get_dataset(name)
+    assert not ds.has_positions
+    with pytest.raises(ConfigError, match=f"dataset '{name}' has no layout positions"):
+        ds.position(torch.zeros(3, 2))
+    with pytest.raises(ConfigError, match=f"dataset '{name}' has no layout positions"):
+        ds.at_quantiles(torch.zeros(3))
+
+
+def test_quantiles_outside_0_1_or_of_another_shape_are_refused():
+    ds = get_dataset("moons")
+    with pytest.raises(ValueError, match=r"moons quantiles need a 1-D tensor of values in \[0, 1\], got shape \(2,\)"):
+        ds.at_quantiles(torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match=r"got shape \(2, 1\)"):
+        ds.at_quantiles(torch.full((2, 1), 0.5))
+    with pytest.raises(ValueError, match=r"8gaussians positions need x of shape \[n, 2\], got \(4,\)"):
+        get_dataset("8gaussians").position(torch.zeros(4))

@@ -243,3 +243,86 @@ def test_straightness_rel_and_per_dim(d):
 def test_straightness_refuses_adaptive_solver():
     with pytest.raises(ValueError, match="fixed-step"):
         straightness(lambda x, t: x, torch.zeros(4, 2), solver="dopri5")
+
+
+# --------------------------------------------------------------------------- the coupled noise floor
+
+def _eight_with_mode_0_doubled(n: int, g: torch.Generator) -> torch.Tensor:
+    """A biased "model" of 8gaussians: mode 0 twice as likely as each other mode (2/9 against 1/9)."""
+    from flowmatch.data import get_dataset
+
+    ds = get_dataset("8gaussians")
+    probs = torch.tensor([2.0] + [1.0] * 7) / 9
+    modes = torch.multinomial(probs, n, replacement=True, generator=g)
+    return ds.centers(dtype=F64)[modes] + ds.std * torch.randn(n, 2, generator=g, dtype=F64)
+
+
+def test_a_coupled_floor_draws_the_target_not_the_models_mode_weights():
+    from flowmatch.data import get_dataset
+    from flowmatch.metrics.floor import CoupledFloor
+
+    ds = get_dataset("8gaussians")
+    floor = CoupledFloor(ds, _eight_with_mode_0_doubled(200_000, gen(0)))
+    samples = _eight_with_mode_0_doubled(40_000, gen(1))
+    u = floor.quantiles(samples)
+    # the model's quantiles are uniform (its own fit draw's CDF): within 4 standard errors of each eighth
+    share_u = torch.bincount((u * 8).long().clamp(0, 7), minlength=8).double() / len(u)
+    se = math.sqrt((1 / 8) * (7 / 8) / len(u))
+    assert (share_u - 1 / 8).abs().max() < 4 * se
+    # so the floor's modes are equally likely, while the model's mode 0 holds 2/9
+    draw = floor.draw(samples, generator=gen(2))
+    modes = torch.cdist(draw, ds.centers(dtype=F64)).argmin(1)
+    share = torch.bincount(modes, minlength=8).double() / len(modes)
+    assert (share - 1 / 8).abs().max() < 4 * se
+    assert torch.cdist(samples, ds.centers(dtype=F64)).argmin(1).eq(0).double().mean() > 0.2
+    assert draw.dtype == samples.dtype and draw.shape == samples.shape
+
+
+def test_a_coupled_floor_of_a_perfect_model_keeps_its_split_and_pairs_its_scatter():
+    from flowmatch.data import get_dataset
+    from flowmatch.metrics.floor import CoupledFloor
+
+    ds = get_dataset("8gaussians")
+    floor = CoupledFloor(ds, ds.sample(100_000, generator=gen(3), dtype=F64))
+    x = ds.sample(5000, generator=gen(4), dtype=F64)
+    same = torch.cdist(floor.draw(x, generator=gen(5)), ds.centers(dtype=F64)).argmin(1) \
+        == torch.cdist(x, ds.centers(dtype=F64)).argmin(1)
+    assert same.double().mean() > 0.99  # a point's mode moves only where its angle crosses a bisector
+    # W2 against an exact-split reference: the model minus its coupled floor scatters far less between
+    # draws than the model minus an independent floor draw (both floors i.i.d. target draws)
+    paired, unpaired = [], []
+    for i in range(8):
+        g = gen(100 + i)
+        model, ref, iid = (ds.sample(400, generator=g, dtype=F64), ds.reference(400, generator=g, dtype=F64),
+                           ds.sample(400, generator=g, dtype=F64))
+        score = w2(model, ref)
+        paired.append(score - w2(floor.draw(model, generator=g), ref))
+        unpaired.append(score - w2(iid, ref))
+    sd = lambda v: torch.tensor(v).std().item()  # noqa: E731
+    assert sd(paired) < 0.5 * sd(unpaired)
+
+
+def test_a_coupled_floor_needs_a_layout_and_fit_samples():
+    from flowmatch.data import get_dataset
+    from flowmatch.metrics.floor import CoupledFloor
+
+    with pytest.raises(ValueError, match="a coupled floor needs a target with layout positions .* got 'circles'"):
+        CoupledFloor(get_dataset("circles"), torch.zeros(10, 2))
+    with pytest.raises(ValueError, match="at least 2 fit samples, got 1"):
+        CoupledFloor(get_dataset("moons"), torch.zeros(1, 2))
+
+
+def test_paired_ratio_is_the_ratio_of_means_with_its_delta_method_error():
+    from flowmatch.metrics.floor import paired_ratio
+
+    a, b = [1.1, 2.2, 2.9, 4.4], [1.0, 2.0, 3.0, 4.0]
+    r, se = paired_ratio(a, b)
+    assert r == pytest.approx(10.6 / 10.0)
+    resid = [x - r * y for x, y in zip(a, b)]
+    m = sum(resid) / 4
+    assert se == pytest.approx(math.sqrt(sum((v - m) ** 2 for v in resid) / 3) / (2 * 2.5))
+    assert paired_ratio([2.0, 4.0], [1.0, 2.0]) == (2.0, 0.0)  # proportional draws: no error
+    with pytest.raises(ValueError, match="at least 2 draws, got 1 and 1"):
+        paired_ratio([1.0], [1.0])
+    with pytest.raises(ValueError, match="denominator's mean is 0"):
+        paired_ratio([1.0, 2.0], [1.0, -1.0])

@@ -372,11 +372,18 @@ def test_two_round_reflow_lowers_straightness_and_resumes(tmp_path, make_cfg):
     # experiments/toy/paired_w2.py: the one-step student against its teacher on the same draws
     script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "paired_w2.py")
     subprocess.run([sys.executable, script, str(tmp_path / "chain"), "--student", "2-RF+distill", "--draws", "2",
-                    "--n", "200", "--also", "2-RF:euler:1", "--also", "1-RF:dopri5", "--also", "2-RF:euler:1"],
-                   check=True, capture_output=True, timeout=300)
+                    "--n", "200", "--also", "2-RF:euler:1", "--also", "1-RF:dopri5", "--also", "2-RF:euler:1",
+                    "--fit-n", "3000"], check=True, capture_output=True, timeout=300)
     paired = json.loads((tmp_path / "chain" / "paired_w2.json").read_text())
     s = paired["scores"]
-    assert list(s) == ["teacher dopri5", "student euler 1", "2-RF euler 1", "1-RF dopri5", "floor"]
+    keys = ["teacher dopri5", "student euler 1", "2-RF euler 1", "1-RF dopri5"]
+    assert list(s) == [*keys, "floor", *(f"floor coupled to {k}" for k in keys)]
+    # each entry over its coupled floor (moons has layout positions), the ratio of the two means
+    for k in keys:
+        ratio = paired["summary"][f"{k} / its coupled floor"]
+        assert ratio["ratio"] == pytest.approx(sum(s[k]) / sum(s[f"floor coupled to {k}"])) and ratio["se"] >= 0
+    # the teacher's coupled floor is drawn through the same map on the same draws either way
+    assert s["floor coupled to 1-RF dopri5"] == s["floor coupled to teacher dopri5"]
     assert all(len(v) == 2 for v in s.values()) and paired["n"] == 200
     diffs = [a - b for a, b in zip(s["student euler 1"], s["teacher dopri5"])]
     assert paired["summary"]["student - teacher (paired)"]["mean"] == pytest.approx(sum(diffs) / 2)

@@ -35,6 +35,16 @@ Quasi-random draws (``quasi(n, *, seed) -> [n, dim]``, ``gaussian``, ``8gaussian
 scrambled Sobol points through the inverse normal CDF, a mixture's components in exact shares. A
 model's samples from such a draw carry no share noise of their own; model selection uses them
 (``apt.eval_noise=quasi``) to compare checkpoints with less scatter than i.i.d. draws leave.
+
+Draws at given positions (``8gaussians`` and ``moons``): ``position(x) -> [n]`` orders points along
+the distribution's layout by one continuous number (``8gaussians``: the angle from -pi/8, so mode
+``k`` covers ``[k pi/4, (k+1) pi/4)``; ``moons``: the angle along the upper moon, then 2 pi plus the
+angle along the lower one), and ``at_quantiles(u, *, generator) -> [n, 2]`` draws the points whose
+layout sits at quantiles ``u`` in [0, 1) (``8gaussians``: mode ``floor(8 u)``; ``moons``: the upper
+moon for ``u < 1/2`` at angle ``2 pi u``, else the lower at ``pi (2 u - 1)``), their Gaussian noise
+from ``generator``. With ``u`` i.i.d. uniform these are i.i.d. draws of the distribution, exactly as
+``sample``'s; the noise floor coupled to a model (``flowmatch.metrics.floor``) takes ``u`` from the
+model's own samples, so that the floor draw shares the model's split.
 """
 
 from __future__ import annotations
@@ -85,6 +95,39 @@ class ToyDistribution:
         if not self.has_quasi:
             raise ConfigError(f"dataset {self.name!r} has no quasi-random draw (gaussian, 8gaussians and moons do)")
         return self._quasi(int(n), int(seed), torch.device("cpu") if device is None else torch.device(device), dtype)
+
+    def position(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n]`` (float64): where each point of ``x`` ``[n, 2]`` lies along the layout (module
+        docstring); only ``8gaussians`` and ``moons`` have one (:attr:`has_positions`)."""
+        if not self.has_positions:
+            raise ConfigError(f"dataset {self.name!r} has no layout positions (8gaussians and moons do)")
+        if x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"{self.name} positions need x of shape [n, 2], got {tuple(x.shape)}")
+        return self._position(x.detach().to("cpu", torch.float64))
+
+    def at_quantiles(self, u: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[n, 2]`` points (on the CPU) whose layout positions sit at quantiles ``u`` ``[n]`` in
+        [0, 1], their noise drawn from ``generator``: i.i.d. draws of the distribution when ``u`` is
+        i.i.d. uniform (module docstring)."""
+        if not self.has_positions:
+            raise ConfigError(f"dataset {self.name!r} has no layout positions (8gaussians and moons do)")
+        u = torch.as_tensor(u, dtype=torch.float64).cpu()
+        if u.ndim != 1 or not bool(((u >= 0) & (u <= 1)).all()):
+            raise ValueError(f"{self.name} quantiles need a 1-D tensor of values in [0, 1], got shape "
+                             f"{tuple(u.shape)}")
+        return self._at_quantiles(u, generator, dtype)
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether :meth:`position` and :meth:`at_quantiles` are defined for this distribution."""
+        return type(self)._position is not ToyDistribution._position
+
+    def _position(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _at_quantiles(self, u: torch.Tensor, g: Optional[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def has_quasi(self) -> bool:
@@ -222,6 +265,12 @@ class EightGaussians(ToyDistribution):
         x = _per_component(n, 8, seed, lambda c, m, s: centres[c] + self.std * _normal_quantile(_sobol(m, 2, s)))
         return x.to(device=device, dtype=dtype)
 
+    def _position(self, x):
+        return (torch.atan2(x[:, 1], x[:, 0]) + math.pi / 8) % (2 * math.pi)
+
+    def _at_quantiles(self, u, g, dtype):
+        return self._around((u * 8).floor().long().clamp(0, 7), g, torch.device("cpu"), dtype)
+
     def _around(self, idx, g, device, dtype):
         """Points around the centres ``idx`` (``[n]`` of 0..7)."""
         return self.centers(device, dtype)[idx] + self.std * _randn(len(idx), 2, g, device, dtype)
@@ -254,6 +303,22 @@ class Moons(ToyDistribution):
         x = self._place(math.pi * u[:, 0], _components(n, 2, "cpu") == 0, None, "cpu", torch.float64, noise=z)
         return x.to(device=device, dtype=dtype)
 
+    def _position(self, x):
+        p = (x + 1) / 3  # undo the scaling: the upper moon's centre at 0, the lower's at (1, 0.5)
+        centre = torch.tensor([1.0, 0.5], dtype=p.dtype)
+        lower = ((p - centre).norm(dim=1) - 1).abs() < (p.norm(dim=1) - 1).abs()
+
+        def angle(y, x):  # in [-pi/2, 3 pi/2): continuous past both ends of a moon's [0, pi]
+            return (torch.atan2(y, x) + math.pi / 2) % (2 * math.pi) - math.pi / 2
+
+        return torch.where(lower, 2 * math.pi + angle(centre[1] - p[:, 1], centre[0] - p[:, 0]),
+                           angle(p[:, 1], p[:, 0]))
+
+    def _at_quantiles(self, u, g, dtype):
+        lower = u >= 0.5
+        theta = math.pi * (2 * u - lower.to(u.dtype))
+        return self._place(theta.to(dtype), lower, g, torch.device("cpu"), dtype)
+
     def _place(self, theta, lower, g, device, dtype, noise=None):
         """Points at angles ``theta`` ``[n]`` on the lower moon where ``lower`` ``[n]`` holds, else the upper."""
         n = len(theta)
@@ -280,6 +345,7 @@ class UpperMoon(Moons):
         return self._sample(n, g, device, dtype)
 
     _quasi = ToyDistribution._quasi  # the moons' quasi draw would place half on the lower moon
+    _position, _at_quantiles = ToyDistribution._position, ToyDistribution._at_quantiles  # one moon: no split
 
 
 class Checkerboard(ToyDistribution):
