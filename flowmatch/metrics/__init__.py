@@ -1,5 +1,6 @@
 """Metrics: distances between clouds (W2, MMD), straightness of a flow, log-likelihood, image
-Fréchet distance / KID in a small classifier's feature space, and the memorisation check."""
+Fréchet distance / KID in a small classifier's feature space, the memorisation check, and the noise floor coupled
+to a model."""
 
 from flowmatch.metrics.distances import DEFAULT_BANDWIDTHS, gaussian_w2, mmd, w2
 from flowmatch.metrics.guard import NonFiniteInputWarning
@@ -17,3 +18,6 @@ __all__ += ["ImageFeatureMetrics", "MetricError", "frechet_distance", "gaussian_
 from flowmatch.metrics.memorisation import MemorisationResult, memorisation, nearest_distances
 
 __all__ += ["MemorisationResult", "memorisation", "nearest_distances"]
+from flowmatch.metrics.floor import CoupledFloor, paired_ratio
+
+__all__ += ["CoupledFloor", "paired_ratio"]
