@@ -326,3 +326,42 @@ def test_paired_ratio_is_the_ratio_of_means_with_its_delta_method_error():
         paired_ratio([1.0], [1.0])
     with pytest.raises(ValueError, match="denominator's mean is 0"):
         paired_ratio([1.0, 2.0], [1.0, -1.0])
+
+
+def test_floor_bias_script_perturbs_a_perfect_draw_and_pairs_the_variants(tmp_path):
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from flowmatch.data import get_dataset
+
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "floor_bias.py")
+    spec = importlib.util.spec_from_file_location("floor_bias", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ds, n = get_dataset("8gaussians"), 4000
+    g = gen(7)
+    u, noise = torch.rand(n, generator=g, dtype=F64), torch.randn(n, 2, generator=g, dtype=F64)
+    r, along = torch.rand(n, generator=g, dtype=F64), 0.5 * torch.rand(n, generator=g, dtype=F64)
+    side = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0).to(F64)
+    plain = mod.perturbed(ds, u, noise, r, side, along, 1.0, 0.0)
+    # unperturbed: the draw at quantiles u with this noise, which at_quantiles draws the same way
+    assert torch.allclose(plain, ds.centers(dtype=F64)[(u * 8).floor().long()] + ds.std * noise)
+    wide = mod.perturbed(ds, u, noise, r, side, along, 1.1, 0.0)
+    assert torch.allclose(wide - plain, 0.1 * ds.std * noise)
+    moved = mod.perturbed(ds, u, noise, r, side, along, 1.0, 0.25)
+    on_bridge = r < 0.25
+    assert torch.equal(moved[~on_bridge], plain[~on_bridge])
+    # the moved points sit on the circle of modes (within their 0.3 noise), between a mode and its neighbour
+    radius = (moved[on_bridge] - 0.3 * noise[on_bridge]).norm(dim=1)
+    assert torch.allclose(radius, torch.full_like(radius, 5.0))
+    out = tmp_path / "bias.json"
+    subprocess.run([sys.executable, script, "--draws", "2", "--n", "64", "--out", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    res = json.loads(out.read_text())
+    assert list(res["scores"]) == list(mod.VARIANTS) and all(len(v) == 2 for v in res["scores"].values())
+    assert res["summary"]["target"]["minus_target"] == 0.0
+    assert res["summary"]["4% on bridges"]["minus_target"] == pytest.approx(
+        sum(a - b for a, b in zip(res["scores"]["4% on bridges"], res["scores"]["target"])) / 2)
