@@ -343,15 +343,14 @@ def test_floor_bias_script_perturbs_a_perfect_draw_and_pairs_the_variants(tmp_pa
     spec.loader.exec_module(mod)
     ds, n = get_dataset("8gaussians"), 4000
     g = gen(7)
-    u, noise = torch.rand(n, generator=g, dtype=F64), torch.randn(n, 2, generator=g, dtype=F64)
+    mode, noise = torch.randint(0, 8, (n,), generator=g), torch.randn(n, 2, generator=g, dtype=F64)
     r, along = torch.rand(n, generator=g, dtype=F64), 0.5 * torch.rand(n, generator=g, dtype=F64)
     side = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0).to(F64)
-    plain = mod.perturbed(ds, u, noise, r, side, along, 1.0, 0.0)
-    # unperturbed: the draw at quantiles u with this noise, which at_quantiles draws the same way
-    assert torch.allclose(plain, ds.centers(dtype=F64)[(u * 8).floor().long()] + ds.std * noise)
-    wide = mod.perturbed(ds, u, noise, r, side, along, 1.1, 0.0)
+    plain = mod.perturbed(ds, mode, noise, r, side, along, 1.0, 0.0)
+    assert torch.allclose(plain, ds.centers(dtype=F64)[mode] + ds.std * noise)  # unperturbed
+    wide = mod.perturbed(ds, mode, noise, r, side, along, 1.1, 0.0)
     assert torch.allclose(wide - plain, 0.1 * ds.std * noise)
-    moved = mod.perturbed(ds, u, noise, r, side, along, 1.0, 0.25)
+    moved = mod.perturbed(ds, mode, noise, r, side, along, 1.0, 0.25)
     on_bridge = r < 0.25
     assert torch.equal(moved[~on_bridge], plain[~on_bridge])
     # the moved points sit on the circle of modes (within their 0.3 noise), between a mode and its neighbour
@@ -362,6 +361,12 @@ def test_floor_bias_script_perturbs_a_perfect_draw_and_pairs_the_variants(tmp_pa
                    capture_output=True, timeout=120)
     res = json.loads(out.read_text())
     assert list(res["scores"]) == list(mod.VARIANTS) and all(len(v) == 2 for v in res["scores"].values())
+    # --quasi: the unperturbed draw is the 8gaussians quasi draw of seed `seed` (row i in mode i mod 8)
+    subprocess.run([sys.executable, script, "--quasi", "--draws", "2", "--n", "64", "--seed", "5", "--out",
+                    str(tmp_path / "q.json")], check=True, capture_output=True, timeout=120)
+    quasi = json.loads((tmp_path / "q.json").read_text())
+    assert quasi["quasi"] and quasi["scores"]["target"][0] == pytest.approx(
+        w2(ds.quasi(64, seed=5), ds.quasi(64, seed=6)), rel=1e-5)
     assert res["summary"]["target"]["minus_target"] == 0.0
     assert res["summary"]["4% on bridges"]["minus_target"] == pytest.approx(
         sum(a - b for a, b in zip(res["scores"]["4% on bridges"], res["scores"]["target"])) / 2)
