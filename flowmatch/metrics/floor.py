@@ -14,8 +14,8 @@ model's samples it draws the target point at the same quantile (``ToyDistributio
 fresh Gaussian noise). The quantiles of the model's i.i.d. samples are i.i.d. uniform (up to the fit
 draw's empirical CDF: with 500,000 fit points a quantile is off by at most about 0.002), so the floor
 draw is an i.i.d. draw of the target, as the floor asks; but it has (nearly) the model's split and
-ordering, so the paired difference between the model and its floor scatters 3-5 times less than the
-unpaired one. What is left is the model's own error: mode weights (a model whose modes are not equally
+ordering, so the paired difference between the model and its floor scatters 2.6-6 times less than
+the unpaired one (moons 2.6, 8gaussians 6 times, one-step models at n = 5,000; README). What is left is the model's own error: mode weights (a model whose modes are not equally
 likely pays for it, the floor does not), mass between modes or off the moons, and the shape of its
 modes.
 """
