@@ -15,9 +15,9 @@ fresh Gaussian noise). The quantiles of the model's i.i.d. samples are i.i.d. un
 draw's empirical CDF: with 500,000 fit points a quantile is off by at most about 0.002), so the floor
 draw is an i.i.d. draw of the target, as the floor asks; but it has (nearly) the model's split and
 ordering, so the paired difference between the model and its floor scatters 2.6-6 times less than
-the unpaired one (moons 2.6, 8gaussians 6 times, one-step models at n = 5,000; README). What is left is the model's own error: mode weights (a model whose modes are not equally
-likely pays for it, the floor does not), mass between modes or off the moons, and the shape of its
-modes.
+the unpaired one (moons 2.6, 8gaussians 6 times, one-step models at n = 5,000; README). What is left
+is the model's own error: mode weights (a model whose modes are not equally likely pays for it, the
+floor does not), mass between modes or off the moons, and the shape of its modes.
 """
 
 from __future__ import annotations
@@ -49,10 +49,6 @@ class CoupledFloor:
         self.target = target
         self._sorted = target.position(fit_samples).sort().values.numpy()
         self._levels = (np.arange(len(self._sorted)) + 0.5) / len(self._sorted)
-
-    @property
-    def fit_size(self) -> int:
-        return len(self._sorted)
 
     def quantiles(self, samples: torch.Tensor) -> torch.Tensor:
         """``[n]`` (float64) quantiles of the samples' layout positions under the fit draw's
