@@ -641,7 +641,10 @@ class AptConfig:
     sees (real and generated, both players, R1), against a discriminator that learns a few thousand
     training images by heart. ``d_steps``: discriminator updates per generator update (each on a batch of
     its own); ``d_warmup``: discriminator updates before the generator's first (in the first step), so
-    that the generator starts against a discriminator that has learnt what it can. Every ``eval_every``
+    that the generator starts against a discriminator that has learnt what it can. ``d_train``: ``all`` (APT:
+    every parameter of the discriminator trained) or ``heads`` (the teacher's backbone frozen, its logit heads
+    alone trained: FreezeD, Mo et al. 2020, a discriminator with less room to learn few training images by
+    heart). Every ``eval_every``
     updates (0: never) the EMA generator is scored on ``eval_draws`` validation draws of ``eval_n`` (the
     mean of their scores) and the best is kept as ``checkpoints/best.pt``; ``eval_noise``: the validation
     draws' source points i.i.d. (``iid``) or quasi-random (``quasi``: scrambled Sobol, a mixture's components
@@ -679,6 +682,7 @@ class AptConfig:
     augment: str = "none"
     d_steps: int = 1
     d_warmup: int = 0
+    d_train: str = "all"
     eval_every: int = 50
     eval_n: int = 2000
     eval_draws: int = 1
@@ -698,6 +702,7 @@ class AptConfig:
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
                              "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
                              "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0),
+                             "d_train": _one_of("all", "heads"),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
                              "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0)})
         kinds = self.augments

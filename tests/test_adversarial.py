@@ -134,6 +134,25 @@ def test_discriminator_backbone_equals_the_teacher_at_initialisation(ckpts):
     assert not torch.equal(rand.backbone.net[0].weight, disc.backbone.net[0].weight)
 
 
+def test_heads_only_discriminator_keeps_the_teachers_backbone_and_trains_its_head(ckpts, tmp_path):
+    run = tmp_path / "heads"
+    train(_cfg(ckpts, "apt.d_train=heads", "train.steps=3"), str(run), progress=False)
+    state = load_checkpoint(str(run / "checkpoints" / "last.pt"))
+    disc = state["nets"]["discriminator"]
+    teacher = load_model(ckpts["teacher"]).model.state_dict()
+    backbone = {k[len("backbone."):]: v for k, v in disc.items() if k.startswith("backbone.")}
+    assert backbone and all(torch.equal(v, teacher[k]) for k, v in backbone.items())  # frozen
+    trainer = build_trainer(_cfg(ckpts, "apt.d_train=heads"))
+    start = trainer.nets_raw["discriminator"].head.weight.detach().clone()
+    assert not torch.equal(disc["head.weight"], start)  # the head trained
+    # the discriminator's optimiser holds the head alone
+    own = {id(p) for g in trainer.players[0].optimizer.param_groups for p in g["params"]}
+    head = {id(p) for p in trainer.nets_raw["discriminator"].head.parameters()}
+    assert own == head
+    with pytest.raises(ConfigError, match="apt.d_train=heads freezes the teacher's backbone"):
+        build_trainer(_cfg(ckpts, "apt.d_train=heads", "apt.discriminator_init=random"))
+
+
 @pytest.mark.parametrize("model", ["mlp", "unet"])
 def test_every_discriminator_parameter_gets_a_gradient(model):
     torch.manual_seed(0)
@@ -536,15 +555,69 @@ def test_images_train_a_unet_generator_against_a_unet_discriminator_scored_by_fd
     teacher = train(make_tiny_cfg(*img, "train.steps=3"), str(tmp_path / "t"), progress=False).checkpoint
     gen = train(make_tiny_cfg(*img, "train.objective=ct", "train.steps=2", f"train.init={teacher}"),
                 str(tmp_path / "g"), progress=False).checkpoint
-    res = train(make_tiny_cfg(*img, "train.objective=apt", f"train.init={gen}", f"apt.discriminator_init={teacher}",
-                              "train.grad_clip=0", "train.steps=4", "train.log_every=2", "apt.eval_every=2",
-                              "apt.eval_n=64", "apt.r1=exact"), str(tmp_path / "a"), progress=False)
+    res = train(make_tiny_cfg(*img, "data.split=fit", "train.objective=apt", f"train.init={gen}",
+                              f"apt.discriminator_init={teacher}", "train.grad_clip=0", "train.steps=4",
+                              "train.log_every=2", "apt.eval_every=2", "apt.eval_n=64", "apt.r1=exact"),
+                str(tmp_path / "a"), progress=False)
     rows = read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
     curve = [(r["step"], r["apt/val_fd"]) for r in rows if "apt/val_fd" in r]
     assert [s for s, _ in curve] == [0, 2, 4] and all(math.isfinite(v) for _, v in curve)
     assert all(math.isfinite(v) for v in res.losses) and any(r.get("apt/r1", 0) > 0 for r in rows)
     sel = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "best.pt"))["selection"]
     assert sel["metric"] == "fd" and sel["score"] == min(v for _, v in curve)
+    # each validation probes the discriminator on training, held-out and generated images
+    probes = [r for r in rows if "apt/d_heldout" in r]
+    assert [r["step"] for r in probes] == [0, 2, 4]
+    assert all(math.isfinite(r[f"apt/{k}"]) for r in probes for k in ("d_fit", "d_heldout", "d_gen"))
+    assert probes[0]["apt/d_fit"] != probes[-1]["apt/d_fit"]  # the discriminator trained in between
+
+
+class _PixelMean(torch.nn.Module):
+    """A discriminator stand-in: the mean pixel times 1 + t (so the probe's fixed times show)."""
+
+    def forward(self, x, t):
+        return x.flatten(1).mean(1) * (1 + t)
+
+
+@pytest.mark.parametrize("noise_inputs", [False, True])
+def test_discriminator_probe_scores_training_held_out_and_generated_images_without_touching_the_stream(
+        tmp_path, noise_inputs):
+    img = ["data.target=digits", "data.split=fit", "model.name=unet", "model.preset=tiny", "train.fast=off"]
+    teacher = train(make_tiny_cfg(*img, "train.steps=1"), str(tmp_path / "t"), progress=False).checkpoint
+    gen = train(make_tiny_cfg(*img, "train.objective=ct", "train.steps=1", f"train.init={teacher}"),
+                str(tmp_path / "g"), progress=False).checkpoint
+    cfg = make_tiny_cfg(*img, "train.objective=apt", f"train.init={gen}", f"apt.discriminator_init={teacher}",
+                        "train.grad_clip=0", f"apt.noise_inputs={noise_inputs}")
+    trainer = build_trainer(cfg)
+    obj = trainer.objective
+    obj._disc = _PixelMean()
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731  (a generator that returns its noise)
+    state = trainer.generator.get_state()
+    first = obj.probe_discriminator(zero)
+    assert torch.equal(trainer.generator.get_state(), state)  # the run's stream is untouched
+    assert set(first) == {"apt/d_fit", "apt/d_heldout", "apt/d_gen"}
+    assert obj.probe_discriminator(zero) == first  # fixed sets, times and noise
+    t, sets = obj._probe["t"], obj._probe["sets"]
+    val, _ = build_task(cfg.data, split="val").target.tensors()
+    fit, _ = build_task(cfg.data, split="fit").target.tensors()
+    assert len(val) == len(sets["d_heldout"]) == len(sets["d_fit"]) == len(sets["d_gen"]) == 200
+    # the held-out set is the whole val split (200 images); the fit set is 200 distinct training images
+    assert torch.equal(sets["d_heldout"].flatten(1).sort(0).values, val.flatten(1).sort(0).values)
+    rows = {tuple(r.tolist()) for r in fit.flatten(1)}
+    assert all(tuple(r.tolist()) in rows for r in sets["d_fit"].flatten(1))
+    assert len({tuple(r.tolist()) for r in sets["d_fit"].flatten(1)}) == 200
+    for key in ("d_fit", "d_heldout", "d_gen"):
+        x = sets[key]
+        if noise_inputs:
+            tt = t.view(-1, 1, 1, 1)
+            x = tt * x + (1 - tt) * obj._probe["noise"][key]
+        want = float((x.flatten(1).mean(1) * (1 + t)).mean())
+        assert first[f"apt/{key}"] == pytest.approx(want, rel=1e-6, abs=1e-7)
+    assert first["apt/d_fit"] != first["apt/d_heldout"]
+    # a run on toy data or on the whole training split has no probe
+    obj._probe = None
+    obj.cfg.data.split = "train"
+    assert obj.probe_discriminator(zero) == {}
 
 
 def test_augmentation_translates_with_black_fill_and_cuts_out_a_half_side_square():

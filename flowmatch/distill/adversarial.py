@@ -12,7 +12,8 @@ data (the one-step models of this package: ``distill``, ``cd``, ``ct``, or an ea
 ``x0 ~`` the source, ``[B, *D]``. Its EMA is the trainer's.
 
 Discriminator. ``D(x, t) -> [B]`` logits: the teacher flow's network (``apt.discriminator_init``; its
-EMA weights, every parameter trained; ``random``: the same architecture, freshly initialised) without
+EMA weights, every parameter trained, or with ``apt.d_train=heads`` the heads alone on its frozen features;
+``random``: the same architecture, freshly initialised) without
 its velocity output layer, read at several depths, with logit heads on top:
 
 - MLP: the activations of every hidden layer, concatenated (``[B, depth * hidden]``), normalised per
@@ -93,7 +94,11 @@ The loop logs ``apt/val_w2`` (or ``apt/val_fd``) and writes the best state as
 Logged each log step (means over the interval): ``apt/d_loss`` (the adversarial part of the
 discriminator's loss), ``apt/r1`` (the penalty as added), ``apt/d_real`` and ``apt/d_fake`` (mean
 logits on real and generated samples, from the discriminator's update), ``apt/g_loss`` (the
-adversarial part of the generator's loss) and, with a regression term, ``apt/regression``.
+adversarial part of the generator's loss) and, with a regression term, ``apt/regression``. With each
+validation of an image run on the ``fit`` split, the discriminator's mean logits on fixed sets of
+training images, held-out ``val`` images and generated samples: ``apt/d_fit``, ``apt/d_heldout`` and
+``apt/d_gen`` (:meth:`AdversarialPostTraining.probe_discriminator`), whose gap ``d_fit - d_heldout``
+shows the discriminator learning its training images by heart.
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmatch.config import from_dict
-from flowmatch.data.task import data_shape
+from flowmatch.data.task import build_task, data_shape
 from flowmatch.errors import ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity, build_model
 from flowmatch.models.unet import Upsample, _Level
@@ -124,6 +129,8 @@ ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
 # the validation draw's seed (source from it, the toy reference from it + 1 and + 2): none of the
 # bench's (0, 1, 2), the few-step table's validation (10_007) or eval.seed's default (1234)
 VALIDATION_SEED = 20_011
+# images in each of the discriminator probe's sets (AdversarialPostTraining.probe_discriminator)
+PROBE_N = 200
 # ``name -> (cfg, n, *, seed, device) -> scorer``, ``scorer(x1) -> dict`` with ``scorer.metric`` (``w2``
 # or ``fd``) among its keys. Scoring lives in a higher layer: flowmatch.evaluation registers its
 # make_scorer as "default" when imported (the CLI and the pipelines import it).
@@ -306,6 +313,8 @@ class AdversarialPostTraining(Objective):
         self.best: Optional[dict] = None  # {"step", "score"} of the best validation so far (state)
         self.first: Optional[float] = None  # the first validation's score: the start's (state)
         self._val: Optional[tuple] = None  # (x0 [n, *D], scorer), built at the first validation
+        self._disc: Optional[nn.Module] = None  # the discriminator (build_nets), read by the probe
+        self._probe: Optional[dict] = None  # the probe's fixed inputs, built at its first call
 
     # -- inputs
     def check(self) -> None:
@@ -338,6 +347,9 @@ class AdversarialPostTraining(Objective):
         if ac.discriminator_init is None:
             raise ConfigError("train.objective=apt needs apt.discriminator_init: the teacher flow's checkpoint "
                               "(or 'random' for a freshly initialised discriminator)")
+        if ac.d_train == "heads" and ac.discriminator_init == "random":
+            raise ConfigError("apt.d_train=heads freezes the teacher's backbone: a random one (apt.discriminator_init"
+                              "=random) would be a fixed random network; set apt.d_train=all")
         if ac.discriminator_init != "random":
             teacher = self._config_of(ac.discriminator_init, "apt.discriminator_init")
             self._same_shape(teacher, ac.discriminator_init, "apt.discriminator_init")
@@ -379,13 +391,17 @@ class AdversarialPostTraining(Objective):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.train.seed + 1)
                 backbone = build_model(self.cfg.model, data_shape(self.cfg.data), None)
-                return {"discriminator": Discriminator(backbone, self.ac.fourier_features,
-                                                       self.ac.fourier_scale).to(self.device)}
+                self._disc = Discriminator(backbone, self.ac.fourier_features,
+                                           self.ac.fourier_scale).to(self.device)
+                return {"discriminator": self._disc}
         backbone = load_model(path).model
         with torch.random.fork_rng(devices=[]):  # the heads' initialisation: fixed by the seed
             torch.manual_seed(self.cfg.train.seed + 1)
             disc = Discriminator(backbone, self.ac.fourier_features, self.ac.fourier_scale)
-        return {"discriminator": disc.to(self.device).train()}
+        if self.ac.d_train == "heads":  # FreezeD: the teacher's features fixed, the heads alone trained
+            disc.backbone.requires_grad_(False)
+        self._disc = disc.to(self.device).train()
+        return {"discriminator": self._disc}
 
     def player_updates(self, player: str, step: int) -> int:
         """The discriminator: ``d_steps`` updates a step, ``d_warmup`` more in the first; the generator: one."""
@@ -503,8 +519,50 @@ class AdversarialPostTraining(Objective):
             score < self.best["score"] and score < self.first - self.ac.eval_min_gain))
         if best:
             self.best = {"step": int(step), "score": score, "metric": scorer.metric}
-        return Validation({f"apt/val_{k}": float(v) for k, v in scores.items()}, best,
-                          {"step": int(step), "metric": scorer.metric, "score": score})
+        logged = {f"apt/val_{k}": float(v) for k, v in scores.items()} | self.probe_discriminator(model)
+        return Validation(logged, best, {"step": int(step), "metric": scorer.metric, "score": score})
+
+    @torch.no_grad()
+    def probe_discriminator(self, model: nn.Module) -> dict[str, float]:
+        """The discriminator's mean logit on three fixed sets of ``PROBE_N`` images at fixed times: real
+        images it trains on (``apt/d_fit``: the ``fit`` split), real images it never sees (``apt/d_heldout``:
+        the ``val`` split) and the EMA generator ``model``'s samples (``apt/d_gen``). A discriminator that
+        tells real from generated images scores both real sets above the generated one; one that learns
+        its training images by heart scores the held-out ones as it scores generated ones, and
+        ``d_fit - d_heldout`` grows (the overfitting that ADA, Karras et al. 2020, reads from the sign of
+        ``D`` on training images). Image runs on ``data.split=fit`` only (elsewhere: ``{}``); no
+        augmentation, with ``noise_inputs`` each set noised to the times by a fixed draw of its own; the
+        draws come from a generator of their own (the run's stream is untouched)."""
+        if self._disc is None or self.cfg.data.split != "fit" or len(data_shape(self.cfg.data)) != 3:
+            return {}
+        if self._probe is None:
+            g = make_generator(VALIDATION_SEED + 7)
+            sets = {}
+            for key, split in (("d_fit", "fit"), ("d_heldout", "val")):
+                x, _ = build_task(self.cfg.data, split=split).target.tensors()
+                sets[key] = x[torch.randperm(len(x), generator=g)[:PROBE_N]]
+            n = min(len(x) for x in sets.values())
+            sets = {k: x[:n] for k, x in sets.items()}
+            sets["d_gen"] = self.comp.source.sample(n, generator=g, device="cpu")  # the source points
+            t = shifted_time(torch.rand(n, generator=g), self.ac.t_shift)
+            noise = {k: torch.randn(x.shape, generator=g) for k, x in sets.items()} if self.ac.noise_inputs else {}
+            self._probe = {"sets": sets, "t": t, "noise": noise}
+        probe, d, dev = self._probe, self._disc, self.device
+        t = probe["t"].to(dev)
+        mode, out = d.training, {}
+        d.eval()
+        try:
+            for key, x in probe["sets"].items():
+                x = x.to(dev)
+                if key == "d_gen":
+                    x = one_step(model, x)
+                if key in probe["noise"]:
+                    tt = expand_like(t.to(x.dtype), x)
+                    x = tt * x + (1 - tt) * probe["noise"][key].to(dev, x.dtype)
+                out[f"apt/{key}"] = float(d(x, t).mean())
+        finally:
+            d.train(mode)
+        return out
 
     # -- state
     def state_dict(self) -> dict:
