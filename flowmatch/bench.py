@@ -38,7 +38,7 @@ from flowmatch.metrics.distances import MMDReference
 from flowmatch.solvers import get_solver, num_steps_for, parse_grid, solve
 from flowmatch.utils import make_generator
 
-__all__ = ["ToyScorer", "ImageScorer", "bench_columns", "row_metric", "BENCH_COLUMNS", "MODEL_COLUMNS", "BENCH_SOLVERS", "BENCH_NFES", "BenchResult", "benchmark",
+__all__ = ["ToyScorer", "ImageScorer", "ValidationImageScorer", "bench_columns", "row_metric", "BENCH_COLUMNS", "MODEL_COLUMNS", "BENCH_SOLVERS", "BENCH_NFES", "BenchResult", "benchmark",
            "bench_suite", "pareto_front", "pareto_table", "write_bench", "write_suite", "rows_to_markdown",
            "rows_to_csv"]
 
@@ -128,6 +128,28 @@ class ImageScorer:
     def primary(self, x1: torch.Tensor) -> float:
         """The FD of ``__call__`` alone (no KID), e.g. for a validation choice."""
         return self.metrics.fd(x1)
+
+
+class ValidationImageScorer(ImageScorer):
+    """:class:`ImageScorer` against the ``val`` split (``metrics``' reference, ``val_images``) for model
+    selection, with ``copies``: the memorisation check (:func:`flowmatch.metrics.memorisation.memorisation`,
+    in the classifier's features) of the samples against ``fit_images``, the training images a
+    ``data.split=fit`` run learns from, with the val images as the new images: the fraction of samples
+    nearer a fit image than 95% of the val images are (0.05 expected of new digits, more of a
+    generator drifting towards its training images)."""
+
+    def __init__(self, metrics, val_images: torch.Tensor, fit_images: torch.Tensor, seed: int = 0):
+        super().__init__(metrics, val_images, seed)
+        self.fit_images = fit_images
+        self.scores = self.scores + ("copies",)
+
+    def __call__(self, x1: torch.Tensor) -> dict:
+        from flowmatch.metrics.memorisation import memorisation
+
+        out = super().__call__(x1)
+        out["copies"] = memorisation(x1.detach().cpu(), self.fit_images, self.floor_images,
+                                     features=self.metrics.features).copies_fraction
+        return out
 
 
 def bench_columns(metric: str = "w2") -> tuple:

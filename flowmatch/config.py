@@ -650,7 +650,12 @@ class AptConfig:
     draws' source points i.i.d. (``iid``) or quasi-random (``quasi``: scrambled Sobol, a mixture's components
     in exact shares, :meth:`flowmatch.data.toy.ToyDistribution.quasi`), which leaves less scatter between
     two checkpoints' scores; ``eval_min_gain``: a checkpoint replaces the start only when its score is
-    lower than the start's by more than this (0: any gain; the lowest of those that are is kept). ``steps``
+    lower than the start's by more than this (0: any gain; the lowest of those that are is kept).
+    ``eval_max_copies`` (image runs on ``data.split=fit``; 1: off): a checkpoint replaces the start only
+    when its validation ``copies`` (the memorisation check against the fit images with the val images as
+    new ones, :class:`~flowmatch.bench.ValidationImageScorer`; 0.05 expected of new images) is at most
+    this, so that a generator drifting towards its discriminator's training images is not kept for the
+    FD that drift buys. ``steps``
     is the stage's ``train.steps`` where a pipeline trains it as a stage. Of the ``train`` section the run reads
     ``batch_size`` (each player's batch), ``ema_decay`` (the generator's EMA), ``warmup_steps`` /
     ``lr_schedule`` (applied to both learning rates; APT's is constant: ``warmup_steps=0``) and ``seed``;
@@ -688,6 +693,7 @@ class AptConfig:
     eval_draws: int = 1
     eval_noise: str = "iid"
     eval_min_gain: float = 0.0
+    eval_max_copies: float = 1.0
 
     _section: ClassVar[str] = "apt"
 
@@ -704,7 +710,8 @@ class AptConfig:
                              "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0),
                              "d_train": _one_of("all", "heads"),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
-                             "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0)})
+                             "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0),
+                             "eval_max_copies": _float(**_PROBABILITY)})
         kinds = self.augments
         if len(set(kinds)) != len(kinds) or not set(kinds) <= set(APT_AUGMENTS):
             raise ConfigError(f"apt.augment = {self.augment!r}: must be 'none' or a comma-separated list of "

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.bench import ImageScorer, ToyScorer
+from flowmatch.bench import ImageScorer, ToyScorer, ValidationImageScorer
 from flowmatch.config import ExperimentConfig
 from flowmatch.data.task import build_task, is_image_task
 from flowmatch.distill import adversarial
@@ -127,13 +127,18 @@ def validation_scorer(cfg, n: int, *, seed: int, device: str | torch.device = "c
     against the target's quasi-random draw of that seed, :class:`~flowmatch.bench.ToyScorer`); for an
     image task the classifier FD (and KID) against the ``val`` split, the training images held out of
     ``data.split=fit`` (never the test split, which reports ``fd_test``, nor the bench's reference;
-    ``quasi`` changes nothing there)."""
+    ``quasi`` changes nothing there); a run on ``data.split=fit`` is also scored for ``copies`` against
+    its fit images (:class:`~flowmatch.bench.ValidationImageScorer`)."""
     if not is_image_task(cfg.data):
         return ToyScorer(build_task(cfg.data).target, n, seed, quasi=quasi)
     from flowmatch.metrics.frechet import ImageFeatureMetrics
 
     xv, _ = build_task(cfg.data, split="val").target.tensors()
-    return ImageScorer(ImageFeatureMetrics(cfg.data.target, xv, path=cfg.eval.classifier, device=device), xv, seed)
+    metrics = ImageFeatureMetrics(cfg.data.target, xv, path=cfg.eval.classifier, device=device)
+    if cfg.data.split != "fit":  # the val images are training images there: no new images to compare with
+        return ImageScorer(metrics, xv, seed)
+    xf, _ = build_task(cfg.data, split="fit").target.tensors()
+    return ValidationImageScorer(metrics, xv, xf, seed)
 
 
 adversarial.VALIDATION_SCORERS["default"] = validation_scorer  # the APT objective's model selection scores with it

@@ -441,6 +441,54 @@ def test_a_checkpoint_replaces_the_start_only_by_more_than_eval_min_gain(ckpts, 
     assert resumed.best["step"] == kept[-1] and resumed.first == 1.0
 
 
+@pytest.mark.parametrize("limit,kept", [(1.0, [0, 1, 3]), (0.05, [0, 2, 4])])
+def test_a_checkpoint_that_copies_more_than_eval_max_copies_is_not_kept(ckpts, limit, kept):
+    """Scores (FD, copies) 1.0 / 0.03 (the start), 0.90 / 0.08, 0.95 / 0.04, 0.85 / 0.06, 0.93 / 0.05: with
+    no limit each new low is kept; at 0.05 only the checkpoints that copy no more than that."""
+    import dataclasses
+
+    cfg = _cfg(ckpts, "apt.eval_every=1", "train.steps=10")
+    obj = AdversarialPostTraining(cfg, build_trainer(cfg).components)
+    obj.ac = dataclasses.replace(obj.ac, eval_max_copies=limit)
+    scores = iter([(1.0, 0.03), (0.90, 0.08), (0.95, 0.04), (0.85, 0.06), (0.93, 0.05)])
+
+    class Scorer:
+        metric = "fd"
+
+        def __call__(self, x1):
+            fd, copies = next(scores)
+            return {"fd": fd, "copies": copies}
+
+    obj._val = [(torch.zeros(4, 2), Scorer())]
+    model = load_model(ckpts["gen"]).model
+    vals = [obj.validate(step, model) for step in range(5)]
+    assert [i for i, v in enumerate(vals) if v.best] == kept
+    assert [v.scores["apt/val_copies"] for v in vals] == [0.03, 0.08, 0.04, 0.06, 0.05]
+    # a limit where there is nothing to count copies against is refused
+    with pytest.raises(ConfigError, match="apt.eval_max_copies = 0.05: the copies are counted against the fit"):
+        build_trainer(_cfg(ckpts, "apt.eval_max_copies=0.05"))
+
+
+def test_validation_image_scorer_counts_copies_of_the_fit_images(tmp_path):
+    """On data.split=fit the validation scorer adds ``copies``: the fit images themselves are all copies,
+    the val images (the new ones) 5% by construction; on the whole training split there is none."""
+    from flowmatch.bench import ImageScorer, ValidationImageScorer
+    from flowmatch.evaluation import validation_scorer
+
+    cfg = make_tiny_cfg("data.target=digits", "data.split=fit", "model.name=unet", "model.preset=tiny")
+    scorer = validation_scorer(cfg, 200, seed=3)
+    assert isinstance(scorer, ValidationImageScorer) and scorer.scores == ("fd", "kid", "copies")
+    fit, _ = build_task(cfg.data, split="fit").target.tensors()
+    val, _ = build_task(cfg.data, split="val").target.tensors()
+    assert scorer(fit[:200])["copies"] == 1.0
+    assert scorer(val)["copies"] == pytest.approx(0.05, abs=0.006)  # 10 of the 200 below their 5% quantile
+    out = scorer(fit[:100] * 0.5)
+    assert set(out) == {"fd", "kid", "copies"} and 0.0 <= out["copies"] <= 1.0
+    whole = validation_scorer(make_tiny_cfg("data.target=digits", "model.name=unet", "model.preset=tiny"), 200,
+                              seed=3)
+    assert type(whole) is ImageScorer and "copies" not in whole(val)
+
+
 def test_quasi_validation_scores_the_sources_quasi_draws(ckpts):
     """``apt.eval_noise = quasi``: each validation draw's source points are the source's quasi-random draw
     of the draw's seed, its reference the target's of the seed + 1; a source or target without one is

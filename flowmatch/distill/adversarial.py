@@ -87,8 +87,11 @@ by exact W2 against fresh target draws from the draw's seed ``+ 1`` (never the b
 ``data.split=fit``, which the chain's APT stage trains the discriminator on; never the test split).
 A checkpoint replaces the start only when its score is below the start's by more than
 ``apt.eval_min_gain`` (0: any gain), so that a gain within the validation's own scatter does not
-swap a known model for one that is as likely worse; among those that do, the lowest score is kept.
-The loop logs ``apt/val_w2`` (or ``apt/val_fd``) and writes the best state as
+swap a known model for one that is as likely worse, and (image runs on ``data.split=fit``) when its
+validation ``copies`` (the memorisation check against the fit images, the val images as the new ones)
+is at most ``apt.eval_max_copies`` (1: off); among those that do, the lowest score is kept.
+The loop logs ``apt/val_w2`` (or ``apt/val_fd``, with ``apt/val_kid`` and on the fit split
+``apt/val_copies``) and writes the best state as
 ``checkpoints/best.pt`` (with ``selection``: its step, metric and score).
 
 Logged each log step (means over the interval): ``apt/d_loss`` (the adversarial part of the
@@ -369,6 +372,11 @@ class AdversarialPostTraining(Objective):
         if ac.eval_noise == "quasi" and lacking:
             raise ConfigError(f"apt.eval_noise=quasi: {lacking[0]!r} has no quasi-random draw (gaussian, 8gaussians "
                               f"and moons do); set apt.eval_noise=iid")
+        if ac.eval_max_copies < 1 and (len(data_shape(cfg.data)) != 3 or cfg.data.split != "fit"):
+            raise ConfigError(f"apt.eval_max_copies = {ac.eval_max_copies}: the copies are counted against the fit "
+                              f"images with the val images as new ones: an image run on data.split=fit (this run: "
+                              f"data.target={cfg.data.target}, data.split={cfg.data.split}); set "
+                              f"apt.eval_max_copies=1")
         if ac.eval_every > 0 and "default" not in VALIDATION_SCORERS:
             raise ConfigError("apt.eval_every > 0 scores the generator with flowmatch.evaluation's scorer: import "
                               "flowmatch.evaluation (the CLI and the pipelines do), or set apt.eval_every=0")
@@ -515,8 +523,11 @@ class AdversarialPostTraining(Objective):
         if self.first is None:
             self.first = score
         # a later checkpoint replaces the start only when it beats it by more than apt.eval_min_gain
+        # ... and, with apt.eval_max_copies, when it copies the fit images no more than that
+        copies = scores.get("copies")
+        eligible = copies is None or self.ac.eval_max_copies >= 1 or copies <= self.ac.eval_max_copies
         best = math.isfinite(score) and (self.best is None or (
-            score < self.best["score"] and score < self.first - self.ac.eval_min_gain))
+            eligible and score < self.best["score"] and score < self.first - self.ac.eval_min_gain))
         if best:
             self.best = {"step": int(step), "score": score, "metric": scorer.metric}
         logged = {f"apt/val_{k}": float(v) for k, v in scores.items()} | self.probe_discriminator(model)
