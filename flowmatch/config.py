@@ -636,7 +636,10 @@ class AptConfig:
     ``N(0, fourier_scale^2)``), summed with the feature head's logit. ``lr_g`` / ``lr_d``: the
     RMSProp (alpha 0.9) learning rates of the generator and the discriminator. ``regression_weight``
     keeps the one-step regression onto the run's pair store beside the adversarial loss (0: off;
-    needs ``coupling.name=paired``). ``augment`` (images only): ``none`` or a comma-separated list of
+    needs ``coupling.name=paired``); ``regression_pairs``: which pair store a pipeline's APT stage
+    regresses, ``last_round`` (the last reflow round's, which the distilled generator learnt) or
+    ``teacher`` (the teacher's own, ``pairs-1RF``: its dopri5 samples, which the rounds after it only
+    approximate). ``augment`` (images only): ``none`` or a comma-separated list of
     ``translation`` and ``cutout``, the differentiable augmentations of every image the discriminator
     sees (real and generated, both players, R1), against a discriminator that learns a few thousand
     training images by heart. ``d_steps``: discriminator updates per generator update (each on a batch of
@@ -684,6 +687,7 @@ class AptConfig:
     fourier_scale: float = 1.0
     discriminator_init: Optional[str] = None
     regression_weight: float = 0.0
+    regression_pairs: str = "last_round"
     augment: str = "none"
     d_steps: int = 1
     d_warmup: int = 0
@@ -707,7 +711,8 @@ class AptConfig:
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
                              "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
-                             "regression_weight": _float(ge=0.0), "d_steps": _int(1), "d_warmup": _int(0),
+                             "regression_weight": _float(ge=0.0),
+                             "regression_pairs": _one_of("last_round", "teacher"), "d_steps": _int(1), "d_warmup": _int(0),
                              "d_train": _one_of("all", "heads"),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
                              "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0),

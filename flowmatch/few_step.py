@@ -138,7 +138,8 @@ def few_step_from_config(cfg: ExperimentConfig, out: str, *, methods: Sequence[s
             prev = s.checkpoint
         if "apt" in methods:
             label = chain[-1][0]
-            s = train_stage(apt_stage_config(cfg, prev, teacher, chain[-1][2]), out, f"{label}+APT", progress)
+            s = train_stage(apt_stage_config(cfg, prev, teacher, chain[-1][2], chain[0][2]), out, f"{label}+APT",
+                            progress)
             stages.append(("apt", selected_checkpoint(s.checkpoint),
                            _cost(s.checkpoint, s, cost["steps"], cost["wall_s"], cost["teacher_evals"])))
     for method in CONSISTENCY_METHODS:

@@ -81,19 +81,24 @@ def reflow_stage_configs(cfg: ExperimentConfig, out: str, rounds: int, distill: 
     return stages
 
 
-def apt_stage_config(cfg: ExperimentConfig, generator: str, teacher: str, pairs: Optional[str] = None) -> ExperimentConfig:
+def apt_stage_config(cfg: ExperimentConfig, generator: str, teacher: str, pairs: Optional[str] = None,
+                     teacher_pairs: Optional[str] = None) -> ExperimentConfig:
     """The training config of adversarial post-training (``train.objective: apt``) of the one-step
     ``generator`` checkpoint, its discriminator from ``teacher`` (the chain's 1-RF): the ``apt``
     section's steps, APT's constant learning rates without warm-up or clipping, a real-data draw per
-    update (the ``independent`` coupling; with ``apt.regression_weight > 0`` the pair store ``pairs``
-    feeds the regression term), one-step evaluation. Image tasks draw their real images from the
+    update (the ``independent`` coupling; with ``apt.regression_weight > 0`` a pair store feeds the
+    regression term: ``pairs``, the last round's, or with ``apt.regression_pairs=teacher``
+    ``teacher_pairs``, the teacher's own), one-step evaluation. Image tasks draw their real images from the
     ``fit`` split, so that the ``val`` split that selects the checkpoint stays unseen by the
     discriminator (the teacher itself saw the whole training split)."""
     ac = cfg.apt
     if ac.regression_weight > 0:
+        if ac.regression_pairs == "teacher":
+            pairs = teacher_pairs
         if pairs is None:
-            raise FlowmatchError(f"apt.regression_weight = {ac.regression_weight} regresses a pair store: this "
-                                 f"APT stage has none (set apt.regression_weight=0)")
+            raise FlowmatchError(f"apt.regression_weight = {ac.regression_weight} regresses a pair store "
+                                 f"(apt.regression_pairs={ac.regression_pairs}): this APT stage has none (set "
+                                 f"apt.regression_weight=0)")
         coupling = {"name": "paired", "pairs": pairs, "mix": 1.0}
     else:
         coupling = {"name": "independent", "pairs": None, "mix": 1.0}
@@ -158,8 +163,8 @@ def reflow_from_config(cfg: ExperimentConfig, out: str, *, rounds: Optional[int]
         stages.append((label, s.checkpoint))
     if apt:
         label, generator = stages[-1]
-        s = train_stage(apt_stage_config(cfg, generator, stages[0][1], os.path.join(out, f"pairs-{rounds}RF")),
-                        out, f"{label}+APT", progress)
+        s = train_stage(apt_stage_config(cfg, generator, stages[0][1], os.path.join(out, f"pairs-{rounds}RF"),
+                                         os.path.join(out, "pairs-1RF")), out, f"{label}+APT", progress)
         stages.append((f"{label}+APT", selected_checkpoint(s.checkpoint)))
     rows = bench_from_checkpoints([c for _, c in stages], None, solvers=rc.bench_solvers, nfes=rc.bench_nfes,
                                   n=rc.bench_n, atol=cfg.eval.atol, rtol=cfg.eval.rtol, names=[lbl for lbl, _ in stages], tracking="disabled",

@@ -99,6 +99,20 @@ def test_best_t1_is_the_minimum_on_its_own_validation_draw(make_cfg, tmp_path, m
 APT = ("apt.steps=6", "apt.eval_every=3", "apt.eval_n=64")
 
 
+@pytest.mark.parametrize("which,want", [("last_round", "out/pairs-2RF"), ("teacher", "out/pairs-1RF")])
+def test_apt_stage_regresses_the_pair_store_apt_regression_pairs_names(make_cfg, which, want):
+    from flowmatch.reflow_chain import apt_stage_config
+
+    cfg = make_cfg(*TINY, "apt.regression_weight=1", f"apt.regression_pairs={which}")
+    stage = apt_stage_config(cfg, "gen.pt", "teacher.pt", "out/pairs-2RF", "out/pairs-1RF")
+    assert (stage.coupling.name, stage.coupling.pairs) == ("paired", want)
+    assert stage.apt.discriminator_init == "teacher.pt" and stage.train.init == "gen.pt"
+    with pytest.raises(FlowmatchError, match=f"regresses a pair store \\(apt.regression_pairs={which}\\): this APT"):
+        apt_stage_config(cfg, "gen.pt", "teacher.pt", *(("out/pairs-2RF", None) if which == "teacher" else (None,)))
+    plain = apt_stage_config(make_cfg(*TINY), "gen.pt", "teacher.pt", "out/pairs-2RF", "out/pairs-1RF")
+    assert (plain.coupling.name, plain.coupling.pairs) == ("independent", None)
+
+
 def test_apt_post_trains_the_distilled_model_and_is_scored_by_its_selected_checkpoint(make_cfg, tmp_path):
     import torch
 
