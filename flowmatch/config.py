@@ -639,7 +639,10 @@ class AptConfig:
     needs ``coupling.name=paired``); ``regression_pairs``: which pair store a pipeline's APT stage
     regresses, ``last_round`` (the last reflow round's, which the distilled generator learnt) or
     ``teacher`` (the teacher's own, ``pairs-1RF``: its dopri5 samples, which the rounds after it only
-    approximate). ``augment`` (images only): ``none`` or a comma-separated list of
+    approximate). ``real_from_teacher`` (0: off): the fraction of the discriminator's real rows taken from
+    the pair store's teacher samples instead of the data (the first ``round(f * batch)`` rows of each real
+    batch; needs ``coupling.name=paired``): soft labels beside the hard ones on the discriminator's side, a
+    real set the discriminator cannot learn by heart. ``augment`` (images only): ``none`` or a comma-separated list of
     ``translation`` and ``cutout``, the differentiable augmentations of every image the discriminator
     sees (real and generated, both players, R1), against a discriminator that learns a few thousand
     training images by heart. ``d_steps``: discriminator updates per generator update (each on a batch of
@@ -688,6 +691,7 @@ class AptConfig:
     discriminator_init: Optional[str] = None
     regression_weight: float = 0.0
     regression_pairs: str = "last_round"
+    real_from_teacher: float = 0.0
     augment: str = "none"
     d_steps: int = 1
     d_warmup: int = 0
@@ -712,7 +716,8 @@ class AptConfig:
                              "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
                              "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
                              "regression_weight": _float(ge=0.0),
-                             "regression_pairs": _one_of("last_round", "teacher"), "d_steps": _int(1), "d_warmup": _int(0),
+                             "regression_pairs": _one_of("last_round", "teacher"),
+                             "real_from_teacher": _float(**_PROBABILITY), "d_steps": _int(1), "d_warmup": _int(0),
                              "d_train": _one_of("all", "heads"),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
                              "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0),

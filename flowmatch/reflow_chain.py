@@ -86,19 +86,19 @@ def apt_stage_config(cfg: ExperimentConfig, generator: str, teacher: str, pairs:
     """The training config of adversarial post-training (``train.objective: apt``) of the one-step
     ``generator`` checkpoint, its discriminator from ``teacher`` (the chain's 1-RF): the ``apt``
     section's steps, APT's constant learning rates without warm-up or clipping, a real-data draw per
-    update (the ``independent`` coupling; with ``apt.regression_weight > 0`` a pair store feeds the
-    regression term: ``pairs``, the last round's, or with ``apt.regression_pairs=teacher``
-    ``teacher_pairs``, the teacher's own), one-step evaluation. Image tasks draw their real images from the
+    update (the ``independent`` coupling; with ``apt.regression_weight > 0`` or ``apt.real_from_teacher > 0``
+    a pair store feeds the regression term and the discriminator's teacher rows: ``pairs``, the last round's,
+    or with ``apt.regression_pairs=teacher`` ``teacher_pairs``, the teacher's own), one-step evaluation. Image tasks draw their real images from the
     ``fit`` split, so that the ``val`` split that selects the checkpoint stays unseen by the
     discriminator (the teacher itself saw the whole training split)."""
     ac = cfg.apt
-    if ac.regression_weight > 0:
+    if ac.regression_weight > 0 or ac.real_from_teacher > 0:
         if ac.regression_pairs == "teacher":
             pairs = teacher_pairs
         if pairs is None:
-            raise FlowmatchError(f"apt.regression_weight = {ac.regression_weight} regresses a pair store "
-                                 f"(apt.regression_pairs={ac.regression_pairs}): this APT stage has none (set "
-                                 f"apt.regression_weight=0)")
+            key = "regression_weight" if ac.regression_weight > 0 else "real_from_teacher"
+            raise FlowmatchError(f"apt.{key} = {getattr(ac, key)} reads a pair store (apt.regression_pairs="
+                                 f"{ac.regression_pairs}): this APT stage has none (set apt.{key}=0)")
         coupling = {"name": "paired", "pairs": pairs, "mix": 1.0}
     else:
         coupling = {"name": "independent", "pairs": None, "mix": 1.0}

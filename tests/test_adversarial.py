@@ -528,6 +528,33 @@ def test_regression_term_on_a_pair_store(ckpts, tmp_path):
     assert rows and rows[-1]["apt/regression"] > 0 and all(math.isfinite(v) for v in res.losses)
 
 
+def test_real_from_teacher_takes_the_first_real_rows_from_the_pair_store_and_resumes_exactly(ckpts, tmp_path):
+    from flowmatch.reflow import generate_pairs
+
+    pairs = tmp_path / "pairs"
+    generate_pairs(ckpts["teacher"], str(pairs), 64, solver="euler", nfe=2, shard_size=64, progress=False,
+                   device="cpu")
+    store = torch.load(pairs / "shard_00000.pt", weights_only=True)["x1"]
+    rows = {tuple(r.tolist()) for r in store}
+    cfg = _cfg(ckpts, "apt.real_from_teacher=0.25", "coupling.name=paired", f"coupling.pairs={pairs}",
+               "train.batch_size=16")
+    trainer = build_trainer(cfg)
+    batch = trainer.objective.draw(trainer.generator)
+    assert batch.x1.shape == (16, 2)
+    assert all(tuple(r.tolist()) in rows for r in batch.x1[:4])  # round(0.25 * 16) rows: teacher samples
+    assert not any(tuple(r.tolist()) in rows for r in batch.x1[4:])  # the rest: the data's
+    # the pair store's position is checkpointed: a resumed run draws the same batches
+    a = train(cfg, str(tmp_path / "a"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(tmp_path / "b"), progress=False, on_step=_Interrupt(13))
+    b = train(cfg, str(tmp_path / "b"), progress=False, resume=True)
+    assert b.start_step == 10 and a.losses[10:] == b.losses
+    assert "coupling" in load_checkpoint(a.checkpoint)["objective"]["state"]
+    with pytest.raises(ConfigError, match="apt.real_from_teacher = 0.25 reads the teacher's samples from a pair "
+                                          "store: it needs coupling.name=paired"):
+        build_trainer(_cfg(ckpts, "apt.real_from_teacher=0.25"))
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -107,10 +107,14 @@ def test_apt_stage_regresses_the_pair_store_apt_regression_pairs_names(make_cfg,
     stage = apt_stage_config(cfg, "gen.pt", "teacher.pt", "out/pairs-2RF", "out/pairs-1RF")
     assert (stage.coupling.name, stage.coupling.pairs) == ("paired", want)
     assert stage.apt.discriminator_init == "teacher.pt" and stage.train.init == "gen.pt"
-    with pytest.raises(FlowmatchError, match=f"regresses a pair store \\(apt.regression_pairs={which}\\): this APT"):
+    with pytest.raises(FlowmatchError, match=f"apt.regression_weight = 1.0 reads a pair store \\(apt.regression_pairs={which}\\): this APT"):
         apt_stage_config(cfg, "gen.pt", "teacher.pt", *(("out/pairs-2RF", None) if which == "teacher" else (None,)))
     plain = apt_stage_config(make_cfg(*TINY), "gen.pt", "teacher.pt", "out/pairs-2RF", "out/pairs-1RF")
     assert (plain.coupling.name, plain.coupling.pairs) == ("independent", None)
+    # the discriminator's teacher rows read the same store, with or without the regression
+    mixed = apt_stage_config(make_cfg(*TINY, "apt.real_from_teacher=0.5", f"apt.regression_pairs={which}"),
+                             "gen.pt", "teacher.pt", "out/pairs-2RF", "out/pairs-1RF")
+    assert (mixed.coupling.name, mixed.coupling.pairs) == ("paired", want)
 
 
 def test_apt_post_trains_the_distilled_model_and_is_scored_by_its_selected_checkpoint(make_cfg, tmp_path):

@@ -341,6 +341,7 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("apt.d_train=backbone", "apt.d_train", "one of"),
     ("apt.eval_max_copies=1.5", "apt.eval_max_copies", "a number in [0, 1]"),
     ("apt.regression_pairs=first", "apt.regression_pairs", "one of"),
+    ("apt.real_from_teacher=1.5", "apt.real_from_teacher", "a number in [0, 1]"),
     ("ot_cfm.steps=0", "ot_cfm.steps", "an integer >= 1"),
     ("lora.alpha=0", "lora.alpha", "a finite number > 0"),
     ("shortcut.self_consistency=1.5", "shortcut.self_consistency", "a number in [0, 1]"),

@@ -69,6 +69,10 @@ Optimisers: RMSProp with ``alpha = 0.9`` for both players (as APT), learning rat
 0). The discriminator updates ``apt.d_steps`` times per generator update (APT: once), and
 ``apt.d_warmup`` more times in the first step, before the generator's first update; each update draws
 its own batch (:meth:`AdversarialPostTraining.player_updates`, :func:`discriminator_updates`).
+``apt.real_from_teacher`` = f > 0 takes the first ``round(f B)`` rows of each real batch from the pair store's
+teacher samples instead of the data: the discriminator's real side becomes a mix of the data (hard labels)
+and the teacher's samples (soft labels), which it cannot learn by heart, so that with few training images the
+generator is not drawn towards them alone (the optimum is the mix, nearer the data than the teacher).
 ``apt.regression_weight`` > 0 adds the one-step regression onto the run's pair store
 (:class:`~flowmatch.training.objectives.OneStepDistill`, ``d(v(x0, 0), x1 - x0)``) to the generator's
 loss with that weight: the teacher keeps the student near it while real data corrects it.
@@ -114,6 +118,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmatch.config import from_dict
+from flowmatch.couplings import PairedCoupling
 from flowmatch.data.task import build_task, data_shape
 from flowmatch.errors import ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity, build_model
@@ -366,6 +371,11 @@ class AdversarialPostTraining(Objective):
             except ConfigError as e:
                 raise ConfigError(f"apt.regression_weight = {ac.regression_weight} regresses the teacher's pairs: "
                                   f"{e}") from None
+        if ac.real_from_teacher > 0 and (not isinstance(self.comp.coupling, PairedCoupling)
+                                         or self.comp.real_coupling is not None):
+            raise ConfigError(f"apt.real_from_teacher = {ac.real_from_teacher} reads the teacher's samples from a "
+                              f"pair store: it needs coupling.name=paired with coupling.mix=1 (got coupling.name="
+                              f"{cfg.coupling.name}, coupling.mix={cfg.coupling.mix})")
         # the source's draw, and a toy target's reference (an image target's is the val split)
         quasi_of = [self.comp.source] + ([self.comp.target] if hasattr(self.comp.target, "has_quasi") else [])
         lacking = [getattr(d, "name", repr(d)) for d in quasi_of if not getattr(d, "has_quasi", False)]
@@ -423,7 +433,8 @@ class AdversarialPostTraining(Objective):
 
     # -- draws and losses
     def draw(self, generator: torch.Generator) -> Batch:
-        """Source ``x0``, real ``x1``, the discriminator's times ``t`` (``[B]``), R1's ``eps``, with
+        """Source ``x0``, real ``x1`` (with ``real_from_teacher`` its first rows replaced by the pair store's
+        teacher samples, drawn after it), the discriminator's times ``t`` (``[B]``), R1's ``eps``, with
         ``noise_inputs`` the noise of the real and the fake inputs (``n_real``, ``n_fake``, ``[B, *D]``), with
         ``augment`` each row's transform of the real and the fake inputs (``shift_real``, ``corner_real``,
         ``shift_fake``, ``corner_fake``: :func:`augment_params`) and,
@@ -431,6 +442,9 @@ class AdversarialPostTraining(Objective):
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
         x1 = self.comp.target.sample(b, generator=generator, device=dev)
+        k = round(self.ac.real_from_teacher * b)
+        if k > 0:  # the first k real rows: the teacher's samples (the pair store's x1)
+            x1 = torch.cat([self.comp.coupling.sample(k, generator=generator).x1.to(dev, x1.dtype), x1[k:]])
         t = shifted_time(torch.rand(b, generator=generator, device=dev), self.ac.t_shift)
         extra = {"eps": torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)}
         if self.ac.noise_inputs:
@@ -579,7 +593,9 @@ class AdversarialPostTraining(Objective):
     def state_dict(self) -> dict:
         state = {"best": dict(self.best) if self.best is not None else None, "first": self.first}
         if self.regression is not None:
-            state["regression"] = self.regression.state_dict()
+            state["regression"] = self.regression.state_dict()  # the pair store's position with it
+        elif self.ac.real_from_teacher > 0:
+            state["coupling"] = self.comp.coupling.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -587,6 +603,8 @@ class AdversarialPostTraining(Objective):
         self.first = state.get("first", self.best["score"] if self.best is not None else None)
         if self.regression is not None:
             self.regression.load_state_dict(state.get("regression", {}))
+        elif self.ac.real_from_teacher > 0:
+            self.comp.coupling.load_state_dict(state.get("coupling", {}))
 
 
 OBJECTIVES[AdversarialPostTraining.name] = AdversarialPostTraining
