@@ -119,7 +119,7 @@ from torch import nn
 
 from flowmatch.config import from_dict
 from flowmatch.couplings import PairedCoupling
-from flowmatch.data.task import build_task, data_shape
+from flowmatch.data.task import build_task, data_shape, is_image_task
 from flowmatch.errors import ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity, build_model
 from flowmatch.models.unet import Upsample, _Level
@@ -382,7 +382,7 @@ class AdversarialPostTraining(Objective):
         if ac.eval_noise == "quasi" and lacking:
             raise ConfigError(f"apt.eval_noise=quasi: {lacking[0]!r} has no quasi-random draw (gaussian, 8gaussians "
                               f"and moons do); set apt.eval_noise=iid")
-        if ac.eval_max_copies < 1 and (len(data_shape(cfg.data)) != 3 or cfg.data.split != "fit"):
+        if ac.eval_max_copies < 1 and (not is_image_task(cfg.data) or cfg.data.split != "fit"):
             raise ConfigError(f"apt.eval_max_copies = {ac.eval_max_copies}: the copies are counted against the fit "
                               f"images with the val images as new ones: an image run on data.split=fit (this run: "
                               f"data.target={cfg.data.target}, data.split={cfg.data.split}); set "
@@ -537,9 +537,10 @@ class AdversarialPostTraining(Objective):
         if self.first is None:
             self.first = score
         # a later checkpoint replaces the start only when it beats it by more than apt.eval_min_gain
-        # ... and, with apt.eval_max_copies, when it copies the fit images no more than that
+        # ... and, with apt.eval_max_copies, when it copies the fit images no more than that (a fraction:
+        # the default 1 admits every checkpoint)
         copies = scores.get("copies")
-        eligible = copies is None or self.ac.eval_max_copies >= 1 or copies <= self.ac.eval_max_copies
+        eligible = copies is None or copies <= self.ac.eval_max_copies
         best = math.isfinite(score) and (self.best is None or (
             eligible and score < self.best["score"] and score < self.first - self.ac.eval_min_gain))
         if best:
@@ -558,7 +559,7 @@ class AdversarialPostTraining(Objective):
         ``D`` on training images). Image runs on ``data.split=fit`` only (elsewhere: ``{}``); no
         augmentation, with ``noise_inputs`` each set noised to the times by a fixed draw of its own; the
         draws come from a generator of their own (the run's stream is untouched)."""
-        if self._disc is None or self.cfg.data.split != "fit" or len(data_shape(self.cfg.data)) != 3:
+        if self._disc is None or self.cfg.data.split != "fit" or not is_image_task(self.cfg.data):
             return {}
         if self._probe is None:
             g = make_generator(VALIDATION_SEED + 7)
