@@ -139,16 +139,17 @@ class ValidationImageScorer(ImageScorer):
     generator drifting towards its training images)."""
 
     def __init__(self, metrics, val_images: torch.Tensor, fit_images: torch.Tensor, seed: int = 0):
+        from flowmatch.metrics.memorisation import MemorisationReference
+
         super().__init__(metrics, val_images, seed)
         self.fit_images = fit_images
         self.scores = self.scores + ("copies",)
+        # the fit and val images featurised, and the val images' nearest-fit distances, once
+        self.copies_reference = MemorisationReference(fit_images, val_images, features=metrics.features)
 
     def __call__(self, x1: torch.Tensor) -> dict:
-        from flowmatch.metrics.memorisation import memorisation
-
         out = super().__call__(x1)
-        out["copies"] = memorisation(x1.detach().cpu(), self.fit_images, self.floor_images,
-                                     features=self.metrics.features).copies_fraction
+        out["copies"] = self.copies_reference(x1.detach().cpu()).copies_fraction
         return out
 
 

@@ -100,15 +100,16 @@ def memorisation_checker(cfg, *, device: str | torch.device = "cpu") -> Callable
     """:func:`image_memorisation` for ``cfg``'s task with its splits and classifier loaded once:
     ``check(x1) -> {"pixels": MemorisationResult, "features": MemorisationResult}``."""
     from flowmatch.metrics.frechet import ImageFeatureMetrics
-    from flowmatch.metrics.memorisation import memorisation
+    from flowmatch.metrics.memorisation import MemorisationReference
 
     train, _ = build_task(cfg.data, split="train").target.tensors()
     test, _ = build_task(cfg.data, split="test").target.tensors()
     features = ImageFeatureMetrics(cfg.data.target, test, path=cfg.eval.classifier, device=device).features
+    refs = {"pixels": MemorisationReference(train, test), "features": MemorisationReference(train, test, features=features)}
 
     def check(x1: torch.Tensor) -> dict:
         x1 = x1.detach().cpu()
-        return {"pixels": memorisation(x1, train, test), "features": memorisation(x1, train, test, features=features)}
+        return {space: ref(x1) for space, ref in refs.items()}
 
     return check
 

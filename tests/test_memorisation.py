@@ -14,7 +14,8 @@ from flowmatch.bench import ImageScorer
 from flowmatch.data import get_image_dataset
 from flowmatch.metrics.frechet import ImageFeatureMetrics
 from flowmatch.metrics.guard import NonFiniteInputWarning
-from flowmatch.metrics.memorisation import EXACT_COPY_DISTANCE, MemorisationResult, memorisation, nearest_distances
+from flowmatch.metrics.memorisation import (EXACT_COPY_DISTANCE, MemorisationReference, MemorisationResult, memorisation,
+                                           nearest_distances)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -83,6 +84,26 @@ def test_the_check_in_classifier_feature_space(digits, fit_metrics):
     assert copier.space == honest.space == "features"
     assert copier.memorises is True and copier.copies_fraction == 1.0
     assert honest.memorises is False and honest.threshold == copier.threshold > 0
+
+
+def test_a_reference_featurises_its_images_once_and_scores_each_set_as_the_function_does(digits, fit_metrics):
+    fit, val, test = digits["fit"], digits["val"], digits["test"]
+    calls = []
+
+    def features(x):
+        calls.append(len(x))
+        return fit_metrics.features(x)
+
+    ref = MemorisationReference(fit, test, features=features)
+    assert calls == [len(fit), len(test)]  # the reference side, once
+    sets = [fit[:120], val[:150], (val[:80] + 0.05).clamp(-1, 1)]
+    for x in sets:
+        got, want = ref(x).summary(), memorisation(x, fit, test, features=fit_metrics.features).summary()
+        assert got == want
+    assert calls == [len(fit), len(test)] + [len(x) for x in sets]  # then the samples alone
+    assert ref(fit[:120]).copies_fraction == 1.0
+    with pytest.raises(ValueError, match="quantile"):
+        MemorisationReference(fit, test, quantile=0.0)
 
 
 def test_the_limit_is_three_standard_errors_above_the_quantile(digits):

@@ -9,8 +9,10 @@ copier puts them at distance zero.
 
 - :func:`nearest_distances`: ``[M]`` Euclidean distance from each row of ``x`` ``[M, *D]`` to its
   nearest row of ``reference`` ``[N, *D]`` (flattened), in pixel space or in any feature space.
-- :func:`memorisation`: the summary, a :class:`MemorisationResult`. ``threshold`` is the
-  ``quantile`` (default 0.05) of the held-out images' nearest-training distances; ``copies_fraction``
+- :func:`memorisation`: the summary, a :class:`MemorisationResult` (:class:`MemorisationReference`:
+  the same with the training and held-out side featurised and measured once, for many sample sets).
+  ``threshold`` is the ``quantile`` (default 0.05) of the held-out images' nearest-training distances;
+  ``copies_fraction``
   is the fraction of samples closer to a training image than that. Held-out images score
   ``quantile`` by construction, and so does, in expectation, any model whose samples are as new as
   held-out images; a copier scores 1. ``memorises`` is the verdict: ``copies_fraction`` above
@@ -33,7 +35,7 @@ import torch
 
 from flowmatch.metrics.guard import finite_inputs
 
-__all__ = ["MemorisationResult", "nearest_distances", "memorisation", "EXACT_COPY_DISTANCE"]
+__all__ = ["MemorisationResult", "MemorisationReference", "nearest_distances", "memorisation", "EXACT_COPY_DISTANCE"]
 
 EXACT_COPY_DISTANCE = 1e-6  # a sample this close to a training image is that image (pixel floats, not a model's)
 
@@ -107,31 +109,53 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Ten
     """Memorisation check of ``samples`` ``[M, *D]`` against the training images ``train`` ``[N, *D]``,
     with ``held_out`` ``[K, *D]`` (real images not in ``train``) as the reference distribution of the
     nearest-training distance. ``features`` (e.g. ``ImageFeatureMetrics.features``, images ``[B, C, H,
-    W]`` -> ``[B, F]``) measures the distances in that feature space instead of pixel space."""
-    q = float(quantile)
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"memorisation: quantile must be in (0, 1), got {quantile}")
-    s, tr, ho = (torch.as_tensor(t).detach() for t in (samples, train, held_out))
-    if ho.ndim < 1 or ho.shape[0] < 2:
-        raise ValueError(f"memorisation needs at least 2 held-out images, got {list(ho.shape)}")
-    space = "pixels"
-    if features is not None:
-        s, tr, ho = features(s), features(tr), features(ho)
-        space = "features"
-    d = nearest_distances(s, tr, batch_size=batch_size)
-    dh = nearest_distances(ho, tr, batch_size=batch_size)
-    m, k = d.shape[0], dh.shape[0]
-    limit = q + 3 * math.sqrt(q * (1 - q) * (1 / m + 1 / k))
-    nan = float("nan")
-    if not (torch.isfinite(d).all() and torch.isfinite(dh).all()):  # nearest_distances has warned
-        return MemorisationResult(space, m, k, tr.shape[0], q, nan, nan, nan, nan, nan, nan, nan, nan, limit,
-                                  None, d, dh)
-    threshold = float(torch.quantile(dh, q))
-    med, held_med = float(d.median()), float(dh.median())
-    copies = float((d < threshold).double().mean())
-    return MemorisationResult(
-        space=space, n=m, n_held_out=k, n_train=tr.shape[0], quantile=q, threshold=threshold, median=med,
-        p05=float(torch.quantile(d, 0.05)), held_out_median=held_med, held_out_p05=float(torch.quantile(dh, 0.05)),
-        median_ratio=med / held_med if held_med > 0 else nan, copies_fraction=copies,
-        exact_copies_fraction=float((d <= EXACT_COPY_DISTANCE).double().mean()), limit=limit,
-        memorises=copies > limit, distances=d, held_out_distances=dh)
+    W]`` -> ``[B, F]``) measures the distances in that feature space instead of pixel space. To check
+    several sample sets against the same images, build a :class:`MemorisationReference` once."""
+    return MemorisationReference(train, held_out, quantile=quantile, features=features,
+                                 batch_size=batch_size)(samples)
+
+
+class MemorisationReference:
+    """:func:`memorisation` with its reference side done once: the training and held-out images
+    (featurised with ``features``, if given) and the held-out images' nearest-training distances, which
+    do not depend on the samples. ``ref(samples)`` is ``memorisation(samples, train, held_out, ...)``,
+    the same numbers, for each of many sample sets (a model selection scoring every few hundred
+    updates, a table of methods)."""
+
+    def __init__(self, train: torch.Tensor, held_out: torch.Tensor, *, quantile: float = 0.05,
+                 features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, batch_size: int = 256):
+        q = float(quantile)
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"memorisation: quantile must be in (0, 1), got {quantile}")
+        tr, ho = (torch.as_tensor(t).detach() for t in (train, held_out))
+        if ho.ndim < 1 or ho.shape[0] < 2:
+            raise ValueError(f"memorisation needs at least 2 held-out images, got {list(ho.shape)}")
+        if features is not None:
+            tr, ho = features(tr), features(ho)
+        self.quantile, self.features, self.batch_size = q, features, int(batch_size)
+        self.space = "pixels" if features is None else "features"
+        self.train = tr  # [N, *D] or [N, F]: what the samples' nearest distances are measured against
+        self.held_out_distances = nearest_distances(ho, tr, batch_size=self.batch_size)  # [K] float64
+
+    @torch.no_grad()
+    def __call__(self, samples: torch.Tensor) -> MemorisationResult:
+        q, tr, dh = self.quantile, self.train, self.held_out_distances
+        s = torch.as_tensor(samples).detach()
+        if self.features is not None:
+            s = self.features(s)
+        d = nearest_distances(s, tr, batch_size=self.batch_size)
+        m, k = d.shape[0], dh.shape[0]
+        limit = q + 3 * math.sqrt(q * (1 - q) * (1 / m + 1 / k))
+        nan = float("nan")
+        if not (torch.isfinite(d).all() and torch.isfinite(dh).all()):  # nearest_distances has warned
+            return MemorisationResult(self.space, m, k, tr.shape[0], q, nan, nan, nan, nan, nan, nan, nan, nan,
+                                      limit, None, d, dh)
+        threshold = float(torch.quantile(dh, q))
+        med, held_med = float(d.median()), float(dh.median())
+        copies = float((d < threshold).double().mean())
+        return MemorisationResult(
+            space=self.space, n=m, n_held_out=k, n_train=tr.shape[0], quantile=q, threshold=threshold, median=med,
+            p05=float(torch.quantile(d, 0.05)), held_out_median=held_med,
+            held_out_p05=float(torch.quantile(dh, 0.05)), median_ratio=med / held_med if held_med > 0 else nan,
+            copies_fraction=copies, exact_copies_fraction=float((d <= EXACT_COPY_DISTANCE).double().mean()),
+            limit=limit, memorises=copies > limit, distances=d, held_out_distances=dh)
