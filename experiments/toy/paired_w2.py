@@ -118,8 +118,12 @@ def main() -> None:
     if coupled:
         with torch.no_grad():
             fit = source.sample(args.fit_n, generator=torch.Generator().manual_seed(args.fit_seed))
-            for key, _, solver, nfe in entries:
-                floors[key] = CoupledFloor(target, torch.cat([run(key, solver, nfe, c) for c in fit.split(50_000)]))
+            fitted = {}  # one floor a model and sampler: an entry named twice (a file and its stage) shares it
+            for key, stage, solver, nfe in entries:
+                same = (os.path.realpath(ckpt(stage)), solver, nfe)
+                if same not in fitted:
+                    fitted[same] = CoupledFloor(target, torch.cat([run(key, solver, nfe, c) for c in fit.split(50_000)]))
+                floors[key] = fitted[same]
     scores: dict[str, list[float]] = {key: [] for key, *_ in entries}
     scores["floor"] = []
     scores.update({f"floor coupled to {key}": [] for key in floors})
