@@ -250,10 +250,10 @@ def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = Non
 def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0) -> dict:
     """The cumulative cost of the model in ``ckpt``: its own run's optimiser steps (every player's: an APT
     step updates the discriminator ``apt.d_steps`` times, ``apt.d_warmup`` more in the first step, and the
-    generator once), seconds and the teacher evaluations its objective
-    counted (``teacher_evals`` in its state: CD's teacher steps, the any-step models' teacher velocities)
-    added to ``steps``, ``wall`` and ``teacher_evals``; ``params`` the trainable parameters of the model
-    (a LoRA run's: the adapter's; APT's generator, not its discriminator)."""
+    generator once), seconds and the teacher evaluations its objective counted (``teacher_evals`` in its
+    state: CD's teacher steps, the any-step models' teacher velocities) added to ``steps``, ``wall`` and
+    ``teacher_evals``; ``params`` the trainable parameters of the model (a LoRA run's: the adapter's;
+    APT's generator, not its discriminator)."""
     state = load_checkpoint(ckpt)
     run_steps = int(state["step"]) if s is not None else 0
     if s is not None:
