@@ -105,7 +105,8 @@ def memorisation_checker(cfg, *, device: str | torch.device = "cpu") -> Callable
     train, _ = build_task(cfg.data, split="train").target.tensors()
     test, _ = build_task(cfg.data, split="test").target.tensors()
     features = ImageFeatureMetrics(cfg.data.target, test, path=cfg.eval.classifier, device=device).features
-    refs = {"pixels": MemorisationReference(train, test), "features": MemorisationReference(train, test, features=features)}
+    refs = {"pixels": MemorisationReference(train, test),
+            "features": MemorisationReference(train, test, features=features)}
 
     def check(x1: torch.Tensor) -> dict:
         x1 = x1.detach().cpu()

@@ -122,7 +122,8 @@ def main() -> None:
             for key, stage, solver, nfe in entries:
                 same = (os.path.realpath(ckpt(stage)), solver, nfe)
                 if same not in fitted:
-                    fitted[same] = CoupledFloor(target, torch.cat([run(key, solver, nfe, c) for c in fit.split(50_000)]))
+                    samples = torch.cat([run(key, solver, nfe, c) for c in fit.split(50_000)])
+                    fitted[same] = CoupledFloor(target, samples)
                 floors[key] = fitted[same]
     scores: dict[str, list[float]] = {key: [] for key, *_ in entries}
     scores["floor"] = []

@@ -12,8 +12,7 @@ copier puts them at distance zero.
 - :func:`memorisation`: the summary, a :class:`MemorisationResult` (:class:`MemorisationReference`:
   the same with the training and held-out side featurised and measured once, for many sample sets).
   ``threshold`` is the ``quantile`` (default 0.05) of the held-out images' nearest-training distances;
-  ``copies_fraction``
-  is the fraction of samples closer to a training image than that. Held-out images score
+  ``copies_fraction`` is the fraction of samples closer to a training image than that. Held-out images score
   ``quantile`` by construction, and so does, in expectation, any model whose samples are as new as
   held-out images; a copier scores 1. ``memorises`` is the verdict: ``copies_fraction`` above
   ``quantile`` by more than three standard errors, ``3 sqrt(q (1 - q) (1 / M + 1 / K))`` for ``M``
@@ -139,7 +138,7 @@ class MemorisationReference:
 
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor) -> MemorisationResult:
-        q, tr, dh = self.quantile, self.train, self.held_out_distances
+        q, tr, dh = self.quantile, self.train, self.held_out_distances.clone()  # each result its own copy
         s = torch.as_tensor(samples).detach()
         if self.features is not None:
             s = self.features(s)
