@@ -925,3 +925,86 @@ def test_selection_scatter_scores_each_mode_on_its_draws(ckpts, tmp_path):
         diffs = [a - b for a, b in zip(res["scores"][mode][1], res["scores"][mode][0])]
         assert other["diff_mean"] == pytest.approx(sum(diffs) / 2) and other["diff_se"] == pytest.approx(
             abs(diffs[0] - diffs[1]) / 2)
+
+
+# --------------------------------------------------------------------------- experiments/images/apt_front.py
+
+_FRONT = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "apt_front.py")
+
+
+def _front_module():
+    spec = importlib.util.spec_from_file_location("apt_front", _FRONT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _apt_run(path, rows) -> str:
+    """A run directory whose metrics.jsonl holds a training row and ``rows`` of (step, fd, copies)."""
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 10, "train/loss": 1.0}) + "\n")
+        for step, fd, copies in rows:
+            f.write(json.dumps({"step": step, "apt/val_fd": fd, "apt/val_copies": copies, "apt/val_kid": 0.0}) + "\n")
+    return str(path)
+
+
+def test_apt_front_takes_the_lowest_fd_under_each_ceiling_per_run_and_over_all(tmp_path):
+    """Per run the lowest FD among validations with copies at most each ceiling (the start, step 0, left
+    out), the FD-best whatever its copies, and over all runs the best of those; a run directory without
+    logged copies is refused naming it; the CLI writes the same as JSON, the teacher's copies a ceiling."""
+    mod = _front_module()
+    a = _apt_run(tmp_path / "a", [(0, 1.4, 0.02), (50, 1.1, 0.035), (100, 0.95, 0.046), (150, 0.90, 0.055)])
+    b = _apt_run(tmp_path / "b", [(0, 0.5, 0.01), (50, 1.0, 0.040), (100, 0.97, 0.049), (150, 0.97, 0.044)])
+    runs = {"a": mod.read_trajectory(a), "b": mod.read_trajectory(b)}
+    assert [r["step"] for r in runs["a"]] == [50, 100, 150]  # the start (a low FD here) is not a checkpoint
+    res = mod.front(runs, [0.045, 0.05])
+    ra, rb = res["runs"]["a"], res["runs"]["b"]
+    assert (ra["0.045"]["step"], ra["0.05"]["step"], ra["any"]["step"]) == (50, 100, 150)
+    assert (rb["0.045"]["step"], rb["0.05"]["step"], rb["any"]["step"]) == (150, 100, 100)  # equal FDs: the earlier
+    assert res["overall"]["0.045"] == {"run": "b", "step": 150, "fd": 0.97, "copies": 0.044}
+    assert res["overall"]["0.05"]["run"] == "a" and res["overall"]["any"]["fd"] == 0.90
+    assert mod.front(runs, [0.03])["overall"]["0.03"] is None
+    table = mod.table(res, [0.045, 0.05], {"fd": 0.98, "copies": 0.041})
+    assert "| a | 1.100 / 0.035 (50) | 0.950 / 0.046 (100) | 0.900 / 0.055 (150) |" in table
+    assert "teacher: FD 0.980, copies 0.041" in table
+
+    no_copies = tmp_path / "old"
+    os.makedirs(no_copies)
+    (no_copies / "metrics.jsonl").write_text(json.dumps({"step": 50, "apt/val_fd": 1.0}) + "\n")
+    with pytest.raises(ValueError, match=r"old: no validation with apt/val_fd and apt/val_copies"):
+        mod.read_trajectory(str(no_copies))
+
+    out = tmp_path / "front.json"
+    p = subprocess.run([sys.executable, _FRONT, a, b, "--teacher-score", "0.98,0.041", "--out", str(out)],
+                       check=True, capture_output=True, text=True, timeout=120)
+    got = json.loads(out.read_text())
+    assert got["ceilings"] == [0.041, 0.045, 0.05] and got["teacher"] == {"fd": 0.98, "copies": 0.041}
+    assert got["overall"]["0.041"] == {"run": "b", "step": 50, "fd": 1.0, "copies": 0.040}
+    assert "| **all runs** |" in p.stdout
+    bad = subprocess.run([sys.executable, _FRONT, a, str(no_copies)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "old: no validation with apt/val_fd" in bad.stderr
+
+
+def test_apt_front_scores_a_model_on_the_apt_validation_draws():
+    """The teacher's point: its samples from each APT validation draw's source points (seeds VALIDATION_SEED
+    + 1000 i) scored by the validation scorer of that seed, averaged; a zero velocity field returns its
+    source points, so the point is the scorer's on those points."""
+    from flowmatch.distill.adversarial import VALIDATION_SEED
+    from flowmatch.evaluation import validation_scorer
+    from flowmatch.utils import make_generator
+
+    class Still(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    cfg = make_tiny_cfg("data.target=digits", "data.split=fit", "model.name=unet", "model.preset=tiny",
+                        "apt.eval_n=40", "apt.eval_draws=2")
+    got = _front_module().validation_point(Still(), cfg)
+    source = build_task(cfg.data).source
+    want = []
+    for i in range(2):
+        x0 = source.sample(40, generator=make_generator(VALIDATION_SEED + 1000 * i), device="cpu")
+        want.append(validation_scorer(cfg, 40, seed=VALIDATION_SEED + 1000 * i)(x0))
+    assert got["fd"] == pytest.approx(sum(w["fd"] for w in want) / 2, rel=1e-6)
+    assert got["copies"] == pytest.approx(sum(w["copies"] for w in want) / 2)
