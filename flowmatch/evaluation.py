@@ -115,6 +115,19 @@ def memorisation_checker(cfg, *, device: str | torch.device = "cpu") -> Callable
     return check
 
 
+def precision_recall_checker(cfg, *, k: int = 3, device: str | torch.device = "cpu"):
+    """Improved precision and recall (:mod:`flowmatch.metrics.coverage`, ``k``-th neighbour balls) of image
+    samples against ``cfg``'s whole training split in its classifier's feature space, the real side built
+    once: ``check(x1) -> PrecisionRecall`` for samples ``[M, C, H, W]``."""
+    from flowmatch.metrics.coverage import PrecisionRecallReference
+    from flowmatch.metrics.frechet import ImageFeatureMetrics
+
+    train, _ = build_task(cfg.data, split="train").target.tensors()
+    features = ImageFeatureMetrics(cfg.data.target, train, path=cfg.eval.classifier, device=device).features
+    ref = PrecisionRecallReference(train, k=k, features=features)
+    return lambda x1: ref(x1.detach().cpu())
+
+
 def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu"):
     """The bench scorer of ``cfg``'s task for rows of up to ``n`` samples."""
     if is_image_task(cfg.data):

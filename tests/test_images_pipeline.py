@@ -344,12 +344,24 @@ def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
     ckpt = str(tmp_path / "run" / "A" / "checkpoints" / "last.pt")
     subprocess.run([sys.executable, script, str(tmp_path / "run"), "--student", "A", "--teacher", "A",
                     "--also", f"{ckpt}:euler:1", "--also", "A:euler:2", "--draws", "2", "--n", "32",
-                    "--memorisation"], check=True, capture_output=True, timeout=300)
+                    "--memorisation", "--precision-recall"], check=True, capture_output=True, timeout=300)
     paired = json.loads((tmp_path / "run" / "paired_fd.json").read_text())
     s, summary = paired["scores"], paired["summary"]
     assert list(s) == ["student euler 1", "teacher dopri5", f"{ckpt} euler 1", "A euler 2"]
     assert all(len(v["fd"]) == len(v["fd_test"]) == len(v["copies_features"]) == 2 for v in s.values())
     assert all(0 <= c <= 1 for v in s.values() for c in v["copies_pixels"] + v["copies_features"])
+    # precision and recall against the training images, in the classifier's features, as computed here
+    from flowmatch.evaluation import precision_recall_checker
+    from flowmatch.solvers import solve
+
+    model = load_model(ckpt)
+    x0 = build_task(model.config.data).source.sample(32, generator=torch.Generator().manual_seed(10_000))
+    with torch.no_grad():
+        pr = precision_recall_checker(model.config)(solve(model.model.eval(), x0, "euler", nfe=1).x1)
+    assert (s["student euler 1"]["precision"][0], s["student euler 1"]["recall"][0]) == \
+        pytest.approx((pr.precision, pr.recall))
+    assert all(len(v["precision"]) == len(v["recall"]) == 2 for v in s.values())
+    assert "vs_teacher" in summary["A euler 2"]["recall"]
     # against the teacher as against the student: the per-draw difference's mean
     got = summary["A euler 2"]["copies_features"]["vs_teacher"]["diff"]
     assert got == pytest.approx(sum(a - b for a, b in zip(s["A euler 2"]["copies_features"],

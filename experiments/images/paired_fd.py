@@ -11,7 +11,9 @@ student (mean over draws of entry / student, with the standard error of that mea
 difference, and the same against the teacher (``vs_teacher``). With ``--memorisation`` every sample set
 also gets the memorisation check (:func:`flowmatch.evaluation.image_memorisation`: the fraction of
 samples nearer a training image than 95% of the held-out test images are, ``copies``, 0.05 expected), in
-pixels and in the classifier's features, paired the same way::
+pixels and in the classifier's features, and with ``--precision-recall`` the improved precision and recall
+against the training images (:func:`flowmatch.evaluation.precision_recall_checker`: the share of samples
+inside the training images' support, and of training images inside the samples'), paired the same way::
 
     python experiments/images/paired_fd.py runs/images/digits --student 2-RF+distill \\
         --also 2-RF:euler:1 --also 2-RF+Meanflow:anystep:1 --also 2-RF+Meanflow:anystep:2 --draws 10
@@ -33,7 +35,7 @@ import sys
 import torch
 
 from flowmatch.data.task import build_task, is_image_task
-from flowmatch.evaluation import image_reference, memorisation_checker
+from flowmatch.evaluation import image_reference, memorisation_checker, precision_recall_checker
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 
@@ -60,6 +62,9 @@ def main() -> None:
     p.add_argument("run", help="an image few-step table's or reflow chain's task directory (holds its stages)")
     p.add_argument("--memorisation", action="store_true",
                    help="score each sample set's memorisation check too (copies_pixels, copies_features)")
+    p.add_argument("--precision-recall", action="store_true",
+                   help="score each sample set's improved precision and recall against the training images too "
+                        "(classifier features, k = 3)")
     args = paired_arguments(p, student="2-RF+distill", n=1000, out="paired_fd.json",
                             teacher_help="the teacher's stage or checkpoint (dopri5), or none")
 
@@ -80,7 +85,9 @@ def main() -> None:
     source = build_task(cfg.data).source
     metrics, _, held_out = image_reference(cfg, args.n)
     check = memorisation_checker(cfg) if args.memorisation else None
-    names = ["fd", "fd_test"] + (["copies_pixels", "copies_features"] if args.memorisation else [])
+    coverage = precision_recall_checker(cfg) if args.precision_recall else None
+    names = ["fd", "fd_test"] + (["copies_pixels", "copies_features"] if args.memorisation else []) + \
+        (["precision", "recall"] if args.precision_recall else [])
     scores = {key: {m: [] for m in names} for key, *_ in entries}
     # each solve starts its own state (a consistency sampler re-seeds its noise), so one solver an entry serves every draw
     solvers = {key: get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
@@ -95,6 +102,10 @@ def main() -> None:
                 if check is not None:
                     for space, r in check(x1).items():
                         scores[key][f"copies_{space}"].append(r.copies_fraction)
+                if coverage is not None:
+                    pr = coverage(x1)
+                    scores[key]["precision"].append(pr.precision)
+                    scores[key]["recall"].append(pr.recall)
             print(f"draw {i}: " + ", ".join(f"{k} {v['fd'][-1]:.4f}" for k, v in scores.items()), flush=True)
     summary = {}
     for key, sc in scores.items():
