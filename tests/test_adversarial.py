@@ -795,11 +795,22 @@ def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_pa
 _ABLATIONS = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy", "apt_ablations.py")
 
 
-def _ablations_module():
-    spec = importlib.util.spec_from_file_location("apt_ablations", _ABLATIONS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def _script(path: str):
+    """The experiment script at ``path`` as a module (its folder importable while it loads: a script may
+    import a sibling's helpers)."""
+    folder = os.path.dirname(path)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(folder)
     return mod
+
+
+def _ablations_module():
+    return _script(_ABLATIONS)
 
 
 def test_ablation_flags_name_the_failure_modes():
@@ -853,14 +864,7 @@ _TWO_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "experiments", "toy"
 
 
 def _two_sample_module():
-    sys.path.insert(0, os.path.dirname(_TWO_SAMPLE))  # it imports paired_w2's entry parser
-    try:
-        spec = importlib.util.spec_from_file_location("two_sample", _TWO_SAMPLE)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(os.path.dirname(_TWO_SAMPLE))
-    return mod
+    return _script(_TWO_SAMPLE)  # it imports paired_w2's entry parser
 
 
 def test_the_two_sample_classifier_tells_apart_what_differs_and_only_that():
@@ -933,10 +937,7 @@ _FRONT = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", 
 
 
 def _front_module():
-    spec = importlib.util.spec_from_file_location("apt_front", _FRONT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script(_FRONT)
 
 
 def _apt_run(path, rows) -> str:
