@@ -388,19 +388,22 @@ def few_step_memorisation(cfg: ExperimentConfig, stages: Sequence[tuple]) -> dic
     """The memorisation check (:func:`flowmatch.evaluation.image_memorisation`) of each method's
     samples on ``reflow.bench_n`` source draws of the bench's seed (0): the teacher (``1-RF``) by
     dopri5 at ``eval.atol/rtol`` (the score it is compared with), every other method in one step (a
-    consistency model's one step is the Euler step of its x1-prediction form). Returns ``{method:
-    {"sampler", "pixels": summary, "features": summary}}`` (:meth:`MemorisationResult.summary`)."""
+    consistency model's one step is the Euler step of its x1-prediction form), with the same samples'
+    improved precision and recall against the training images (:func:`flowmatch.evaluation.
+    precision_recall_checker`: which part of the FD is samples off the data, which data the samples miss).
+    Returns ``{method: {"sampler", "pixels": summary, "features": summary, "precision", "recall"}}``
+    (:meth:`MemorisationResult.summary`)."""
     import torch
 
     from flowmatch.data.task import build_source
-    from flowmatch.evaluation import memorisation_checker, sampling_field
+    from flowmatch.evaluation import memorisation_checker, precision_recall_checker, sampling_field
     from flowmatch.solvers import solve
     from flowmatch.training import load_model
     from flowmatch.utils import make_generator
 
     n = cfg.reflow.bench_n
     x0 = build_source(cfg.data).sample(n, generator=make_generator(0))
-    out, check = {}, memorisation_checker(cfg)
+    out, check, coverage = {}, memorisation_checker(cfg), precision_recall_checker(cfg)
     for method, ckpt, _ in stages:
         field = sampling_field(load_model(ckpt).model, n, cfg.eval.guidance)
         with torch.no_grad():
@@ -410,25 +413,29 @@ def few_step_memorisation(cfg: ExperimentConfig, stages: Sequence[tuple]) -> dic
                 label, x1 = "anystep nfe 1", solve(field, x0, "anystep", nfe=1).x1
             else:
                 label, x1 = "euler nfe 1", solve(field, x0, "euler", nfe=1).x1
-        checks = check(x1)
-        out[method] = {"sampler": label, **{space: r.summary() for space, r in checks.items()}}
+        checks, pr = check(x1), coverage(x1)
+        out[method] = {"sampler": label, **{space: r.summary() for space, r in checks.items()},
+                       "precision": pr.precision, "recall": pr.recall}
     return out
 
 
 def memorisation_summary(memo: dict) -> str:
     """Markdown: per method, the copies fraction (samples closer to a training image than the held-out
     images' 5% quantile; 0.05 expected of new images), the median distance ratio and the verdict, in
-    pixels and in classifier features."""
+    pixels and in classifier features, then precision and recall against the training images (``-``
+    where an older file has none)."""
     lines = ["Memorisation check (each sample's nearest training image against the held-out test images'; "
-             "copies = fraction closer than the held-out 5% quantile, 0.05 expected):", "",
+             "copies = fraction closer than the held-out 5% quantile, 0.05 expected), and precision and recall "
+             "against the training images (classifier features, k = 3):", "",
              "| method | sampler | copies (pixels) | median ratio (pixels) | copies (features) | "
-             "median ratio (features) | memorises |", "|---|---|---|---|---|---|---|"]
+             "median ratio (features) | memorises | precision | recall |", "|---|---|---|---|---|---|---|---|---|"]
     for method, m in memo.items():
         px, ft = m["pixels"], m["features"]
         verdicts = (px["memorises"], ft["memorises"])
         verdict = "n/a (non-finite)" if None in verdicts else ("yes" if any(verdicts) else "no")
+        pr = " | ".join(f"{m[k]:.3f}" if k in m else "-" for k in ("precision", "recall"))
         lines.append(f"| {method} | {m['sampler']} | {px['copies_fraction']:.3f} | {px['median_ratio']:.3f} | "
-                     f"{ft['copies_fraction']:.3f} | {ft['median_ratio']:.3f} | {verdict} |")
+                     f"{ft['copies_fraction']:.3f} | {ft['median_ratio']:.3f} | {verdict} | {pr} |")
     return "\n".join(lines) + "\n"
 
 

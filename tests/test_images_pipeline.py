@@ -299,8 +299,15 @@ def test_few_step_table_on_images(run, tmp_path):
         x1 = solve(load_model(run[0].checkpoint).model, x0, "dopri5", atol=1e-3, rtol=1e-3).x1
     want = image_memorisation(cfg, x1)["features"].summary()
     assert memo["1-RF"]["features"] == pytest.approx(want)
+    # and the same samples' precision and recall against the training images
+    from flowmatch.evaluation import precision_recall_checker
+
+    pr = precision_recall_checker(cfg)(x1)
+    assert (memo["1-RF"]["precision"], memo["1-RF"]["recall"]) == pytest.approx((pr.precision, pr.recall))
     summary = (tmp_path / "few_step_summary.md").read_text()
     assert "| 1-RF | dopri5 |" in summary and "| cd | euler nfe 1 |" in summary
+    assert "| memorises | precision | recall |" in summary
+    assert f"| {memo['cd']['precision']:.3f} | {memo['cd']['recall']:.3f} |" in summary
 
 
 def test_anystep_methods_on_images(run, tmp_path, monkeypatch):
