@@ -51,8 +51,9 @@ with the solver that reaches it, dopri5, straightness and the cost), ``OUT/few_s
 cells as data) and the Pareto plots ``OUT/few_step_pareto_nfe.png`` (quality against NFE, a line per
 method) and ``OUT/few_step_pareto_cost.png`` (quality against training seconds). On an image task
 also ``OUT/few_step_memorisation.json``, the memorisation check of each method's one-step samples (the
-teacher's by dopri5), summarised in ``few_step_summary.md``: a lower training-reference FD is not a
-better model when the samples copy training images.
+teacher's by dopri5) and their precision and recall against the training images, summarised in
+``few_step_summary.md``: a lower training-reference FD is not a better model when the samples copy
+training images.
 """
 
 from __future__ import annotations
