@@ -83,21 +83,16 @@ def teacher_point(teacher: str, cfg, *, atol: float, rtol: float) -> dict:
 
 @torch.no_grad()
 def validation_point(model, cfg, *, solver: str = "dopri5", atol: float = 1e-4, rtol: float = 1e-4) -> dict:
-    """``{"fd", "copies"}``: the mean over ``cfg``'s APT validation draws of the validation scorer's FD and
-    copies of ``model``'s samples (``solver``, adaptive) from each draw's source points."""
+    """``{"fd", "copies"}``: the mean over ``cfg``'s APT validation draws
+    (:func:`flowmatch.distill.adversarial.validation_draws`, the objective's own) of the validation scorer's
+    FD and copies of ``model``'s samples (``solver``, adaptive) from each draw's source points."""
+    import flowmatch.evaluation  # noqa: F401 - registers the validation scorer
     from flowmatch.data.task import build_source
-    from flowmatch.distill.adversarial import VALIDATION_SEED
-    from flowmatch.evaluation import validation_scorer
+    from flowmatch.distill.adversarial import validation_draws
     from flowmatch.solvers import solve
-    from flowmatch.utils import make_generator
 
-    source, n = build_source(cfg.data), cfg.apt.eval_n
-    per_draw = []
-    for i in range(cfg.apt.eval_draws):
-        seed = VALIDATION_SEED + 1000 * i
-        x0 = source.sample(n, generator=make_generator(seed), device="cpu")
-        x1 = solve(model, x0, solver, atol=atol, rtol=rtol).x1
-        per_draw.append(validation_scorer(cfg, n, seed=seed)(x1))
+    per_draw = [scorer(solve(model, x0, solver, atol=atol, rtol=rtol).x1)
+                for x0, scorer in validation_draws(cfg, build_source(cfg.data))]
     return {k: sum(float(d[k]) for d in per_draw) / len(per_draw) for k in ("fd", "copies")}
 
 

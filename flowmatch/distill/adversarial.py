@@ -130,7 +130,7 @@ from flowmatch.utils import expand_like, make_generator
 
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
            "generator_loss", "approx_r1", "exact_r1", "augment_params", "augment", "discriminator_updates",
-           "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS", "VALIDATION_SEED"]
+           "validation_draws", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS", "VALIDATION_SEED"]
 
 # objectives whose students are one-step generators x0 + v(x0, 0)
 ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
@@ -192,6 +192,20 @@ def discriminator_updates(apt: dict, steps: int) -> int:
     """The discriminator's optimiser updates in the first ``steps`` steps of a run with the ``apt``
     section ``apt`` (a config's dict): ``d_steps`` a step, and ``d_warmup`` in the first."""
     return steps * int(apt.get("d_steps", 1)) + (int(apt.get("d_warmup", 0)) if steps > 0 else 0)
+
+
+def validation_draws(cfg, source, device="cpu") -> list[tuple[torch.Tensor, Callable]]:
+    """APT's model-selection draws of the config ``cfg``: ``apt.eval_draws`` pairs of source points
+    ``[apt.eval_n, *D]`` (on the CPU; i.i.d. from ``source``, or with ``apt.eval_noise=quasi`` its
+    quasi-random draw) and the registered validation scorer, the ``i``-th of seed ``VALIDATION_SEED + 1000 i``.
+    The objective selects its checkpoint on these; a script that scores another model on them (a teacher's
+    point beside the runs') calls this too."""
+    n, quasi, out = cfg.apt.eval_n, cfg.apt.eval_noise == "quasi", []
+    for i in range(cfg.apt.eval_draws):
+        seed = VALIDATION_SEED + 1000 * i
+        x0 = source.quasi(n, seed=seed) if quasi else source.sample(n, generator=make_generator(seed), device="cpu")
+        out.append((x0, VALIDATION_SCORERS["default"](cfg, n, seed=seed, device=device, quasi=quasi)))
+    return out
 
 
 def _max_shift(h: int, w: int) -> int:
@@ -502,19 +516,9 @@ class AdversarialPostTraining(Objective):
 
     # -- model selection
     def _validation(self) -> list[tuple[torch.Tensor, Callable]]:
-        """The validation draws, built once: ``apt.eval_draws`` pairs of source draws ``[eval_n, *D]`` and
-        scorers, the ``i``-th of seed ``VALIDATION_SEED + 1000 i``."""
+        """The validation draws (:func:`validation_draws`), built once."""
         if self._val is None:
-            n, self._val = self.ac.eval_n, []
-            for i in range(self.ac.eval_draws):
-                seed = VALIDATION_SEED + 1000 * i
-                if self.ac.eval_noise == "quasi":
-                    x0 = self.comp.source.quasi(n, seed=seed)
-                else:
-                    x0 = self.comp.source.sample(n, generator=make_generator(seed), device="cpu")
-                scorer = VALIDATION_SCORERS["default"](self.cfg, n, seed=seed, device=self.device,
-                                                       quasi=self.ac.eval_noise == "quasi")
-                self._val.append((x0, scorer))
+            self._val = validation_draws(self.cfg, self.comp.source, self.device)
         return self._val
 
     @torch.no_grad()
