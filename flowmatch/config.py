@@ -650,8 +650,13 @@ class AptConfig:
     that the generator starts against a discriminator that has learnt what it can. ``d_train``: ``all`` (APT:
     every parameter of the discriminator trained) or ``heads`` (the teacher's backbone frozen, its logit heads
     alone trained: FreezeD, Mo et al. 2020, a discriminator with less room to learn few training images by
-    heart). Every ``eval_every``
-    updates (0: never) the EMA generator is scored on ``eval_draws`` validation draws of ``eval_n`` (the
+    heart). ``dmd_weight`` (0: off) adds distribution matching (DMD2, Yin et al. 2024) to the generator's loss
+    with that weight: the gap between a fake flow's and the teacher's (``discriminator_init``'s) denoised
+    predictions at the generated samples noised to a time in [0.02, 0.98]; the fake flow (player
+    ``fake_score``, initialised from the teacher) learns the generator's samples by flow matching, ``fake_steps``
+    Adam updates a step at learning rate ``lr_fake``. ``adversarial_weight`` scales the GAN loss in the
+    generator's loss (1; 0: DMD and regression alone, the discriminator still trained for its logs). Every
+    ``eval_every`` updates (0: never) the EMA generator is scored on ``eval_draws`` validation draws of ``eval_n`` (the
     mean of their scores) and the best is kept as ``checkpoints/best.pt``; ``eval_noise``: the validation
     draws' source points i.i.d. (``iid``) or quasi-random (``quasi``: scrambled Sobol, a mixture's components
     in exact shares, :meth:`flowmatch.data.toy.ToyDistribution.quasi`), which leaves less scatter between
@@ -696,6 +701,10 @@ class AptConfig:
     d_steps: int = 1
     d_warmup: int = 0
     d_train: str = "all"
+    adversarial_weight: float = 1.0
+    dmd_weight: float = 0.0
+    lr_fake: float = 1e-4
+    fake_steps: int = 1
     eval_every: int = 50
     eval_n: int = 2000
     eval_draws: int = 1
@@ -718,7 +727,8 @@ class AptConfig:
                              "regression_weight": _float(ge=0.0),
                              "regression_pairs": _one_of("last_round", "teacher"),
                              "real_from_teacher": _float(**_PROBABILITY), "d_steps": _int(1), "d_warmup": _int(0),
-                             "d_train": _one_of("all", "heads"),
+                             "d_train": _one_of("all", "heads"), "adversarial_weight": _float(ge=0.0),
+                             "dmd_weight": _float(ge=0.0), "lr_fake": _float(gt=0.0), "fake_steps": _int(1),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
                              "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0),
                              "eval_max_copies": _float(**_PROBABILITY)})

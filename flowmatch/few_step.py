@@ -250,9 +250,10 @@ def _merged(base: str, run_ckpt: str, run_dir: str, config: Optional[dict] = Non
 
 def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher_evals: float = 0) -> dict:
     """The cumulative cost of the model in ``ckpt``: its own run's optimiser steps (every player's: an APT
-    step updates the discriminator ``apt.d_steps`` times, ``apt.d_warmup`` more in the first step, and the
-    generator once), seconds and the teacher evaluations its objective counted (``teacher_evals`` in its
-    state: CD's teacher steps, the any-step models' teacher velocities) added to ``steps``, ``wall`` and
+    step updates the discriminator ``apt.d_steps`` times, ``apt.d_warmup`` more in the first step, with
+    distribution matching the fake flow ``apt.fake_steps`` times, and the generator once), seconds and the
+    teacher evaluations its objective counted (``teacher_evals`` in its state: CD's teacher steps, the
+    any-step models' teacher velocities, APT's DMD teacher) added to ``steps``, ``wall`` and
     ``teacher_evals``; ``params`` the trainable parameters of the model (a LoRA run's: the adapter's;
     APT's generator, not its discriminator)."""
     state = load_checkpoint(ckpt)
@@ -261,9 +262,10 @@ def _cost(ckpt: str, s: Optional[TrainSummary], steps: int, wall: float, teacher
         teacher_evals += ((state.get("objective") or {}).get("state") or {}).get("teacher_evals", 0)
     own_steps = run_steps * (1 + len(state.get("players") or {}))
     if state["config"]["train"]["objective"] == "apt":  # the discriminator may update more than once a step
-        from flowmatch.distill.adversarial import discriminator_updates
+        from flowmatch.distill.adversarial import discriminator_updates, fake_updates
 
-        own_steps = run_steps + discriminator_updates(state["config"]["apt"], run_steps)
+        apt = state["config"]["apt"]
+        own_steps = run_steps + discriminator_updates(apt, run_steps) + fake_updates(apt, run_steps)
     own_wall = (run_steps / s.steps_per_sec) if s is not None and s.steps_per_sec > 0 else 0.0
     floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
     lora = {k: v for k, v in floats.items() if "lora_" in k}

@@ -19,8 +19,8 @@ import flowmatch.evaluation  # noqa: F401 - registers the validation scorer
 from conftest import make_tiny_cfg
 from flowmatch.config import apply_overrides, to_dict
 from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, augment,
-                                           augment_params, discriminator_loss, discriminator_updates, exact_r1,
-                                           generator_loss, one_step, shifted_time)
+                                           augment_params, discriminator_loss, discriminator_updates, dmd_gradient,
+                                           exact_r1, fake_updates, generator_loss, one_step, shifted_time)
 from flowmatch.data.task import build_task
 from flowmatch.errors import ConfigError, NonFiniteLossError
 from flowmatch.metrics.distances import w2
@@ -272,16 +272,122 @@ def test_adversarial_loss_moves_an_affine_generator_to_the_targets_mean_and_scal
     assert abs(mean - 2.0) < 0.1 and abs(scale - 0.5) < 0.08, (mean, scale)
 
 
+# --------------------------------------------------------------------------- distribution matching (DMD)
+
+
+class _GaussianFlow(torch.nn.Module):
+    """The exact velocity of the straight path from N(0, 1) to N(m, s^2) in 1-D: ``E[x - n | x_t]`` at
+    ``x_t = t x + (1 - t) n`` (``V = t^2 s^2 + (1 - t)^2``; ``E[x | x_t] = m + t s^2 (x_t - t m) / V``,
+    ``E[n | x_t] = (1 - t) (x_t - t m) / V``), on ``[B, 1]``."""
+
+    def __init__(self, m: float, s: float):
+        super().__init__()
+        self.m, self.s = m, s
+
+    def forward(self, x, t):
+        t = t.reshape(-1, 1)
+        var = t ** 2 * self.s ** 2 + (1 - t) ** 2
+        r = (x - t * self.m) / var
+        return self.m + t * self.s ** 2 * r - (1 - t) * r
+
+
+def test_dmd_gradient_is_the_gap_of_the_two_flows_denoised_means():
+    """With exact flows of N(m_F, 1) (fake) and N(m_T, 1) (teacher): x_hat = E[x | x_t] (Tweedie), so the
+    gradient is (m_F - m_T)(1 - t^2 / V) / mean|x - x_hat_T|; zero when the two flows agree."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1, generator=g, dtype=torch.float64) + 0.5  # float64: w is small for some rows
+    n = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    t = 0.02 + 0.96 * torch.rand(64, generator=g, dtype=torch.float64)
+    teacher, fake = _GaussianFlow(2.0, 1.0), _GaussianFlow(0.5, 1.0)
+    got = dmd_gradient(teacher, fake, x, t, n)
+    tt = t.reshape(-1, 1)
+    var = tt ** 2 + (1 - tt) ** 2
+    xt = tt * x + (1 - tt) * n
+    x_hat_t = 2.0 + tt * (xt - tt * 2.0) / var
+    want = (0.5 - 2.0) * (1 - tt ** 2 / var) / (x - x_hat_t).abs()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert torch.equal(dmd_gradient(teacher, teacher, x, t, n), torch.zeros_like(x))
+
+
+def test_distribution_matching_moves_an_affine_generator_to_the_teachers_mean_and_scale():
+    """G(z) = a z + c, the teacher the exact flow to N(2, 0.5^2), the fake flow the exact flow of G's
+    current distribution N(c, a^2): DMD's loss (0.5 mean (x - sg(x - grad))^2) under RMSProp takes G
+    from a = 1, c = 0 to |a| = 0.5, c = 2."""
+    gen = torch.Generator().manual_seed(0)
+    a, c = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(0.0))
+    opt = torch.optim.RMSprop([a, c], lr=1e-2, alpha=0.9)
+    teacher, trace = _GaussianFlow(2.0, 0.5), []
+    for i in range(600):
+        z, n = torch.randn(256, 1, generator=gen), torch.randn(256, 1, generator=gen)
+        t = 0.02 + 0.96 * torch.rand(256, generator=gen)
+        x = a * z + c
+        with torch.no_grad():
+            grad = dmd_gradient(teacher, _GaussianFlow(c.item(), abs(a.item())), x.detach(), t, n)
+        loss = 0.5 * (x - (x - grad).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 500:
+            trace.append((abs(a.item()), c.item()))
+    scale, mean = (sum(v) / len(trace) for v in zip(*trace))
+    assert abs(mean - 2.0) < 0.05 and abs(scale - 0.5) < 0.05, (mean, scale)
+
+
+def test_distribution_matching_players_start_from_the_teacher_and_move_only_their_own_parameters(ckpts):
+    trainer = build_trainer(_cfg(ckpts, "apt.dmd_weight=1", "apt.fake_steps=2", "apt.lr_fake=3e-4"))
+    nets = trainer.nets_raw
+    assert [p.name for p in trainer.players] == ["discriminator", "fake_score", "student"]
+    teacher_sd = load_model(ckpts["teacher"]).model.state_dict()
+    for role in ("teacher", "fake_score"):
+        sd = nets[role].state_dict()
+        assert sd.keys() == teacher_sd.keys() and all(torch.equal(sd[k], teacher_sd[k]) for k in sd), role
+    assert not any(p.requires_grad for p in nets["teacher"].parameters())
+    fake = next(p for p in trainer.players if p.name == "fake_score")
+    assert isinstance(fake.optimizer, torch.optim.Adam) and fake.optimizer.param_groups[0]["lr"] == 3e-4
+    assert {id(q) for q in fake.optimizer.param_groups[0]["params"]} == {id(q) for q in nets["fake_score"].parameters()}
+    order, snap = [], {}
+
+    def state():
+        return {r: [p.detach().clone() for p in m.parameters()] for r, m in
+                (("discriminator", nets["discriminator"]), ("fake_score", nets["fake_score"]),
+                 ("student", trainer.model), ("teacher", nets["teacher"]))}
+
+    for p in trainer.players:
+        p.optimizer.register_step_pre_hook(lambda opt, a, k: snap.update(before=state()))
+        p.optimizer.register_step_post_hook(lambda opt, a, k, _n=p.name: order.append(
+            (_n, sorted(r for r, ps in state().items()
+                        if any(not torch.equal(x, y) for x, y in zip(ps, snap["before"][r]))))))
+    trainer.step()
+    assert order == [("discriminator", ["discriminator"]), ("fake_score", ["fake_score"]),
+                     ("fake_score", ["fake_score"]), ("student", ["student"])]
+
+
+def test_distribution_matching_needs_the_teachers_checkpoint(ckpts):
+    with pytest.raises(ConfigError, match="apt.dmd_weight = 1.0 matches the teacher's distribution"):
+        build_trainer(_cfg(ckpts, "apt.dmd_weight=1", "apt.discriminator_init=random"))
+
+
+def test_adversarial_weight_zero_leaves_the_generator_to_the_other_terms(ckpts):
+    """adversarial_weight=0 with DMD: the generator's gradient is DMD's alone (the GAN loss is logged)."""
+    cfg = _cfg(ckpts, "apt.dmd_weight=1", "apt.adversarial_weight=0")
+    trainer = build_trainer(cfg)
+    obj = trainer.objective
+    batch = obj.draw(torch.Generator().manual_seed(1))
+    out = obj.loss(trainer.nets, batch, "student")
+    assert out.extra["apt/g_loss"] > 0 and torch.allclose(out.loss, out.extra["apt/dmd"])
+
+
 # --------------------------------------------------------------------------- the loop: resume, logs, selection
 
 
-@pytest.mark.parametrize("extra", [(), ("apt.d_steps=2", "apt.d_warmup=3")])
+@pytest.mark.parametrize("extra", [(), ("apt.d_steps=2", "apt.d_warmup=3"), ("apt.dmd_weight=1", "apt.fake_steps=2")])
 def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
     cfg = _cfg(ckpts, *extra)
     a = train(cfg, str(tmp_path / "a"), progress=False)
     ckpt = load_checkpoint(a.checkpoint)
-    assert ckpt["objective"]["name"] == "apt" and set(ckpt["nets"]) == {"discriminator"}
-    assert set(ckpt["players"]) == {"discriminator"} and ckpt["players"]["discriminator"]["optimizer"]["state"]
+    roles = {"discriminator"} | ({"fake_score"} if cfg.apt.dmd_weight > 0 else set())  # the teacher is not saved
+    assert ckpt["objective"]["name"] == "apt" and set(ckpt["nets"]) == roles
+    assert set(ckpt["players"]) == roles and all(ckpt["players"][r]["optimizer"]["state"] for r in roles)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, str(tmp_path / "b"), progress=False, on_step=_Interrupt(13))
     b = train(cfg, str(tmp_path / "b"), progress=False, resume=True)
@@ -290,16 +396,19 @@ def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
     for part in ("model", "ema"):
         for k, v in _flat(ckpt[part]).items():
             assert torch.equal(v, _flat(other[part])[k]), (part, k)
-    for k, v in ckpt["nets"]["discriminator"].items():
-        assert torch.equal(v, other["nets"]["discriminator"][k]), k
-    for role in ("optimizer",):
-        for k, v in _flat(ckpt["players"]["discriminator"][role]["state"]).items():
-            assert torch.equal(v, _flat(other["players"]["discriminator"][role]["state"])[k])
-        for k, v in _flat(ckpt[role]["state"]).items():
-            assert torch.equal(v, _flat(other[role]["state"])[k])
+    for r in roles:
+        for k, v in ckpt["nets"][r].items():
+            assert torch.equal(v, other["nets"][r][k]), (r, k)
+        for k, v in _flat(ckpt["players"][r]["optimizer"]["state"]).items():
+            assert torch.equal(v, _flat(other["players"][r]["optimizer"]["state"])[k]), (r, k)
+    for k, v in _flat(ckpt["optimizer"]["state"]).items():
+        assert torch.equal(v, _flat(other["optimizer"]["state"])[k])
     assert torch.equal(ckpt["rng"]["generator"], other["rng"]["generator"])
+    assert ckpt["objective"]["state"]["teacher_evals"] == other["objective"]["state"]["teacher_evals"] \
+        == (cfg.train.steps * cfg.train.batch_size if cfg.apt.dmd_weight > 0 else 0)  # a call per generated sample
     rows = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if "train/loss" in r]
-    keys = ("apt/d_loss", "apt/g_loss", "apt/r1", "apt/d_real", "apt/d_fake")
+    keys = ("apt/d_loss", "apt/g_loss", "apt/r1", "apt/d_real", "apt/d_fake") \
+        + (("apt/dmd", "apt/fake_loss") if cfg.apt.dmd_weight > 0 else ())
     assert len(rows) == 4 and all(all(math.isfinite(r[k]) for k in keys) for r in rows)
     assert all(r["apt/r1"] > 0 for r in rows)
 
@@ -312,6 +421,12 @@ def test_few_step_cost_counts_every_discriminator_update(ckpts, tmp_path):
     plain = train(_cfg(ckpts, "train.steps=4"), str(tmp_path / "p"), progress=False)
     assert _cost(plain.checkpoint, plain, 0, 0.0)["steps"] == 8  # APT's own: one update of each player a step
     assert discriminator_updates({}, 0) == 0 and discriminator_updates({"d_warmup": 3}, 1) == 4
+    dmd = train(_cfg(ckpts, "train.steps=4", "apt.dmd_weight=1", "apt.fake_steps=3"), str(tmp_path / "m"),
+                progress=False)
+    cost = _cost(dmd.checkpoint, dmd, 0, 0.0)
+    assert cost["steps"] == 4 + 4 + 4 * 3  # generator, discriminator, fake flow
+    assert cost["teacher_evals"] == 4 * dmd.config.train.batch_size  # the DMD teacher: one call a generated sample
+    assert fake_updates({"dmd_weight": 0.0, "fake_steps": 3}, 4) == 0 and fake_updates({"dmd_weight": 1}, 4) == 4
 
 
 def _flat(d, prefix=""):

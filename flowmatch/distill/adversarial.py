@@ -77,6 +77,24 @@ generator is not drawn towards them alone (the optimum is the mix, nearer the da
 (:class:`~flowmatch.training.objectives.OneStepDistill`, ``d(v(x0, 0), x1 - x0)``) to the generator's
 loss with that weight: the teacher keeps the student near it while real data corrects it.
 
+Distribution matching (``apt.dmd_weight`` > 0; DMD, Yin et al. 2024, "One-step Diffusion with Distribution
+Matching Distillation", and DMD2, Yin et al. 2024, "Improved Distribution Matching Distillation", whose
+one-step students beat their teachers with a GAN loss beside it). Beside the GAN loss, the generator
+follows the gradient of ``KL(p_G || p_teacher)`` estimated by two flows at its samples noised to a time
+``t ~ U(0.02, 0.98)`` (DMD2's range of the diffusion's steps, in our convention the same interval):
+``x_t = t x + (1 - t) n``, ``n ~ N(0, I)``, ``x = G(x0)``; the teacher ``v_T`` (``apt.discriminator_init``,
+frozen) and a fake flow ``v_F`` (player ``fake_score``: initialised from the teacher, trained by flow
+matching on the generator's current samples, ``|| v_F(x_t, t) - (x - n) ||^2``, ``apt.fake_steps`` Adam
+updates a step at ``apt.lr_fake``) each give a prediction of the clean sample,
+``x_hat = x_t + (1 - t) v(x_t, t)`` (Tweedie's formula; DMD's ``mu = x_t - sigma_t eps_hat`` written for a
+velocity). The gradient with respect to ``x`` is ``(x_hat_F - x_hat_T) / w``, ``w`` the mean over the
+sample's entries of ``|x - x_hat_T|`` (DMD's Eq. 8 weighting), applied through
+``0.5 mean (x - sg(x - grad))^2`` (per sample, mean over entries; ``apt/dmd`` logs it, ``apt/fake_loss`` the
+fake flow's loss). The time convention: DMD's ``x_t = alpha_t x + sigma_t eps`` with ``t = T`` noise is ours at
+``1 - t``; only the interval enters, and it is symmetric. The teacher's evaluations (one per generated sample a
+generator update) are counted in ``teacher_evals``. ``apt.adversarial_weight`` scales the GAN loss in the
+generator's loss (0: DMD and the regression alone; the discriminator is still trained, for its logs).
+
 Model selection: every ``apt.eval_every`` updates (and before the first) the EMA generator's samples
 of fixed validation draws (``apt.eval_draws`` draws of ``apt.eval_n`` source points, the ``i``-th from
 seed ``VALIDATION_SEED + 1000 i``, each with a scorer of that seed; the score is the mean over the
@@ -124,19 +142,22 @@ from flowmatch.errors import ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity, build_model
 from flowmatch.models.unet import Upsample, _Level
 from flowmatch.training import OBJECTIVES, Batch, Objective, OneStepDistill, load_checkpoint, load_model
-from flowmatch.training.objectives import Validation
+from flowmatch.training.objectives import Validation, frozen_teacher
 from flowmatch.types import LossOutput
 from flowmatch.utils import expand_like, make_generator
 
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
            "generator_loss", "approx_r1", "exact_r1", "augment_params", "augment", "discriminator_updates",
-           "validation_draws", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS", "VALIDATION_SEED"]
+           "validation_draws", "dmd_gradient", "fake_updates", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS",
+           "VALIDATION_SEED"]
 
 # objectives whose students are one-step generators x0 + v(x0, 0)
 ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
 # the validation draw's seed (source from it, the toy reference from it + 1 and + 2): none of the
 # bench's (0, 1, 2), the few-step table's validation (10_007) or eval.seed's default (1234)
 VALIDATION_SEED = 20_011
+# DMD's times (DMD2: 0.02-0.98 of the diffusion's steps; the interval is symmetric, so the same in ours)
+DMD_T_RANGE = (0.02, 0.98)
 # images in each of the discriminator probe's sets (AdversarialPostTraining.probe_discriminator)
 PROBE_N = 200
 # ``name -> (cfg, n, *, seed, device) -> scorer``, ``scorer(x1) -> dict`` with ``scorer.metric`` (``w2``
@@ -192,6 +213,25 @@ def discriminator_updates(apt: dict, steps: int) -> int:
     """The discriminator's optimiser updates in the first ``steps`` steps of a run with the ``apt``
     section ``apt`` (a config's dict): ``d_steps`` a step, and ``d_warmup`` in the first."""
     return steps * int(apt.get("d_steps", 1)) + (int(apt.get("d_warmup", 0)) if steps > 0 else 0)
+
+
+def fake_updates(apt: dict, steps: int) -> int:
+    """The fake flow's updates in ``steps`` generator updates of an APT run with section ``apt`` (a config's
+    dict): ``fake_steps`` a step with distribution matching (``dmd_weight > 0``), none without."""
+    return steps * int(apt.get("fake_steps", 1)) if float(apt.get("dmd_weight", 0.0)) > 0 else 0
+
+
+def dmd_gradient(teacher, fake, x: torch.Tensor, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """DMD's gradient of ``KL(p_x || p_teacher)`` at the samples ``x`` ``[B, *D]`` (module docstring):
+    ``(x_hat_fake - x_hat_teacher) / w`` with ``x_hat = x_t + (1 - t) v(x_t, t)`` at
+    ``x_t = t x + (1 - t) n`` (``t`` ``[B]``, ``n`` ``[B, *D]``), ``w`` the per-sample mean of
+    ``|x - x_hat_teacher|`` (at least 1e-8). Call it under ``torch.no_grad``."""
+    tt = expand_like(t.to(x.dtype), x)
+    xt = tt * x + (1 - tt) * n
+    x_teacher = xt + (1 - tt) * teacher(xt, t).to(x.dtype)
+    x_fake = xt + (1 - tt) * fake(xt, t).to(x.dtype)
+    w = (x - x_teacher).abs().flatten(1).mean(1).clamp_min(1e-8)
+    return (x_fake - x_teacher) / expand_like(w, x)
 
 
 def validation_draws(cfg, source, device="cpu") -> list[tuple[torch.Tensor, Callable]]:
@@ -318,7 +358,8 @@ class Discriminator(nn.Module):
 
 class AdversarialPostTraining(Objective):
     """APT (see the module docstring): players ``discriminator`` then ``student`` (the generator),
-    each drawing its own batch and stepping its own RMSProp."""
+    each drawing its own batch and stepping its own RMSProp; with distribution matching the fake flow
+    ``fake_score`` (Adam) between them."""
 
     name = "apt"
     section = "apt"
@@ -331,6 +372,10 @@ class AdversarialPostTraining(Objective):
         ac = cfg.apt
         self.ac, self.batch_size = ac, cfg.train.batch_size
         self.regression = OneStepDistill(cfg, comp) if ac.regression_weight > 0 else None
+        self.dmd = ac.dmd_weight > 0
+        if self.dmd:  # the fake flow updates after the discriminator, before the generator
+            self.players = ("discriminator", "fake_score", "student")
+        self.teacher_evals = 0  # the DMD teacher's evaluations (per sample): the cost table's (state)
         self.augments = ac.augments
         self.best: Optional[dict] = None  # {"step", "score"} of the best validation so far (state)
         self.first: Optional[float] = None  # the first validation's score: the start's (state)
@@ -369,6 +414,9 @@ class AdversarialPostTraining(Objective):
         if ac.discriminator_init is None:
             raise ConfigError("train.objective=apt needs apt.discriminator_init: the teacher flow's checkpoint "
                               "(or 'random' for a freshly initialised discriminator)")
+        if self.dmd and ac.discriminator_init == "random":
+            raise ConfigError(f"apt.dmd_weight = {ac.dmd_weight} matches the teacher's distribution: "
+                              f"apt.discriminator_init must be the teacher flow's checkpoint, not 'random'")
         if ac.d_train == "heads" and ac.discriminator_init == "random":
             raise ConfigError("apt.d_train=heads freezes the teacher's backbone: a random one (apt.discriminator_init"
                               "=random) would be a fixed random network; set apt.d_train=all")
@@ -418,6 +466,14 @@ class AdversarialPostTraining(Objective):
 
     # -- networks
     def build_nets(self) -> dict:
+        nets = self._build_discriminator()
+        if self.dmd:  # the frozen teacher and the fake flow, both the teacher's weights to start
+            path = self.ac.discriminator_init
+            nets["teacher"] = frozen_teacher(path, self.cfg, "apt.discriminator_init", self.device)
+            nets["fake_score"] = load_model(path).model.requires_grad_(True).to(self.device).train()
+        return nets
+
+    def _build_discriminator(self) -> dict:
         path = self.ac.discriminator_init
         if path == "random":
             with torch.random.fork_rng(devices=[]):
@@ -436,12 +492,17 @@ class AdversarialPostTraining(Objective):
         return {"discriminator": self._disc}
 
     def player_updates(self, player: str, step: int) -> int:
-        """The discriminator: ``d_steps`` updates a step, ``d_warmup`` more in the first; the generator: one."""
+        """The discriminator: ``d_steps`` updates a step, ``d_warmup`` more in the first; the fake flow:
+        ``fake_steps``; the generator: one."""
+        if player == "fake_score":
+            return self.ac.fake_steps
         if player != "discriminator":
             return 1
         return self.ac.d_steps + (self.ac.d_warmup if step == 1 else 0)
 
     def make_optimizer(self, player: str, params: list, impl: dict) -> torch.optim.Optimizer:
+        if player == "fake_score":  # a flow trained by flow matching: Adam, as the teacher was
+            return torch.optim.Adam(params, lr=self.ac.lr_fake, weight_decay=0.0, foreach=True)
         lr = self.ac.lr_d if player == "discriminator" else self.ac.lr_g
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, weight_decay=0.0, foreach=True)
 
@@ -451,8 +512,9 @@ class AdversarialPostTraining(Objective):
         teacher samples, drawn after it), the discriminator's times ``t`` (``[B]``), R1's ``eps``, with
         ``noise_inputs`` the noise of the real and the fake inputs (``n_real``, ``n_fake``, ``[B, *D]``), with
         ``augment`` each row's transform of the real and the fake inputs (``shift_real``, ``corner_real``,
-        ``shift_fake``, ``corner_fake``: :func:`augment_params`) and,
-        with a regression term, the pair store's batch (``more``), in this order."""
+        ``shift_fake``, ``corner_fake``: :func:`augment_params`),
+        with a regression term the pair store's batch (``more``) and, with distribution matching, its times
+        ``dmd_t`` (``[B]``, uniform in ``DMD_T_RANGE``) and noise ``dmd_n``, in this order."""
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
         x1 = self.comp.target.sample(b, generator=generator, device=dev)
@@ -469,6 +531,10 @@ class AdversarialPostTraining(Objective):
                 for k, v in augment_params(self.augments, tuple(x1.shape), generator, dev).items():
                     extra[f"{k}_{which}"] = v
         more = (self.regression.draw(generator),) if self.regression is not None else ()
+        if self.dmd:
+            lo, hi = DMD_T_RANGE
+            extra["dmd_t"] = lo + (hi - lo) * torch.rand(b, generator=generator, device=dev)
+            extra["dmd_n"] = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
         return Batch(t=t, x0=x0, x1=x1, more=more, extra=extra)
 
     def inputs(self, x: torch.Tensor, batch: Batch, which: str) -> torch.Tensor:
@@ -485,6 +551,13 @@ class AdversarialPostTraining(Objective):
 
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
         d, g, kind, ac = nets["discriminator"], nets.student, self.ac.loss, self.ac
+        if player == "fake_score":  # flow matching on the generator's samples
+            with torch.no_grad():
+                x = one_step(g, batch.x0)
+            tt, n = batch.extra["dmd_t"], batch.extra["dmd_n"]
+            te = expand_like(tt.to(x.dtype), x)
+            err = (nets["fake_score"](te * x + (1 - te) * n, tt) - (x - n)).pow(2).flatten(1).mean(1)
+            return LossOutput(err.mean(), err.detach(), tt, extra={"apt/fake_loss": err.mean().detach()})
         x1, t = self.inputs(batch.x1, batch, "real"), batch.t
         if player == "discriminator":
             with torch.no_grad():
@@ -500,18 +573,26 @@ class AdversarialPostTraining(Objective):
             extra = {"apt/d_loss": adv.mean().detach(), "apt/r1": r1.detach(),
                      "apt/d_real": d_real.mean().detach(), "apt/d_fake": d_fake.mean().detach()}
             return LossOutput(adv.mean() + r1, adv.detach(), t, extra=extra)
-        fake = self.inputs(one_step(g, batch.x0), batch, "fake")
-        d_fake = d(fake, t)
+        x = one_step(g, batch.x0)
+        d_fake = d(self.inputs(x, batch, "fake"), t)
         d_real = None
         if kind == "relativistic":
             with torch.no_grad():
                 d_real = d(x1, t)
         adv = generator_loss(d_real, d_fake, kind)
-        total, extra = adv.mean(), {"apt/g_loss": adv.mean().detach()}
+        total, extra = ac.adversarial_weight * adv.mean(), {"apt/g_loss": adv.mean().detach()}
         if self.regression is not None:
             reg = self.regression.loss(nets, batch.more[0]).loss
             total = total + ac.regression_weight * reg
             extra["apt/regression"] = reg.detach()
+        if self.dmd:
+            with torch.no_grad():
+                grad = dmd_gradient(nets["teacher"], nets["fake_score"], x.detach(), batch.extra["dmd_t"],
+                                    batch.extra["dmd_n"])
+            dmd = 0.5 * (x - (x - grad).detach()).pow(2).flatten(1).mean(1).mean()
+            total = total + ac.dmd_weight * dmd
+            extra["apt/dmd"] = dmd.detach()
+            self.teacher_evals += len(x)  # counted in the loss: APT's loss is never compiled
         return LossOutput(total, adv.detach(), t, extra=extra)
 
     # -- model selection
@@ -596,7 +677,8 @@ class AdversarialPostTraining(Objective):
 
     # -- state
     def state_dict(self) -> dict:
-        state = {"best": dict(self.best) if self.best is not None else None, "first": self.first}
+        state = {"best": dict(self.best) if self.best is not None else None, "first": self.first,
+                 "teacher_evals": self.teacher_evals}
         if self.regression is not None:
             state["regression"] = self.regression.state_dict()  # the pair store's position with it
         elif self.ac.real_from_teacher > 0:
@@ -606,6 +688,7 @@ class AdversarialPostTraining(Objective):
     def load_state_dict(self, state: dict) -> None:
         self.best = dict(state["best"]) if state.get("best") is not None else None
         self.first = state.get("first", self.best["score"] if self.best is not None else None)
+        self.teacher_evals = int(state.get("teacher_evals", 0))
         if self.regression is not None:
             self.regression.load_state_dict(state.get("regression", {}))
         elif self.ac.real_from_teacher > 0:
