@@ -891,17 +891,21 @@ def _ddp_results(rank: int, out_dir: str) -> dict:
     return {"whole": whole.losses, "rest": rest.losses, "world": whole.world_size}
 
 
-def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_path, r1="approx"):
+@pytest.mark.parametrize("extra", [("apt.r1=approx",), ("apt.dmd_weight=1", "apt.fake_steps=2")])
+def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_path, extra):
+    """Two ranks: the discriminator (three forwards an update) and the generator, or with DMD the fake flow
+    too (its forward under no_grad in the generator's loss), each wrapped for DDP."""
     import json
 
     from test_ddp import _spawn
 
-    (tmp_path / "ckpts.json").write_text(json.dumps({**{k: str(v) for k, v in ckpts.items()}, "extra": [f"apt.r1={r1}"]}))
+    (tmp_path / "ckpts.json").write_text(json.dumps({**{k: str(v) for k, v in ckpts.items()}, "extra": list(extra)}))
     ranks = _spawn(str(tmp_path), results=_ddp_results)
     for r in ranks:
         assert r["world"] == 2 and r["whole"][10:] == r["rest"] and r["whole"] == ranks[0]["whole"]
     ckpt = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pt"))
-    assert ckpt["world_size"] == 2 and "discriminator" in ckpt["nets"]
+    roles = {"discriminator"} | ({"fake_score"} if "apt.dmd_weight=1" in extra else set())
+    assert ckpt["world_size"] == 2 and set(ckpt["nets"]) == roles
     assert load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "best.pt"))["selection"]["metric"] == "w2"
 
 
