@@ -1128,3 +1128,33 @@ def test_apt_front_scores_a_model_on_the_apt_validation_draws():
         want.append(validation_scorer(cfg, 40, seed=VALIDATION_SEED + 1000 * i)(x0))
     assert got["fd"] == pytest.approx(sum(w["fd"] for w in want) / 2, rel=1e-6)
     assert got["copies"] == pytest.approx(sum(w["copies"] for w in want) / 2)
+
+
+# --------------------------------------------------------------------------- experiments/images/seed_spread.py
+
+_SPREAD = os.path.join(os.path.dirname(__file__), "..", "experiments", "images", "seed_spread.py")
+
+
+def test_seed_spread_averages_each_seeds_paired_difference_and_its_error_over_the_seeds(tmp_path):
+    """Three seeds on two draws: per seed the mean over draws of (seed - teacher), then their mean, their
+    standard error over the seeds and the count below the teacher; entries named either way; bad names refused."""
+    scores = {"teacher dopri5": {"fd": [1.0, 2.0], "fd_test": [3.0, 3.0]},
+              "a/best.pt euler 1": {"fd": [1.5, 2.5], "fd_test": [2.0, 3.0]},   # +0.5, -0.5
+              "b/best.pt euler 1": {"fd": [0.5, 1.5], "fd_test": [3.0, 4.0]},   # -0.5, +0.5
+              "c/best.pt euler 1": {"fd": [1.3, 2.3], "fd_test": [3.0, 2.0]}}   # +0.3, -0.5
+    src = tmp_path / "paired.json"
+    src.write_text(json.dumps({"scores": scores}))
+    out = tmp_path / "spread.json"
+    p = subprocess.run([sys.executable, _SPREAD, str(src), "--group", "APT=a/best.pt:euler:1,b/best.pt euler 1,"
+                        "c/best.pt:euler:1", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    fd = json.loads(out.read_text())["groups"]["APT"]["scores"]["fd"]
+    assert fd["per_seed"] == pytest.approx([0.5, -0.5, 0.3]) and fd["diff"] == pytest.approx(0.1)
+    assert fd["diff_se"] == pytest.approx(math.sqrt(((0.4 ** 2) + (0.6 ** 2) + (0.2 ** 2)) / 2) / math.sqrt(3))
+    assert fd["below"] == 1 and fd["seeds"] == 3
+    test = json.loads(out.read_text())["groups"]["APT"]["scores"]["fd_test"]
+    assert test["per_seed"] == pytest.approx([-0.5, 0.5, -0.5]) and test["below"] == 2
+    assert "| APT | fd | 3 | +0.100 |" in p.stdout
+    bad = subprocess.run([sys.executable, _SPREAD, str(src), "--group", "APT=d/best.pt:euler:1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "entry 'd/best.pt:euler:1' is not among the JSON's entries" in bad.stderr
