@@ -20,7 +20,7 @@ from conftest import make_tiny_cfg
 from flowmatch.config import apply_overrides, to_dict
 from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, augment,
                                            augment_params, discriminator_loss, discriminator_updates, dmd_gradient,
-                                           exact_r1, fake_updates, generator_loss, one_step, shifted_time)
+                                           dmd_loss, exact_r1, fake_updates, generator_loss, one_step, shifted_time)
 from flowmatch.data.task import build_task
 from flowmatch.errors import ConfigError, NonFiniteLossError
 from flowmatch.metrics.distances import w2
@@ -323,7 +323,7 @@ def test_distribution_matching_moves_an_affine_generator_to_the_teachers_mean_an
         x = a * z + c
         with torch.no_grad():
             grad = dmd_gradient(teacher, _GaussianFlow(c.item(), abs(a.item())), x.detach(), t, n)
-        loss = 0.5 * (x - (x - grad).detach()).pow(2).mean()
+        loss = dmd_loss(x, grad).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

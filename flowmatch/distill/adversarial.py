@@ -148,8 +148,8 @@ from flowmatch.utils import expand_like, make_generator
 
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
            "generator_loss", "approx_r1", "exact_r1", "augment_params", "augment", "discriminator_updates",
-           "validation_draws", "dmd_gradient", "fake_updates", "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS",
-           "VALIDATION_SEED"]
+           "validation_draws", "dmd_gradient", "dmd_loss", "fake_updates", "ONE_STEP_OBJECTIVES",
+           "VALIDATION_SCORERS", "VALIDATION_SEED"]
 
 # objectives whose students are one-step generators x0 + v(x0, 0)
 ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
@@ -232,6 +232,12 @@ def dmd_gradient(teacher, fake, x: torch.Tensor, t: torch.Tensor, n: torch.Tenso
     x_fake = xt + (1 - tt) * fake(xt, t).to(x.dtype)
     w = (x - x_teacher).abs().flatten(1).mean(1).clamp_min(1e-8)
     return (x_fake - x_teacher) / expand_like(w, x)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``[B]``: ``0.5 mean (x - sg(x - grad))^2`` over each sample's entries, whose gradient with respect to
+    ``x`` is ``grad`` over the number of entries: DMD's update as a loss (``grad`` from :func:`dmd_gradient`)."""
+    return 0.5 * (x - (x - grad).detach()).pow(2).flatten(1).mean(1)
 
 
 def validation_draws(cfg, source, device="cpu") -> list[tuple[torch.Tensor, Callable]]:
@@ -589,7 +595,7 @@ class AdversarialPostTraining(Objective):
             with torch.no_grad():
                 grad = dmd_gradient(nets["teacher"], nets["fake_score"], x.detach(), batch.extra["dmd_t"],
                                     batch.extra["dmd_n"])
-            dmd = 0.5 * (x - (x - grad).detach()).pow(2).flatten(1).mean(1).mean()
+            dmd = dmd_loss(x, grad).mean()
             total = total + ac.dmd_weight * dmd
             extra["apt/dmd"] = dmd.detach()
             self.teacher_evals += len(x)  # counted in the loss: APT's loss is never compiled
