@@ -119,7 +119,8 @@ The loop logs ``apt/val_w2`` (or ``apt/val_fd``, with ``apt/val_kid`` and on the
 Logged each log step (means over the interval): ``apt/d_loss`` (the adversarial part of the
 discriminator's loss), ``apt/r1`` (the penalty as added), ``apt/d_real`` and ``apt/d_fake`` (mean
 logits on real and generated samples, from the discriminator's update), ``apt/g_loss`` (the
-adversarial part of the generator's loss) and, with a regression term, ``apt/regression``. With each
+adversarial part of the generator's loss, before ``apt.adversarial_weight``), with a regression term
+``apt/regression`` and, with distribution matching, ``apt/dmd`` and ``apt/fake_loss``. With each
 validation of an image run on the ``fit`` split, the discriminator's mean logits on fixed sets of
 training images, held-out ``val`` images and generated samples: ``apt/d_fit``, ``apt/d_heldout`` and
 ``apt/d_gen`` (:meth:`AdversarialPostTraining.probe_discriminator`), whose gap ``d_fit - d_heldout``
