@@ -129,6 +129,7 @@ shows the discriminator learning its training images by heart.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional
 
@@ -142,7 +143,8 @@ from flowmatch.data.task import build_task, data_shape, is_image_task
 from flowmatch.errors import ConfigError
 from flowmatch.models import MLPVelocity, UNetVelocity, build_model
 from flowmatch.models.unet import Upsample, _Level
-from flowmatch.training import OBJECTIVES, Batch, Objective, OneStepDistill, load_checkpoint, load_model
+from flowmatch.paths import get_path
+from flowmatch.training import OBJECTIVES, Batch, Objective, OneStepDistill, cfm_loss, load_checkpoint, load_model
 from flowmatch.training.objectives import Validation, frozen_teacher
 from flowmatch.types import LossOutput
 from flowmatch.utils import expand_like, make_generator
@@ -159,6 +161,8 @@ ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
 VALIDATION_SEED = 20_011
 # DMD's times (DMD2: 0.02-0.98 of the diffusion's steps; the interval is symmetric, so the same in ours)
 DMD_T_RANGE = (0.02, 0.98)
+# the straight path DMD's noising and x_hat = x_t + (1 - t) v assume (the teacher's, and the fake flow's loss)
+_STRAIGHT = get_path("linear")
 # images in each of the discriminator probe's sets (AdversarialPostTraining.probe_discriminator)
 PROBE_N = 200
 # ``name -> (cfg, n, *, seed, device) -> scorer``, ``scorer(x1) -> dict`` with ``scorer.metric`` (``w2``
@@ -228,7 +232,7 @@ def dmd_gradient(teacher, fake, x: torch.Tensor, t: torch.Tensor, n: torch.Tenso
     ``x_t = t x + (1 - t) n`` (``t`` ``[B]``, ``n`` ``[B, *D]``), ``w`` the per-sample mean of
     ``|x - x_hat_teacher|`` (at least 1e-8). Call it under ``torch.no_grad``."""
     tt = expand_like(t.to(x.dtype), x)
-    xt = tt * x + (1 - tt) * n
+    xt = _STRAIGHT.sample(n, x, t).xt
     x_teacher = xt + (1 - tt) * teacher(xt, t).to(x.dtype)
     x_fake = xt + (1 - tt) * fake(xt, t).to(x.dtype)
     w = (x - x_teacher).abs().flatten(1).mean(1).clamp_min(1e-8)
@@ -477,7 +481,7 @@ class AdversarialPostTraining(Objective):
         if self.dmd:  # the frozen teacher and the fake flow, both the teacher's weights to start
             path = self.ac.discriminator_init
             nets["teacher"] = frozen_teacher(path, self.cfg, "apt.discriminator_init", self.device)
-            nets["fake_score"] = load_model(path).model.requires_grad_(True).to(self.device).train()
+            nets["fake_score"] = copy.deepcopy(nets["teacher"]).requires_grad_(True).train()
         return nets
 
     def _build_discriminator(self) -> dict:
@@ -561,10 +565,9 @@ class AdversarialPostTraining(Objective):
         if player == "fake_score":  # flow matching on the generator's samples
             with torch.no_grad():
                 x = one_step(g, batch.x0)
-            tt, n = batch.extra["dmd_t"], batch.extra["dmd_n"]
-            te = expand_like(tt.to(x.dtype), x)
-            err = (nets["fake_score"](te * x + (1 - te) * n, tt) - (x - n)).pow(2).flatten(1).mean(1)
-            return LossOutput(err.mean(), err.detach(), tt, extra={"apt/fake_loss": err.mean().detach()})
+            out = cfm_loss(nets["fake_score"], _STRAIGHT, batch.extra["dmd_n"], x, batch.extra["dmd_t"])
+            out.extra = {"apt/fake_loss": out.loss.detach()}
+            return out
         x1, t = self.inputs(batch.x1, batch, "real"), batch.t
         if player == "discriminator":
             with torch.no_grad():
