@@ -367,6 +367,18 @@ def test_distribution_matching_needs_the_teachers_checkpoint(ckpts):
         build_trainer(_cfg(ckpts, "apt.dmd_weight=1", "apt.discriminator_init=random"))
 
 
+def test_distribution_matching_noises_towards_the_runs_source_and_needs_a_straight_path_teacher(ckpts):
+    """DMD's x_t interpolates to the teacher's x0: on an 8 Gaussians source its noise rows are 8 Gaussians
+    draws (radius 5), not N(0, I); a teacher on the cosine path or with path.sigma > 0 is refused."""
+    obj = build_trainer(_cfg(ckpts, "apt.dmd_weight=1", "data.source=8gaussians")).objective
+    n = obj.draw(torch.Generator().manual_seed(0)).extra["dmd_n"]
+    assert n.shape == (obj.batch_size, 2) and bool((n.norm(dim=1) > 2.5).all())
+    for name, path in (("cosine", {"name": "cosine"}), ("smoothed", {"sigma": 0.1})):
+        teacher = _edited(ckpts, "teacher", f"{name}_teacher", path=path)
+        with pytest.raises(ConfigError, match="apt.dmd_weight = 1.0 denoises on the straight path"):
+            build_trainer(_cfg(ckpts, "apt.dmd_weight=1", f"apt.discriminator_init={teacher}"))
+
+
 def test_adversarial_weight_zero_leaves_the_generator_to_the_other_terms(ckpts):
     """adversarial_weight=0 with DMD: the generator's gradient is DMD's alone (the GAN loss is logged)."""
     cfg = _cfg(ckpts, "apt.dmd_weight=1", "apt.adversarial_weight=0")

@@ -82,12 +82,14 @@ Matching Distillation", and DMD2, Yin et al. 2024, "Improved Distribution Matchi
 one-step students beat their teachers with a GAN loss beside it). Beside the GAN loss, the generator
 follows the gradient of ``KL(p_G || p_teacher)`` estimated by two flows at its samples noised to a time
 ``t ~ U(0.02, 0.98)`` (DMD2's range of the diffusion's steps, in our convention the same interval):
-``x_t = t x + (1 - t) n``, ``n ~ N(0, I)``, ``x = G(x0)``; the teacher ``v_T`` (``apt.discriminator_init``,
+``x_t = t x + (1 - t) n``, ``n ~`` the run's source (the teacher's ``x0``: N(0, I), or 8 Gaussians on
+8 Gaussians -> moons), ``x = G(x0)``; the teacher ``v_T`` (``apt.discriminator_init``,
 frozen) and a fake flow ``v_F`` (player ``fake_score``: initialised from the teacher, trained by flow
 matching on the generator's current samples, ``|| v_F(x_t, t) - (x - n) ||^2``, ``apt.fake_steps`` Adam
 updates a step at ``apt.lr_fake``) each give a prediction of the clean sample,
 ``x_hat = x_t + (1 - t) v(x_t, t)`` (Tweedie's formula; DMD's ``mu = x_t - sigma_t eps_hat`` written for a
-velocity). The gradient with respect to ``x`` is ``(x_hat_F - x_hat_T) / w``, ``w`` the mean over the
+velocity; it is ``E[x_1 | x_t]`` only on the teacher's own straight path, so a teacher trained on another
+path, or with ``path.sigma > 0``, is refused). The gradient with respect to ``x`` is ``(x_hat_F - x_hat_T) / w``, ``w`` the mean over the
 sample's entries of ``|x - x_hat_T|`` (DMD's Eq. 8 weighting), applied through
 ``0.5 mean (x - sg(x - grad))^2`` (per sample, mean over entries; ``apt/dmd`` logs it, ``apt/fake_loss`` the
 fake flow's loss). The time convention: DMD's ``x_t = alpha_t x + sigma_t eps`` with ``t = T`` noise is ours at
@@ -438,6 +440,10 @@ class AdversarialPostTraining(Objective):
                 raise ConfigError(f"apt.discriminator_init {ac.discriminator_init} is a {teacher.model.name} "
                                   f"network, the generator a {cfg.model.name}: the discriminator's backbone must "
                                   f"have the generator's architecture")
+            if self.dmd and (teacher.path.name != "linear" or teacher.path.sigma > 0):
+                raise ConfigError(f"apt.dmd_weight = {ac.dmd_weight} denoises on the straight path: the teacher "
+                                  f"{ac.discriminator_init} was trained on path.name={teacher.path.name}, "
+                                  f"path.sigma={teacher.path.sigma} (needs linear, 0)")
         if self.regression is not None:
             try:
                 self.regression.check()
@@ -525,7 +531,7 @@ class AdversarialPostTraining(Objective):
         ``augment`` each row's transform of the real and the fake inputs (``shift_real``, ``corner_real``,
         ``shift_fake``, ``corner_fake``: :func:`augment_params`),
         with a regression term the pair store's batch (``more``) and, with distribution matching, its times
-        ``dmd_t`` (``[B]``, uniform in ``DMD_T_RANGE``) and noise ``dmd_n``, in this order."""
+        ``dmd_t`` (``[B]``, uniform in ``DMD_T_RANGE``) and the source points it noises to, ``dmd_n``, in this order."""
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
         x1 = self.comp.target.sample(b, generator=generator, device=dev)
@@ -545,7 +551,7 @@ class AdversarialPostTraining(Objective):
         if self.dmd:
             lo, hi = DMD_T_RANGE
             extra["dmd_t"] = lo + (hi - lo) * torch.rand(b, generator=generator, device=dev)
-            extra["dmd_n"] = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+            extra["dmd_n"] = self.comp.source.sample(b, generator=generator, device=dev)  # the teacher's x0
         return Batch(t=t, x0=x0, x1=x1, more=more, extra=extra)
 
     def inputs(self, x: torch.Tensor, batch: Batch, which: str) -> torch.Tensor:
