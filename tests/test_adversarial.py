@@ -1170,3 +1170,27 @@ def test_seed_spread_averages_each_seeds_paired_difference_and_its_error_over_th
     bad = subprocess.run([sys.executable, _SPREAD, str(src), "--group", "APT=d/best.pt:euler:1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "entry 'd/best.pt:euler:1' is not among the JSON's entries" in bad.stderr
+
+
+def test_seed_spread_against_another_entry(tmp_path):
+    """``--against ENTRY``: the differences from that entry (either spelling) instead of the teacher, named in
+    the table and the JSON; an unknown entry refused."""
+    scores = {"teacher dopri5": {"fd": [1.0, 2.0]},
+              "student euler 1": {"fd": [2.0, 2.0]},
+              "a/best.pt euler 1": {"fd": [1.5, 2.5]},   # -0.5, +0.5 from the student: 0
+              "b/best.pt euler 1": {"fd": [0.5, 1.5]}}   # -1.5, -0.5: -1
+    src = tmp_path / "paired.json"
+    src.write_text(json.dumps({"scores": scores}))
+    out = tmp_path / "spread.json"
+    p = subprocess.run([sys.executable, _SPREAD, str(src), "--against", "student:euler:1", "--group",
+                        "APT=a/best.pt:euler:1,b/best.pt:euler:1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(out.read_text())
+    assert got["against"] == "student euler 1"
+    fd = got["groups"]["APT"]["scores"]["fd"]
+    assert fd["per_seed"] == pytest.approx([0.0, -1.0]) and fd["diff"] == pytest.approx(-0.5) and fd["below"] == 1
+    assert "mean − student euler 1" in p.stdout
+    bad = subprocess.run([sys.executable, _SPREAD, str(src), "--against", "x:euler:1", "--group", "APT=a/best.pt:euler:1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "entry 'x:euler:1' is not among the JSON's entries" in bad.stderr

@@ -1,4 +1,4 @@
-"""Several training seeds of one setting against the teacher, from one ``paired_fd.py`` JSON.
+"""Several training seeds of one setting against the teacher (or another entry), from one ``paired_fd.py`` JSON.
 
 ``paired_fd.py`` gives each entry's difference from the teacher with the standard error over its evaluation
 draws. That error is the evaluation's alone: two training runs of one setting that differ only in
@@ -13,6 +13,9 @@ and how many seeds lie below the teacher::
 
     python experiments/images/seed_spread.py runs/paired/digits_fit_seeds.json \\
         --group "APT=runs/a/checkpoints/best.pt:euler:1,runs/b/checkpoints/best.pt:euler:1"
+
+``--against ENTRY`` takes the differences from another entry of the JSON instead of the teacher (e.g.
+``--against "student euler 1"``: each seed against the start it was trained from).
 
 Prints a table and writes the JSON (``--out``, atomically).
 """
@@ -41,15 +44,17 @@ def entry_key(name: str, scores: dict) -> str:
     return key
 
 
-def spread(scores: dict, entries: list[str], metrics: list[str]) -> dict:
-    """Per metric: each entry's mean paired difference from the teacher (``per_seed``), their mean (``diff``), its
-    standard error over the entries (``diff_se``; ``None`` for one entry) and the entries below the teacher
-    (``below``)."""
-    if TEACHER not in scores:
-        raise SystemExit("seed_spread: the JSON has no teacher entry (paired_fd.py without --teacher none)")
+def spread(scores: dict, entries: list[str], metrics: list[str], against: str = TEACHER) -> dict:
+    """Per metric: each entry's mean paired difference from the entry ``against`` (the teacher unless told;
+    ``per_seed``), their mean (``diff``), its standard error over the entries (``diff_se``; ``None`` for one
+    entry) and the entries below ``against`` (``below``)."""
+    if against not in scores:
+        if against == TEACHER:
+            raise SystemExit("seed_spread: the JSON has no teacher entry (paired_fd.py without --teacher none)")
+        raise SystemExit(f"seed_spread: --against {against!r} is not among the JSON's entries: {', '.join(sorted(scores))}")
     out = {}
     for m in metrics:
-        base = scores[TEACHER][m]
+        base = scores[against][m]
         per = [statistics.mean(v - b for v, b in zip(scores[e][m], base)) for e in entries]
         se = statistics.stdev(per) / math.sqrt(len(per)) if len(per) > 1 else None
         out[m] = {"per_seed": per, "diff": statistics.mean(per), "diff_se": se, "below": sum(d < 0 for d in per),
@@ -62,6 +67,8 @@ def main(argv=None) -> None:
     p.add_argument("json", help="a paired_fd.py output")
     p.add_argument("--group", action="append", required=True, metavar="NAME=ENTRY,ENTRY,...",
                    help="a setting's seeds (repeatable)")
+    p.add_argument("--against", default=TEACHER, metavar="ENTRY",
+                   help=f"the entry the seeds are compared with (default: {TEACHER!r})")
     p.add_argument("--out", default=None, help="the JSON written (default: none)")
     args = p.parse_args(argv)
     try:
@@ -69,15 +76,17 @@ def main(argv=None) -> None:
             scores = json.load(f)["scores"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"seed_spread: {args.json} is not a paired_fd.py output: {e}") from None
-    metrics = [m for m in scores.get(TEACHER, {})]
+    against = TEACHER if args.against == TEACHER else entry_key(args.against, scores)
+    metrics = [m for m in scores.get(against, {})]
     result = {}
     for g in args.group:
         name, sep, rest = g.partition("=")
         if not sep or not name or not rest:
             raise SystemExit(f"seed_spread: --group {g!r}: expected NAME=ENTRY,ENTRY,...")
         entries = [entry_key(e.strip(), scores) for e in rest.split(",") if e.strip()]
-        result[name] = {"entries": entries, "scores": spread(scores, entries, metrics)}
-    print("| setting | score | seeds | mean − teacher | SE over seeds | seeds below the teacher | per seed |")
+        result[name] = {"entries": entries, "scores": spread(scores, entries, metrics, against)}
+    label = "the teacher" if against == TEACHER else against
+    print(f"| setting | score | seeds | mean − {label} | SE over seeds | seeds below {label} | per seed |")
     print("|---|---|---|---|---|---|---|")
     for name, r in result.items():
         for m, s in r["scores"].items():
@@ -85,7 +94,7 @@ def main(argv=None) -> None:
             per = ", ".join(f"{d:+.3f}" for d in s["per_seed"])
             print(f"| {name} | {m} | {s['seeds']} | {s['diff']:+.3f} | {se} | {s['below']} | {per} |")
     if args.out:
-        atomic_write_text(args.out, json.dumps({"json": args.json, "groups": result}, indent=2))
+        atomic_write_text(args.out, json.dumps({"json": args.json, "against": against, "groups": result}, indent=2))
         print(f"wrote {args.out}")
 
 
