@@ -47,11 +47,8 @@ def entry_key(name: str, scores: dict) -> str:
 def spread(scores: dict, entries: list[str], metrics: list[str], against: str = TEACHER) -> dict:
     """Per metric: each entry's mean paired difference from the entry ``against`` (the teacher unless told;
     ``per_seed``), their mean (``diff``), its standard error over the entries (``diff_se``; ``None`` for one
-    entry) and the entries below ``against`` (``below``)."""
-    if against not in scores:
-        if against == TEACHER:
-            raise SystemExit("seed_spread: the JSON has no teacher entry (paired_fd.py without --teacher none)")
-        raise SystemExit(f"seed_spread: --against {against!r} is not among the JSON's entries: {', '.join(sorted(scores))}")
+    entry) and the entries below ``against`` (``below``). ``entries`` and ``against`` are keys of ``scores``
+    (:func:`entry_key`)."""
     out = {}
     for m in metrics:
         base = scores[against][m]
@@ -76,8 +73,10 @@ def main(argv=None) -> None:
             scores = json.load(f)["scores"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"seed_spread: {args.json} is not a paired_fd.py output: {e}") from None
-    against = TEACHER if args.against == TEACHER else entry_key(args.against, scores)
-    metrics = [m for m in scores.get(against, {})]
+    if args.against == TEACHER and TEACHER not in scores:
+        raise SystemExit("seed_spread: the JSON has no teacher entry (paired_fd.py without --teacher none)")
+    against = entry_key(args.against, scores)
+    metrics = list(scores[against])
     result = {}
     for g in args.group:
         name, sep, rest = g.partition("=")
