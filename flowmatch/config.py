@@ -662,7 +662,12 @@ class AptConfig:
     in exact shares, :meth:`flowmatch.data.toy.ToyDistribution.quasi`), which leaves less scatter between
     two checkpoints' scores; ``eval_min_gain``: a checkpoint replaces the start only when its score is
     lower than the start's by more than this (0: any gain; the lowest of those that are is kept).
-    ``eval_max_copies`` (image runs on ``data.split=fit``; 1: off): a checkpoint replaces the start only
+    ``lecam_weight`` (0: off) adds LeCam's regulariser (Tseng et al. 2021, "Regularizing Generative Adversarial
+    Networks under Limited Data") to the discriminator's loss with that weight: the logits on real rows are
+    pulled down to the moving average of those on generated rows, and those on generated rows up to the
+    average on real ones (each only from the far side), so that a discriminator with few real images cannot
+    drive the two sides apart by learning the images by heart; ``lecam_decay``: the averages' decay (0.99, as
+    theirs). ``eval_max_copies`` (image runs on ``data.split=fit``; 1: off): a checkpoint replaces the start only
     when its validation ``copies`` (the memorisation check against the fit images with the val images as
     new ones, :class:`~flowmatch.bench.ValidationImageScorer`; 0.05 expected of new images) is at most
     this, so that a generator drifting towards its discriminator's training images is not kept for the
@@ -705,6 +710,8 @@ class AptConfig:
     dmd_weight: float = 0.0
     lr_fake: float = 1e-4
     fake_steps: int = 1
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.99
     eval_every: int = 50
     eval_n: int = 2000
     eval_draws: int = 1
@@ -729,6 +736,7 @@ class AptConfig:
                              "real_from_teacher": _float(**_PROBABILITY), "d_steps": _int(1), "d_warmup": _int(0),
                              "d_train": _one_of("all", "heads"), "adversarial_weight": _float(ge=0.0),
                              "dmd_weight": _float(ge=0.0), "lr_fake": _float(gt=0.0), "fake_steps": _int(1),
+                             "lecam_weight": _float(ge=0.0), "lecam_decay": _float(ge=0.0, lt=1.0),
                              "eval_every": _int(0), "eval_n": _int(2), "eval_draws": _int(1),
                              "eval_noise": _one_of("iid", "quasi"), "eval_min_gain": _float(ge=0.0),
                              "eval_max_copies": _float(**_PROBABILITY)})

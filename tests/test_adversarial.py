@@ -18,9 +18,10 @@ import torch
 import flowmatch.evaluation  # noqa: F401 - registers the validation scorer
 from conftest import make_tiny_cfg
 from flowmatch.config import apply_overrides, to_dict
-from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, approx_r1, augment,
+from flowmatch.distill.adversarial import (AdversarialPostTraining, Discriminator, LogitAnchors, approx_r1, augment,
                                            augment_params, discriminator_loss, discriminator_updates, dmd_gradient,
-                                           dmd_loss, exact_r1, fake_updates, generator_loss, one_step, shifted_time)
+                                           dmd_loss, exact_r1, fake_updates, generator_loss, lecam, one_step,
+                                           shifted_time)
 from flowmatch.data.task import build_task
 from flowmatch.errors import ConfigError, NonFiniteLossError
 from flowmatch.metrics.distances import w2
@@ -101,6 +102,51 @@ def test_loss_functions_and_time_shift():
     assert torch.allclose(shifted_time(u, 1.0), 1 - u)
     t3 = shifted_time(u, 3.0)  # towards the noise end (t = 0 in our convention), endpoints kept
     assert t3[0] == 1 and t3[-1] == 0 and bool((t3[1:-1] < (1 - u)[1:-1]).all())
+
+
+def test_lecam_penalises_each_side_past_the_other_sides_anchor_and_its_anchors_are_debiased_averages():
+    dr, df = torch.tensor([2.0, -0.5]), torch.tensor([0.5, -1.0])
+    # real logits above the fake anchor 0.2, fake logits below the real anchor 1.0: each from the far side only
+    want = torch.tensor([(2.0 - 0.2) ** 2 + (1.0 - 0.5) ** 2, 0.0 + (1.0 + 1.0) ** 2])
+    assert torch.allclose(lecam(dr, df, torch.tensor(1.0), torch.tensor(0.2)), want)
+    assert torch.equal(lecam(dr, df, torch.tensor(-5.0), torch.tensor(5.0)), torch.zeros(2))
+    anchors = LogitAnchors(0.9)
+    a_real, a_fake = anchors.update(dr, df)  # zero-debiased: the first update is the batch's means
+    assert a_real.item() == pytest.approx(0.75) and a_fake.item() == pytest.approx(-0.25)
+    a_real, a_fake = anchors.update(torch.tensor([3.0]), torch.tensor([1.0]))
+    assert a_real.item() == pytest.approx((0.9 * 0.1 * 0.75 + 0.1 * 3.0) / (1 - 0.9 ** 2))
+    assert a_fake.item() == pytest.approx((0.9 * 0.1 * -0.25 + 0.1 * 1.0) / (1 - 0.9 ** 2))
+    again = LogitAnchors(0.9)
+    again.load_state_dict(anchors.state_dict())
+    assert [v.item() for v in again.update(dr, df)] == [v.item() for v in anchors.update(dr, df)]
+
+
+def test_lecam_is_added_to_the_discriminators_loss_alone(ckpts):
+    trainer = build_trainer(_cfg(ckpts, "apt.lecam_weight=2", "apt.r1=none"))
+    obj, disc = trainer.objective, trainer.nets_raw["discriminator"]
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d_real, d_fake = disc(batch.x1, batch.t), disc(one_step(trainer.model, batch.x0), batch.t)
+    out = obj.loss(trainer.nets, batch, "discriminator")
+    # the first update's anchors are its own batch means
+    want = 2 * lecam(d_real, d_fake, d_real.mean(), d_fake.mean()).mean()
+    assert want > 0 and out.extra["apt/lecam"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.extra["apt/d_loss"].item() + want.item(), rel=1e-5)
+    assert "apt/lecam" not in obj.loss(trainer.nets, batch, "student").extra
+    assert obj.anchors.n == 1 and "lecam" in obj.state_dict()
+    assert build_trainer(_cfg(ckpts)).objective.anchors is None  # off by default
+
+
+def test_lecam_keeps_the_discriminators_logits_on_the_two_sides_closer(ckpts, tmp_path):
+    """The same 30 updates from the same start, with and without LeCam: with it the discriminator's mean logits
+    on real and on generated rows stay nearer each other."""
+    gaps = {}
+    for w in (0, 5):
+        train(_cfg(ckpts, "train.steps=30", "train.log_every=30", "apt.lr_g=1e-6", "apt.lr_d=3e-3",
+                   f"apt.lecam_weight={w}"), str(tmp_path / str(w)), progress=False)
+        row = [r for r in read_metrics(str(tmp_path / str(w) / "metrics.jsonl")) if "apt/d_real" in r][-1]
+        gaps[w] = row["apt/d_real"] - row["apt/d_fake"]
+    assert gaps[0] > 0 and abs(gaps[5]) < 0.5 * gaps[0], gaps
 
 
 # --------------------------------------------------------------------------- the discriminator
@@ -392,7 +438,8 @@ def test_adversarial_weight_zero_leaves_the_generator_to_the_other_terms(ckpts):
 # --------------------------------------------------------------------------- the loop: resume, logs, selection
 
 
-@pytest.mark.parametrize("extra", [(), ("apt.d_steps=2", "apt.d_warmup=3"), ("apt.dmd_weight=1", "apt.fake_steps=2")])
+@pytest.mark.parametrize("extra", [(), ("apt.d_steps=2", "apt.d_warmup=3"), ("apt.dmd_weight=1", "apt.fake_steps=2"),
+                                   ("apt.lecam_weight=0.5",)])
 def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
     cfg = _cfg(ckpts, *extra)
     a = train(cfg, str(tmp_path / "a"), progress=False)
@@ -420,7 +467,11 @@ def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
         == (cfg.train.steps * cfg.train.batch_size if cfg.apt.dmd_weight > 0 else 0)  # a call per generated sample
     rows = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if "train/loss" in r]
     keys = ("apt/d_loss", "apt/g_loss", "apt/r1", "apt/d_real", "apt/d_fake") \
-        + (("apt/dmd", "apt/fake_loss") if cfg.apt.dmd_weight > 0 else ())
+        + (("apt/dmd", "apt/fake_loss") if cfg.apt.dmd_weight > 0 else ()) \
+        + (("apt/lecam",) if cfg.apt.lecam_weight > 0 else ())
+    if cfg.apt.lecam_weight > 0:  # LeCam's anchors resume with the rest
+        ours, theirs = ckpt["objective"]["state"]["lecam"], other["objective"]["state"]["lecam"]
+        assert ours["n"] == theirs["n"] == cfg.train.steps and torch.equal(ours["acc"], theirs["acc"])
     assert len(rows) == 4 and all(all(math.isfinite(r[k]) for k in keys) for r in rows)
     assert all(r["apt/r1"] > 0 for r in rows)
 
@@ -903,10 +954,12 @@ def _ddp_results(rank: int, out_dir: str) -> dict:
     return {"whole": whole.losses, "rest": rest.losses, "world": whole.world_size}
 
 
-@pytest.mark.parametrize("extra", [("apt.r1=approx",), ("apt.dmd_weight=1", "apt.fake_steps=2")])
+@pytest.mark.parametrize("extra", [("apt.r1=approx",), ("apt.dmd_weight=1", "apt.fake_steps=2"),
+                                   ("apt.lecam_weight=0.5",)])
 def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_path, extra):
     """Two ranks: the discriminator (three forwards an update) and the generator, or with DMD the fake flow
-    too (its forward under no_grad in the generator's loss), each wrapped for DDP."""
+    too (its forward under no_grad in the generator's loss), each wrapped for DDP; with LeCam the anchors
+    average the ranks' logits, so every rank holds the same."""
     import json
 
     from test_ddp import _spawn
@@ -919,6 +972,9 @@ def test_two_rank_gloo_ddp_trains_both_players_and_resumes_exactly(ckpts, tmp_pa
     roles = {"discriminator"} | ({"fake_score"} if "apt.dmd_weight=1" in extra else set())
     assert ckpt["world_size"] == 2 and set(ckpt["nets"]) == roles
     assert load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "best.pt"))["selection"]["metric"] == "w2"
+    if "apt.lecam_weight=0.5" in extra:  # the ranks draw batches of their own, and hold the same anchors
+        mine, theirs = (r["objective"]["lecam"] for r in ckpt["ranks"])
+        assert mine["n"] == theirs["n"] == 20 and torch.equal(mine["acc"], theirs["acc"])
 
 
 # --------------------------------------------------------------------------- experiments/toy/apt_ablations.py

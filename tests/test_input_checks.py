@@ -346,6 +346,8 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("apt.dmd_weight=.nan", "apt.dmd_weight", "a finite number >= 0"),
     ("apt.lr_fake=0", "apt.lr_fake", "a finite number > 0"),
     ("apt.fake_steps=0", "apt.fake_steps", "an integer >= 1"),
+    ("apt.lecam_weight=-0.3", "apt.lecam_weight", "a finite number >= 0"),
+    ("apt.lecam_decay=1", "apt.lecam_decay", "a number in [0, 1)"),
     ("ot_cfm.steps=0", "ot_cfm.steps", "an integer >= 1"),
     ("lora.alpha=0", "lora.alpha", "a finite number > 0"),
     ("shortcut.self_consistency=1.5", "shortcut.self_consistency", "a number in [0, 1]"),
