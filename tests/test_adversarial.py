@@ -1250,3 +1250,40 @@ def test_seed_spread_against_another_entry(tmp_path):
     bad = subprocess.run([sys.executable, _SPREAD, str(src), "--against", "x:euler:1", "--group", "APT=a/best.pt:euler:1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "entry 'x:euler:1' is not among the JSON's entries" in bad.stderr
+
+
+def test_seed_spread_reads_several_jsons_of_the_same_draws_and_compares_two_groups(tmp_path):
+    """Two JSONs of the same draws read as one (the teacher in both, scoring alike); ``--compare A,B``: the
+    difference of the groups' means over their seeds, its error over both groups' seeds; files of other draws,
+    a teacher scoring differently and an unknown group refused."""
+    teacher = {"fd": [1.0, 2.0]}
+    old = {"seed": 10_000, "n": 1000, "draws": 2,
+           "scores": {"teacher dopri5": teacher, "a euler 1": {"fd": [1.5, 2.5]},     # +0.5
+                      "b euler 1": {"fd": [1.1, 2.3]}}}                              # +0.2
+    new = {"seed": 10_000, "n": 1000, "draws": 2,
+           "scores": {"teacher dopri5": teacher, "c euler 1": {"fd": [0.9, 1.9]},     # -0.1
+                      "d euler 1": {"fd": [1.3, 1.9]}}}                              # +0.1
+    for name, got in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(got))
+    out = tmp_path / "spread.json"
+    args = [sys.executable, _SPREAD, str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--group",
+            "old=a:euler:1,b:euler:1", "--group", "new=c:euler:1,d:euler:1"]
+    p = subprocess.run(args + ["--compare", "new,old", "--out", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(out.read_text())
+    assert got["groups"]["new"]["scores"]["fd"]["per_seed"] == pytest.approx([-0.1, 0.1])
+    c = got["comparisons"]["new - old"]["fd"]
+    assert c["diff"] == pytest.approx(0.0 - 0.35) and c["seeds"] == [2, 2]
+    assert c["diff_se"] == pytest.approx(math.sqrt(0.02 / 2 + 0.045 / 2))  # sample variances 0.02 and 0.045
+    assert "| new − old | fd | 2 and 2 | -0.350 |" in p.stdout
+    bad = subprocess.run(args + ["--compare", "new,other"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--compare 'new,other': expected A,B, two of the groups" in bad.stderr
+    (tmp_path / "other.json").write_text(json.dumps({**new, "draws": 3}))
+    bad = subprocess.run([sys.executable, _SPREAD, str(tmp_path / "old.json"), str(tmp_path / "other.json"),
+                          "--group", "x=a:euler:1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "other.json was scored on other draws than" in bad.stderr
+    (tmp_path / "other.json").write_text(json.dumps({**new, "scores": {"teacher dopri5": {"fd": [1.0, 2.1]}}}))
+    bad = subprocess.run([sys.executable, _SPREAD, str(tmp_path / "old.json"), str(tmp_path / "other.json"),
+                          "--group", "x=a:euler:1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "entry 'teacher dopri5' scores differently in" in bad.stderr

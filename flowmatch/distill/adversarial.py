@@ -167,8 +167,7 @@ from flowmatch.utils import expand_like, make_generator
 __all__ = ["Discriminator", "AdversarialPostTraining", "one_step", "shifted_time", "discriminator_loss",
            "generator_loss", "approx_r1", "exact_r1", "augment_params", "augment", "discriminator_updates",
            "validation_draws", "dmd_gradient", "dmd_loss", "fake_updates", "lecam", "LogitAnchors",
-           "ONE_STEP_OBJECTIVES",
-           "VALIDATION_SCORERS", "VALIDATION_SEED"]
+           "ONE_STEP_OBJECTIVES", "VALIDATION_SCORERS", "VALIDATION_SEED"]
 
 # objectives whose students are one-step generators x0 + v(x0, 0)
 ONE_STEP_OBJECTIVES = ("distill", "cd", "ct", "apt")
