@@ -213,6 +213,24 @@ def test_fd_on_digits_is_zero_to_itself_and_grows_with_noise(digits, digits_metr
     assert m.fd(xr) < 0.25 * fds[2]  # held-out real digits are far closer than noisy ones
 
 
+def test_fd_terms_split_the_distance_into_the_means_and_the_covariances(digits, digits_metrics):
+    """A shift of every image moves the feature mean; the two parts sum to the distance; the means' part is
+    ||mu - mu_ref||^2 of the features as computed here."""
+    xt, _, xr = digits
+    m = digits_metrics
+    for x in (xr, noisy(xt, 0.3, seed=12), (xt + 0.5).clamp(-1, 1)):
+        means, covs = m.fd_terms(x)
+        assert means + covs == pytest.approx(m.fd(x), rel=1e-9, abs=1e-12)
+        f = m.features(x)
+        assert means == pytest.approx(float((f.mean(0) - m.ref_mean).pow(2).sum()), rel=1e-9)
+        assert means >= 0 and covs >= -1e-9
+    assert m.fd_terms(xt)[0] < 1e-6 * float(torch.trace(m.ref_cov))  # the reference itself: no mean gap
+    from flowmatch.metrics.guard import NonFiniteInputWarning
+
+    with pytest.warns(NonFiniteInputWarning, match="fd: non-finite input"):
+        assert all(math.isnan(v) for v in m.fd_terms(torch.full_like(xt[:4], float("nan"))))
+
+
 def test_kid_on_digits_halves(digits):
     xt = digits[0]
     h = xt.shape[0] // 2

@@ -351,7 +351,8 @@ def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
     ckpt = str(tmp_path / "run" / "A" / "checkpoints" / "last.pt")
     subprocess.run([sys.executable, script, str(tmp_path / "run"), "--student", "A", "--teacher", "A",
                     "--also", f"{ckpt}:euler:1", "--also", "A:euler:2", "--draws", "2", "--n", "32",
-                    "--memorisation", "--precision-recall"], check=True, capture_output=True, timeout=300)
+                    "--memorisation", "--precision-recall", "--fd-terms"], check=True, capture_output=True,
+                   timeout=300)
     paired = json.loads((tmp_path / "run" / "paired_fd.json").read_text())
     s, summary = paired["scores"], paired["summary"]
     assert list(s) == ["student euler 1", "teacher dopri5", f"{ckpt} euler 1", "A euler 2"]
@@ -368,6 +369,9 @@ def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
     assert (s["student euler 1"]["precision"][0], s["student euler 1"]["recall"][0]) == \
         pytest.approx((pr.precision, pr.recall))
     assert all(len(v["precision"]) == len(v["recall"]) == 2 for v in s.values())
+    # fd's two parts, per draw: they sum to fd
+    assert all(a + b == pytest.approx(fd, rel=1e-9, abs=1e-12)
+               for v in s.values() for a, b, fd in zip(v["fd_mean"], v["fd_cov"], v["fd"]))
     assert "vs_teacher" in summary["A euler 2"]["recall"]
     # against the teacher as against the student: the per-draw difference's mean
     got = summary["A euler 2"]["copies_features"]["vs_teacher"]["diff"]

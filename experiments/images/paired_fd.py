@@ -11,9 +11,11 @@ student (mean over draws of entry / student, with the standard error of that mea
 difference, and the same against the teacher (``vs_teacher``). With ``--memorisation`` every sample set
 also gets the memorisation check (:func:`flowmatch.evaluation.image_memorisation`: the fraction of
 samples nearer a training image than 95% of the held-out test images are, ``copies``, 0.05 expected), in
-pixels and in the classifier's features, and with ``--precision-recall`` the improved precision and recall
+pixels and in the classifier's features, with ``--precision-recall`` the improved precision and recall
 against the training images (:func:`flowmatch.evaluation.precision_recall_checker`: the share of samples
-inside the training images' support, and of training images inside the samples'), paired the same way::
+inside the training images' support, and of training images inside the samples'), and with ``--fd-terms``
+``fd``'s two parts (:meth:`~flowmatch.metrics.frechet.ImageFeatureMetrics.fd_terms`): ``fd_mean``, the
+squared distance between the feature means, and ``fd_cov``, what the covariances add, paired the same way::
 
     python experiments/images/paired_fd.py runs/images/digits --student 2-RF+distill \\
         --also 2-RF:euler:1 --also 2-RF+Meanflow:anystep:1 --also 2-RF+Meanflow:anystep:2 --draws 10
@@ -65,6 +67,8 @@ def main() -> None:
     p.add_argument("--precision-recall", action="store_true",
                    help="score each sample set's improved precision and recall against the training images too "
                         "(classifier features, k = 3)")
+    p.add_argument("--fd-terms", action="store_true",
+                   help="score fd's two parts too: the feature means' (fd_mean) and the covariances' (fd_cov)")
     args = paired_arguments(p, student="2-RF+distill", n=1000, out="paired_fd.json",
                             teacher_help="the teacher's stage or checkpoint (dopri5), or none")
 
@@ -87,7 +91,7 @@ def main() -> None:
     check = memorisation_checker(cfg) if args.memorisation else None
     coverage = precision_recall_checker(cfg) if args.precision_recall else None
     names = ["fd", "fd_test"] + (["copies_pixels", "copies_features"] if args.memorisation else []) + \
-        (["precision", "recall"] if args.precision_recall else [])
+        (["precision", "recall"] if args.precision_recall else []) + (["fd_mean", "fd_cov"] if args.fd_terms else [])
     scores = {key: {m: [] for m in names} for key, *_ in entries}
     # each solve starts its own state (a consistency sampler re-seeds its noise), so one solver an entry serves every draw
     solvers = {key: get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
@@ -102,6 +106,10 @@ def main() -> None:
                 if check is not None:
                     for space, r in check(x1).items():
                         scores[key][f"copies_{space}"].append(r.copies_fraction)
+                if args.fd_terms:
+                    means, covs = metrics.fd_terms(x1)
+                    scores[key]["fd_mean"].append(means)
+                    scores[key]["fd_cov"].append(covs)
                 if coverage is not None:
                     pr = coverage(x1)
                     scores[key]["precision"].append(pr.precision)

@@ -108,6 +108,13 @@ def _frechet(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.T
     return max(float(value), 0.0)
 
 
+def _frechet_terms(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> tuple[float, float]:
+    """The two parts of :func:`_frechet`: the means' ``||mu1 - mu2||^2`` and the covariances'
+    ``tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``; their sum is the distance (to rounding)."""
+    cross = torch.linalg.svdvals(_sqrt_psd(s1) @ _sqrt_psd(s2)).sum()
+    return float((mu1 - mu2).pow(2).sum()), float(torch.trace(s1) + torch.trace(s2) - 2 * cross)
+
+
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """Frechet distance between the Gaussians fitted to feature sets ``f1`` ``[N1, F]`` and ``f2`` ``[N2, F]``.
     A NaN or inf in a feature: NaN and a warning."""
@@ -293,6 +300,15 @@ class ImageFeatureMetrics:
             return float("nan")
         f = _as_features(self.features(x), "x")
         return _frechet(*_mean_cov(f), self.ref_mean, self.ref_cov)
+
+    def fd_terms(self, x: torch.Tensor) -> tuple[float, float]:
+        """:meth:`fd`'s two parts, ``(means, covariances)``: how far ``x``'s feature mean lies from the
+        reference's (``||mu - mu_ref||^2``) and what the covariances add (``tr(S + S_ref - 2 (S^1/2 S_ref
+        S^1/2)^1/2)``); they sum to ``fd(x)`` (NaN for non-finite images)."""
+        if not self._scorable("fd", x):
+            return float("nan"), float("nan")
+        f = _as_features(self.features(x), "x")
+        return _frechet_terms(*_mean_cov(f), self.ref_mean, self.ref_cov)
 
     def kid(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, *, num_subsets: int = 100,
             subset_size: int = 1000) -> tuple[float, float]:
