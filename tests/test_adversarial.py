@@ -1279,6 +1279,19 @@ def test_seed_spread_reads_several_jsons_of_the_same_draws_and_compares_two_grou
     assert "| new − old | fd | 2 and 2 | -0.350 |" in p.stdout
     bad = subprocess.run(args + ["--compare", "new,other"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--compare 'new,other': expected A,B, two of the groups" in bad.stderr
+    # a file scored with more flags: its entries' extra scores join, the scores both files hold must agree
+    more = {**new, "scores": {"teacher dopri5": {**teacher, "copies": [0.1, 0.1]}, "e euler 1": {"fd": [1.0, 2.0],
+                                                                                              "copies": [0.2, 0.1]}}}
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    p = subprocess.run([sys.executable, _SPREAD, str(tmp_path / "old.json"), str(tmp_path / "more.json"), "--group",
+                        "e=e:euler:1", "--group", "a=a:euler:1", "--out", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(out.read_text())["groups"]
+    assert set(got["e"]["scores"]) == {"fd"} and got["e"]["scores"]["fd"]["per_seed"] == pytest.approx([0.0])
+    p = subprocess.run([sys.executable, _SPREAD, str(tmp_path / "more.json"), "--group", "e=e:euler:1", "--out",
+                        str(out)], capture_output=True, text=True, timeout=120)
+    assert json.loads(out.read_text())["groups"]["e"]["scores"]["copies"]["per_seed"] == pytest.approx([0.05])
     (tmp_path / "other.json").write_text(json.dumps({**new, "draws": 3}))
     bad = subprocess.run([sys.executable, _SPREAD, str(tmp_path / "old.json"), str(tmp_path / "other.json"),
                           "--group", "x=a:euler:1"], capture_output=True, text=True, timeout=120)

@@ -70,9 +70,9 @@ def spread(scores: dict, entries: list[str], metrics: list[str], against: str = 
 
 
 def merged_scores(paths: list[str]) -> dict:
-    """The ``scores`` of the ``paired_fd.py`` JSONs at ``paths`` as one dict; refused (``SystemExit``) unless every
-    file was scored on the same draws (its ``seed``, ``n`` and ``draws``) and an entry in several files scores
-    the same in each."""
+    """The ``scores`` of the ``paired_fd.py`` JSONs at ``paths`` as one dict (an entry in several files holds the
+    scores of all of them); refused (``SystemExit``) unless every file was scored on the same draws (its ``seed``,
+    ``n`` and ``draws``) and an entry in several files scores the same in each score they share."""
     scores, draws, first = {}, None, None
     for path in paths:
         try:
@@ -88,9 +88,10 @@ def merged_scores(paths: list[str]) -> dict:
             raise SystemExit(f"seed_spread: {path} was scored on other draws than {first} ({how} against {draws}): "
                              f"score both with the same paired_fd.py --seed, --n and --draws")
         for key, sc in these.items():
-            if key in scores and scores[key] != sc:
+            known = scores.setdefault(key, {})
+            if any(known[m] != v for m, v in sc.items() if m in known):  # a score both files hold
                 raise SystemExit(f"seed_spread: entry {key!r} scores differently in {path} than in an earlier file")
-            scores[key] = sc
+            known.update(sc)
     return scores
 
 
@@ -122,14 +123,16 @@ def main(argv=None) -> None:
     if args.against == TEACHER and TEACHER not in scores:
         raise SystemExit("seed_spread: the JSON has no teacher entry (paired_fd.py without --teacher none)")
     against = entry_key(args.against, scores)
-    metrics = list(scores[against])
-    result = {}
+    groups = {}
     for g in args.group:
         name, sep, rest = g.partition("=")
         if not sep or not name or not rest:
             raise SystemExit(f"seed_spread: --group {g!r}: expected NAME=ENTRY,ENTRY,...")
-        entries = [entry_key(e.strip(), scores) for e in rest.split(",") if e.strip()]
-        result[name] = {"entries": entries, "scores": spread(scores, entries, metrics, against)}
+        groups[name] = [entry_key(e.strip(), scores) for e in rest.split(",") if e.strip()]
+    # the scores every entry holds (files scored with other paired_fd.py flags hold different ones)
+    metrics = [m for m in scores[against] if all(m in scores[e] for es in groups.values() for e in es)]
+    result = {name: {"entries": entries, "scores": spread(scores, entries, metrics, against)}
+              for name, entries in groups.items()}
     pairs = []
     for c in args.compare:
         names = [n.strip() for n in c.split(",")]
