@@ -101,18 +101,21 @@ def gaussian_frechet(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     return _frechet(mu1, s1, mu2, s2)
 
 
+def _cross(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``tr((S1^1/2 S2 S1^1/2)^1/2)``, the covariances' shared term of the distance (0-d float64)."""
+    return torch.linalg.svdvals(_sqrt_psd(s1) @ _sqrt_psd(s2)).sum()
+
+
 def _frechet(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
     """:func:`gaussian_frechet` on checked float64 CPU parameters (no shape or finiteness checks)."""
-    cross = torch.linalg.svdvals(_sqrt_psd(s1) @ _sqrt_psd(s2)).sum()  # tr((S1^1/2 S2 S1^1/2)^1/2)
-    value = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross
+    value = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * _cross(s1, s2)
     return max(float(value), 0.0)
 
 
 def _frechet_terms(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> tuple[float, float]:
     """The two parts of :func:`_frechet`: the means' ``||mu1 - mu2||^2`` and the covariances'
     ``tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``; their sum is the distance (to rounding)."""
-    cross = torch.linalg.svdvals(_sqrt_psd(s1) @ _sqrt_psd(s2)).sum()
-    return float((mu1 - mu2).pow(2).sum()), float(torch.trace(s1) + torch.trace(s2) - 2 * cross)
+    return float((mu1 - mu2).pow(2).sum()), float(torch.trace(s1) + torch.trace(s2) - 2 * _cross(s1, s2))
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
