@@ -628,7 +628,10 @@ class AptConfig:
     trained) or ``random`` (the ablation). ``loss``: ``ns`` (non-saturating) or ``relativistic``
     (pairing). ``r1``: ``approx`` (``r1_lambda * ||D(x) - D(x + r1_sigma * eps)||^2`` on real ``x``,
     ``r1_sigma`` a standard deviation), ``exact`` (``r1_lambda * r1_sigma^2 * ||grad_x D(x)||^2``, the
-    approximation's small-sigma expectation, so both modes penalise alike) or ``none``. ``t_shift``
+    approximation's small-sigma expectation, so both modes penalise alike) or ``none``. ``r2_lambda`` (0: off)
+    adds the same penalty, in the same mode and with the same ``r1_sigma``, on the generated rows (R2; the
+    approximated R1 and R2 of APT's follow-up, Lin et al. 2025, "Autoregressive Adversarial Post-Training",
+    and R3GAN's R1 + R2, Huang et al. 2024). ``t_shift``
     shifts the discriminator's time draw towards the noise end (1: uniform; below 1: towards the data).
     ``noise_inputs``: the discriminator sees real and generated samples noised to its time ``t``
     (``t x + (1 - t) n``, as APT's and LADD's) instead of clean ones. ``fourier_features`` (0: off; MLP
@@ -694,6 +697,7 @@ class AptConfig:
     r1: str = "approx"
     r1_lambda: float = 100.0
     r1_sigma: float = 0.01
+    r2_lambda: float = 0.0
     t_shift: float = 1.0
     noise_inputs: bool = False
     fourier_features: int = 0
@@ -729,7 +733,8 @@ class AptConfig:
     def __post_init__(self) -> None:
         _check_ranges(self, {"steps": _int(1), "lr_g": _float(gt=0.0), "lr_d": _float(gt=0.0),
                              "loss": _one_of("ns", "relativistic"), "r1": _one_of("approx", "exact", "none"),
-                             "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "t_shift": _float(gt=0.0),
+                             "r1_lambda": _float(ge=0.0), "r1_sigma": _float(gt=0.0), "r2_lambda": _float(ge=0.0),
+                             "t_shift": _float(gt=0.0),
                              "fourier_features": _int(0), "fourier_scale": _float(gt=0.0),
                              "regression_weight": _float(ge=0.0),
                              "regression_pairs": _one_of("last_round", "teacher"),

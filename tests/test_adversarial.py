@@ -439,7 +439,7 @@ def test_adversarial_weight_zero_leaves_the_generator_to_the_other_terms(ckpts):
 
 
 @pytest.mark.parametrize("extra", [(), ("apt.d_steps=2", "apt.d_warmup=3"), ("apt.dmd_weight=1", "apt.fake_steps=2"),
-                                   ("apt.lecam_weight=0.5",)])
+                                   ("apt.lecam_weight=0.5",), ("apt.r2_lambda=50",)])
 def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
     cfg = _cfg(ckpts, *extra)
     a = train(cfg, str(tmp_path / "a"), progress=False)
@@ -468,12 +468,12 @@ def test_exact_resume_of_both_players_and_logged_keys(ckpts, tmp_path, extra):
     rows = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if "train/loss" in r]
     keys = ("apt/d_loss", "apt/g_loss", "apt/r1", "apt/d_real", "apt/d_fake") \
         + (("apt/dmd", "apt/fake_loss") if cfg.apt.dmd_weight > 0 else ()) \
-        + (("apt/lecam",) if cfg.apt.lecam_weight > 0 else ())
+        + (("apt/lecam",) if cfg.apt.lecam_weight > 0 else ()) + (("apt/r2",) if cfg.apt.r2_lambda > 0 else ())
     if cfg.apt.lecam_weight > 0:  # LeCam's anchors resume with the rest
         ours, theirs = ckpt["objective"]["state"]["lecam"], other["objective"]["state"]["lecam"]
         assert ours["n"] == theirs["n"] == cfg.train.steps and torch.equal(ours["acc"], theirs["acc"])
     assert len(rows) == 4 and all(all(math.isfinite(r[k]) for k in keys) for r in rows)
-    assert all(r["apt/r1"] > 0 for r in rows)
+    assert all(r["apt/r1"] > 0 for r in rows) and all(r.get("apt/r2", 1) > 0 for r in rows)
 
 
 def test_few_step_cost_counts_every_discriminator_update(ckpts, tmp_path):
@@ -520,6 +520,53 @@ def test_exact_r1_in_the_loss_is_lambda_sigma_squared_times_the_gradient_norm(ck
     (g,) = torch.autograd.grad(disc(x, batch.t).sum(), x)
     assert out.extra["apt/r1"].item() == pytest.approx(7 * 0.09 * g.pow(2).sum(1).mean().item(), rel=1e-5)
 
+
+
+@pytest.mark.parametrize("mode", ["approx", "exact"])
+def test_r2_is_r1s_penalty_on_the_generated_rows_in_the_discriminators_loss_alone(ckpts, mode):
+    trainer = build_trainer(_cfg(ckpts, f"apt.r1={mode}", "apt.r1_lambda=0", "apt.r2_lambda=7", "apt.r1_sigma=0.3"))
+    obj, disc = trainer.objective, trainer.nets_raw["discriminator"]
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fake = one_step(trainer.model, batch.x0)
+    if mode == "approx":  # with its own noise, not R1's
+        eps = batch.extra["eps_fake"]
+        assert eps.shape == batch.x1.shape and not torch.equal(eps, batch.extra["eps"])
+        with torch.no_grad():
+            want = 7 * (disc(fake, batch.t) - disc(fake + 0.3 * eps, batch.t)).pow(2).mean().item()
+    else:
+        x = fake.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(disc(x, batch.t).sum(), x)
+        want = 7 * 0.09 * g.pow(2).sum(1).mean().item()
+    out = obj.loss(trainer.nets, batch, "discriminator")
+    assert want > 0 and out.extra["apt/r2"].item() == pytest.approx(want, rel=1e-5)
+    assert out.extra["apt/r1"].item() == 0  # R1 off: the loss is the adversarial part and R2
+    assert out.loss.item() == pytest.approx(out.extra["apt/d_loss"].item() + want, rel=1e-5)
+    out.loss.backward()  # R2 trains the discriminator: its gradient differs from the loss without it
+    with_r2 = [p.grad.clone() for p in disc.parameters() if p.grad is not None]
+    disc.zero_grad(set_to_none=True)
+    plain = build_trainer(_cfg(ckpts, f"apt.r1={mode}", "apt.r1_lambda=0"))
+    plain.nets_raw["discriminator"].load_state_dict(disc.state_dict())
+    plain.model.load_state_dict(trainer.model.state_dict())
+    plain.objective.loss(plain.nets, batch, "discriminator").loss.backward()
+    without = [p.grad for p in plain.nets_raw["discriminator"].parameters() if p.grad is not None]
+    assert len(with_r2) == len(without) and any(not torch.allclose(a, b) for a, b in zip(with_r2, without))
+    assert "apt/r2" not in obj.loss(trainer.nets, batch, "student").extra
+
+
+def test_r2_draws_its_noise_after_everything_else_and_is_off_by_default(ckpts):
+    """A run without R2 draws what it drew before R2 existed; with it, the same batch and one more draw."""
+    plain, r2 = (build_trainer(_cfg(ckpts, *extra)).objective for extra in ((), ("apt.r2_lambda=1",)))
+    a, b = (obj.draw(torch.Generator().manual_seed(3)) for obj in (plain, r2))
+    assert "eps_fake" not in a.extra and plain.ac.r2_lambda == 0
+    for k in ("x0", "x1", "t"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    assert set(b.extra) == set(a.extra) | {"eps_fake"} and torch.equal(a.extra["eps"], b.extra["eps"])
+
+
+def test_r2_needs_r1s_form(ckpts):
+    with pytest.raises(ConfigError, match=r"^apt\.r2_lambda = 1.0 takes apt\.r1's form .*apt\.r1=none"):
+        build_trainer(_cfg(ckpts, "apt.r1=none", "apt.r2_lambda=1"))
 
 @pytest.mark.parametrize("noise_inputs", [False, True])
 def test_discriminator_inputs_are_clean_or_noised_to_its_time(ckpts, noise_inputs):
@@ -758,6 +805,7 @@ def test_discriminator_of_another_architecture_is_refused(ckpts):
 
 
 @pytest.mark.parametrize("key,value", [("r1_lambda", "-1"), ("r1_lambda", ".nan"), ("r1_lambda", ".inf"),
+                                       ("r2_lambda", "-1"), ("r2_lambda", ".nan"),
                                        ("r1_sigma", "-0.01"), ("r1_sigma", "0"), ("r1_sigma", ".inf"),
                                        ("r1_sigma", ".nan")])
 def test_negative_or_non_finite_lambda_or_sigma_is_refused(key, value):

@@ -327,6 +327,7 @@ CONFIG_ROWS = [  # (override, key, range): one row per key
     ("apt.lr_d=-1", "apt.lr_d", "a finite number > 0"),
     ("apt.r1_lambda=-1", "apt.r1_lambda", "a finite number >= 0"),
     ("apt.r1_sigma=0", "apt.r1_sigma", "a finite number > 0"),
+    ("apt.r2_lambda=-1", "apt.r2_lambda", "a finite number >= 0"),
     ("apt.t_shift=0", "apt.t_shift", "a finite number > 0"),
     ("apt.fourier_features=-1", "apt.fourier_features", "an integer >= 0"),
     ("apt.fourier_scale=0", "apt.fourier_scale", "a finite number > 0"),

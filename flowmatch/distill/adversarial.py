@@ -64,6 +64,15 @@ standard deviation. For small ``sigma`` its expectation is ``lambda sigma^2 ||gr
 ``lambda = 100``, ``sigma = 0.01`` (APT's image values; the toy data have a scale of a few units, so
 ``sigma`` is a smaller relative nudge there: ``gamma / 2 = 0.01`` either way).
 
+R2 (``apt.r2_lambda`` > 0; 0 by default, as in APT): the same penalty on the generated rows the
+discriminator sees, in ``apt.r1``'s form with the same ``sigma`` (``approx``:
+``lambda_2 mean_i (D(G(x0_i), t_i) - D(G(x0_i) + sigma eps'_i, t_i))^2``, ``eps'`` a draw of its own;
+``exact``: ``lambda_2 sigma^2 mean_i ||grad_x D(G(x0_i), t_i)||^2``), logged as ``apt/r2``. APT's follow-up
+(Lin et al. 2025, "Autoregressive Adversarial Post-Training for Real-Time Interactive Video Generation")
+trains with the approximated R1 and R2 beside the relativistic loss, as R3GAN (Huang et al. 2024, "The GAN
+is dead; long live the GAN!") does with the exact ones: R1 alone smooths the discriminator
+at the data, R2 also where the generator's samples lie, the gradient the generator follows.
+
 LeCam's regulariser (``apt.lecam_weight`` > 0; Tseng et al. 2021, "Regularizing Generative Adversarial
 Networks under Limited Data", Eq. 3, in the one-sided form of their code) adds to the discriminator's loss
 ``lambda_LC mean_i [relu(D(x1_i, t_i) - a_fake)^2 + relu(a_real - D(G(x0_i), t_i))^2]``, ``a_real`` and
@@ -130,7 +139,7 @@ The loop logs ``apt/val_w2`` (or ``apt/val_fd``, with ``apt/val_kid`` and on the
 ``checkpoints/best.pt`` (with ``selection``: its step, metric and score).
 
 Logged each log step (means over the interval): ``apt/d_loss`` (the adversarial part of the
-discriminator's loss), ``apt/r1`` (the penalty as added), ``apt/d_real`` and ``apt/d_fake`` (mean
+discriminator's loss), ``apt/r1`` (the penalty as added; with R2 ``apt/r2``), ``apt/d_real`` and ``apt/d_fake`` (mean
 logits on real and generated samples, from the discriminator's update), ``apt/g_loss`` (the
 adversarial part of the generator's loss, before ``apt.adversarial_weight``), with a regression term
 ``apt/regression``, with distribution matching ``apt/dmd`` and ``apt/fake_loss``, and with LeCam's
@@ -468,6 +477,9 @@ class AdversarialPostTraining(Objective):
         if self.augments and len(data_shape(cfg.data)) != 3:
             raise ConfigError(f"apt.augment = {ac.augment}: augmentations transform images [C, H, W]; this run's "
                               f"data have shape {tuple(data_shape(cfg.data))}; set apt.augment=none")
+        if ac.r2_lambda > 0 and ac.r1 == "none":
+            raise ConfigError(f"apt.r2_lambda = {ac.r2_lambda} takes apt.r1's form (approx or exact), and apt.r1=none; "
+                              f"set apt.r1=approx (apt.r1_lambda=0 turns R1 off) or apt.r2_lambda=0")
         if ac.fourier_features > 0 and cfg.model.name != "mlp":
             raise ConfigError(f"apt.fourier_features = {ac.fourier_features}: the Fourier head reads vector data "
                               f"(an MLP discriminator), this run's model is a {cfg.model.name}; set "
@@ -579,7 +591,8 @@ class AdversarialPostTraining(Objective):
         ``augment`` each row's transform of the real and the fake inputs (``shift_real``, ``corner_real``,
         ``shift_fake``, ``corner_fake``: :func:`augment_params`),
         with a regression term the pair store's batch (``more``) and, with distribution matching, its times
-        ``dmd_t`` (``[B]``, uniform in ``DMD_T_RANGE``) and the source points it noises to, ``dmd_n``, in this order."""
+        ``dmd_t`` (``[B]``, uniform in ``DMD_T_RANGE``) and the source points it noises to, ``dmd_n``, and with
+        R2 its ``eps_fake`` (``[B, *D]``), in this order."""
         b, dev = self.batch_size, self.device
         x0 = self.comp.source.sample(b, generator=generator, device=dev)
         x1 = self.comp.target.sample(b, generator=generator, device=dev)
@@ -600,6 +613,8 @@ class AdversarialPostTraining(Objective):
             lo, hi = DMD_T_RANGE
             extra["dmd_t"] = lo + (hi - lo) * torch.rand(b, generator=generator, device=dev)
             extra["dmd_n"] = self.comp.source.sample(b, generator=generator, device=dev)  # the teacher's x0
+        if self.ac.r2_lambda > 0:  # last, so that a run without R2 draws what it drew before R2 existed
+            extra["eps_fake"] = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
         return Batch(t=t, x0=x0, x1=x1, more=more, extra=extra)
 
     def inputs(self, x: torch.Tensor, batch: Batch, which: str) -> torch.Tensor:
@@ -637,6 +652,13 @@ class AdversarialPostTraining(Objective):
             extra = {"apt/d_loss": adv.mean().detach(), "apt/r1": r1.detach(),
                      "apt/d_real": d_real.mean().detach(), "apt/d_fake": d_fake.mean().detach()}
             total = adv.mean() + r1
+            if ac.r2_lambda > 0:  # R2: R1's form on the generated rows
+                if ac.r1 == "approx":
+                    r2 = ac.r2_lambda * approx_r1(d, fake, t, batch.extra["eps_fake"], ac.r1_sigma, d_x=d_fake).mean()
+                else:
+                    r2 = ac.r2_lambda * ac.r1_sigma ** 2 * exact_r1(d, fake, t).mean()
+                total = total + r2
+                extra["apt/r2"] = r2.detach()
             if self.anchors is not None:
                 lc = ac.lecam_weight * lecam(d_real, d_fake, *self.anchors.update(d_real, d_fake)).mean()
                 total = total + lc
