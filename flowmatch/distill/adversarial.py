@@ -629,6 +629,14 @@ class AdversarialPostTraining(Objective):
         t = expand_like(batch.t.to(x.dtype), x)
         return t * x + (1 - t) * batch.extra[f"n_{which}"]
 
+    def _penalty(self, weight: float, d, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                 d_x: torch.Tensor) -> torch.Tensor:
+        """R1 (or R2) at the rows ``x`` (``[B, *D]``, ``d_x = D(x, t)``) in ``apt.r1``'s form, times ``weight``:
+        ``approx``: ``weight * mean (D(x) - D(x + sigma eps))^2``; ``exact``: ``weight sigma^2 mean ||grad_x D||^2``."""
+        if self.ac.r1 == "approx":
+            return weight * approx_r1(d, x, t, eps, self.ac.r1_sigma, d_x=d_x).mean()
+        return weight * self.ac.r1_sigma ** 2 * exact_r1(d, x, t).mean()
+
     def loss(self, nets, batch: Batch, player: str = "student") -> LossOutput:
         d, g, kind, ac = nets["discriminator"], nets.student, self.ac.loss, self.ac
         if player == "fake_score":  # flow matching on the generator's samples
@@ -643,20 +651,15 @@ class AdversarialPostTraining(Objective):
                 fake = self.inputs(one_step(g, batch.x0), batch, "fake")
             d_real, d_fake = d(x1, t), d(fake, t)
             adv = discriminator_loss(d_real, d_fake, kind)
-            if ac.r1 == "approx" and ac.r1_lambda > 0:
-                r1 = ac.r1_lambda * approx_r1(d, x1, t, batch.extra["eps"], ac.r1_sigma, d_x=d_real).mean()
-            elif ac.r1 == "exact" and ac.r1_lambda > 0:
-                r1 = ac.r1_lambda * ac.r1_sigma ** 2 * exact_r1(d, x1, t).mean()
+            if ac.r1 != "none" and ac.r1_lambda > 0:
+                r1 = self._penalty(ac.r1_lambda, d, x1, t, batch.extra["eps"], d_real)
             else:
                 r1 = torch.zeros((), device=x1.device)
             extra = {"apt/d_loss": adv.mean().detach(), "apt/r1": r1.detach(),
                      "apt/d_real": d_real.mean().detach(), "apt/d_fake": d_fake.mean().detach()}
             total = adv.mean() + r1
             if ac.r2_lambda > 0:  # R2: R1's form on the generated rows
-                if ac.r1 == "approx":
-                    r2 = ac.r2_lambda * approx_r1(d, fake, t, batch.extra["eps_fake"], ac.r1_sigma, d_x=d_fake).mean()
-                else:
-                    r2 = ac.r2_lambda * ac.r1_sigma ** 2 * exact_r1(d, fake, t).mean()
+                r2 = self._penalty(ac.r2_lambda, d, fake, t, batch.extra["eps_fake"], d_fake)
                 total = total + r2
                 extra["apt/r2"] = r2.detach()
             if self.anchors is not None:
