@@ -521,7 +521,6 @@ def test_exact_r1_in_the_loss_is_lambda_sigma_squared_times_the_gradient_norm(ck
     assert out.extra["apt/r1"].item() == pytest.approx(7 * 0.09 * g.pow(2).sum(1).mean().item(), rel=1e-5)
 
 
-
 @pytest.mark.parametrize("mode", ["approx", "exact"])
 def test_r2_is_r1s_penalty_on_the_generated_rows_in_the_discriminators_loss_alone(ckpts, mode):
     trainer = build_trainer(_cfg(ckpts, f"apt.r1={mode}", "apt.r1_lambda=0", "apt.r2_lambda=7", "apt.r1_sigma=0.3"))
@@ -567,6 +566,7 @@ def test_r2_draws_its_noise_after_everything_else_and_is_off_by_default(ckpts):
 def test_r2_needs_r1s_form(ckpts):
     with pytest.raises(ConfigError, match=r"^apt\.r2_lambda = 1.0 takes apt\.r1's form .*apt\.r1=none"):
         build_trainer(_cfg(ckpts, "apt.r1=none", "apt.r2_lambda=1"))
+
 
 @pytest.mark.parametrize("noise_inputs", [False, True])
 def test_discriminator_inputs_are_clean_or_noised_to_its_time(ckpts, noise_inputs):
