@@ -128,6 +128,24 @@ def precision_recall_checker(cfg, *, k: int = 3, device: str | torch.device = "c
     return lambda x1: ref(x1.detach().cpu())
 
 
+def class_balance_checker(cfg, *, threshold: float = 0.9, device: str | torch.device = "cpu"):
+    """The class balance and ambiguous samples (:mod:`flowmatch.metrics.classes`) of image samples through
+    ``cfg``'s task classifier, against the label frequencies of its whole training split: ``check(x1) ->
+    ClassBalance`` for samples ``[M, C, H, W]``. A dataset without labels (an image folder) is a
+    :class:`FlowmatchError` naming it."""
+    from flowmatch.metrics.classes import ClassBalanceReference
+    from flowmatch.metrics.frechet import load_feature_classifier
+
+    _, labels = build_task(cfg.data, split="train").target.tensors()
+    if labels is None:
+        raise FlowmatchError(f"class balance: {cfg.data.target} has no labels to take class frequencies from")
+    classifier = load_feature_classifier(cfg.data.target, cfg.eval.classifier, device=device)
+    dev = next(classifier.parameters()).device
+    ref = ClassBalanceReference(lambda x: classifier(x.to(dev, torch.float32)), labels, classifier.num_classes,
+                                threshold=threshold)
+    return lambda x1: ref(x1.detach())
+
+
 def make_scorer(cfg, n: int, *, seed: int = 0, device: str | torch.device = "cpu"):
     """The bench scorer of ``cfg``'s task for rows of up to ``n`` samples."""
     if is_image_task(cfg.data):

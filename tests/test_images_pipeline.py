@@ -351,7 +351,7 @@ def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
     ckpt = str(tmp_path / "run" / "A" / "checkpoints" / "last.pt")
     subprocess.run([sys.executable, script, str(tmp_path / "run"), "--student", "A", "--teacher", "A",
                     "--also", f"{ckpt}:euler:1", "--also", "A:euler:2", "--draws", "2", "--n", "32",
-                    "--memorisation", "--precision-recall", "--fd-terms"], check=True, capture_output=True,
+                    "--memorisation", "--precision-recall", "--fd-terms", "--classes"], check=True, capture_output=True,
                    timeout=300)
     paired = json.loads((tmp_path / "run" / "paired_fd.json").read_text())
     s, summary = paired["scores"], paired["summary"]
@@ -368,6 +368,18 @@ def test_paired_fd_scores_every_entry_on_the_same_noise(tmp_path):
         pr = precision_recall_checker(model.config)(solve(model.model.eval(), x0, "euler", nfe=1).x1)
     assert (s["student euler 1"]["precision"][0], s["student euler 1"]["recall"][0]) == \
         pytest.approx((pr.precision, pr.recall))
+    # the class structure through the task's classifier, and the held-out test images' own beside it
+    from flowmatch.evaluation import class_balance_checker
+
+    check = class_balance_checker(model.config)
+    with torch.no_grad():
+        cb = check(solve(model.model.eval(), x0, "euler", nfe=1).x1)
+    assert (s["student euler 1"]["class_tv"][0], s["student euler 1"]["ambiguous"][0]) == \
+        pytest.approx((cb.class_tv, cb.ambiguous))
+    real = check(build_task(model.config.data, split="test").target.tensors()[0])
+    assert paired["reference"]["test images"] == {"n": 297, "class_tv": pytest.approx(real.class_tv),
+                                                  "ambiguous": pytest.approx(real.ambiguous)}
+    assert all(len(v["class_tv"]) == len(v["ambiguous"]) == 2 for v in s.values())
     assert all(len(v["precision"]) == len(v["recall"]) == 2 for v in s.values())
     # fd's two parts, per draw: they sum to fd
     assert all(a + b == pytest.approx(fd, rel=1e-9, abs=1e-12)

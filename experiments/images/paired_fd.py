@@ -13,9 +13,13 @@ also gets the memorisation check (:func:`flowmatch.evaluation.image_memorisation
 samples nearer a training image than 95% of the held-out test images are, ``copies``, 0.05 expected), in
 pixels and in the classifier's features, with ``--precision-recall`` the improved precision and recall
 against the training images (:func:`flowmatch.evaluation.precision_recall_checker`: the share of samples
-inside the training images' support, and of training images inside the samples'), and with ``--fd-terms``
+inside the training images' support, and of training images inside the samples'), with ``--fd-terms``
 ``fd``'s two parts (:meth:`~flowmatch.metrics.frechet.ImageFeatureMetrics.fd_terms`): ``fd_mean``, the
-squared distance between the feature means, and ``fd_cov``, what the covariances add, paired the same way::
+squared distance between the feature means, and ``fd_cov``, what the covariances add, and with ``--classes``
+the class structure the classifier reads (:func:`flowmatch.evaluation.class_balance_checker`): ``class_tv``,
+the total variation distance between the samples' class shares and the training labels' frequencies, and
+``ambiguous``, the share of samples whose top class probability is below 0.9; the held-out test images'
+own values are written beside them (``reference``), what new real images score; all paired the same way::
 
     python experiments/images/paired_fd.py runs/images/digits --student 2-RF+distill \\
         --also 2-RF:euler:1 --also 2-RF+Meanflow:anystep:1 --also 2-RF+Meanflow:anystep:2 --draws 10
@@ -37,7 +41,8 @@ import sys
 import torch
 
 from flowmatch.data.task import build_task, is_image_task
-from flowmatch.evaluation import image_reference, memorisation_checker, precision_recall_checker
+from flowmatch.evaluation import (class_balance_checker, image_reference, memorisation_checker,
+                                  precision_recall_checker)
 from flowmatch.solvers import get_solver, solve
 from flowmatch.training.checkpoint import load_model
 
@@ -69,6 +74,9 @@ def main() -> None:
                         "(classifier features, k = 3)")
     p.add_argument("--fd-terms", action="store_true",
                    help="score fd's two parts too: the feature means' (fd_mean) and the covariances' (fd_cov)")
+    p.add_argument("--classes", action="store_true",
+                   help="score the class structure too: the class shares' distance to the training labels' "
+                        "(class_tv) and the share of samples the classifier is below 0.9 sure of (ambiguous)")
     args = paired_arguments(p, student="2-RF+distill", n=1000, out="paired_fd.json",
                             teacher_help="the teacher's stage or checkpoint (dopri5), or none")
 
@@ -90,8 +98,17 @@ def main() -> None:
     metrics, _, held_out = image_reference(cfg, args.n)
     check = memorisation_checker(cfg) if args.memorisation else None
     coverage = precision_recall_checker(cfg) if args.precision_recall else None
+    classes = class_balance_checker(cfg) if args.classes else None
+    extra = {}
+    if classes is not None:  # what new real images score: the held-out test split itself
+        test_images, _ = build_task(cfg.data, split="test").target.tensors()
+        real = classes(test_images)
+        extra["reference"] = {"test images": {"n": real.n_samples, "class_tv": real.class_tv,
+                                              "ambiguous": real.ambiguous}}
+        print(f"test images ({real.n_samples}): class_tv {real.class_tv:.4f}, ambiguous {real.ambiguous:.4f}")
     names = ["fd", "fd_test"] + (["copies_pixels", "copies_features"] if args.memorisation else []) + \
-        (["precision", "recall"] if args.precision_recall else []) + (["fd_mean", "fd_cov"] if args.fd_terms else [])
+        (["precision", "recall"] if args.precision_recall else []) + \
+        (["fd_mean", "fd_cov"] if args.fd_terms else []) + (["class_tv", "ambiguous"] if args.classes else [])
     scores = {key: {m: [] for m in names} for key, *_ in entries}
     # each solve starts its own state (a consistency sampler re-seeds its noise), so one solver an entry serves every draw
     solvers = {key: get_solver(solver, atol=cfg.eval.atol, rtol=cfg.eval.rtol).for_source(source)
@@ -114,6 +131,10 @@ def main() -> None:
                     pr = coverage(x1)
                     scores[key]["precision"].append(pr.precision)
                     scores[key]["recall"].append(pr.recall)
+                if classes is not None:
+                    cb = classes(x1)
+                    scores[key]["class_tv"].append(cb.class_tv)
+                    scores[key]["ambiguous"].append(cb.ambiguous)
             print(f"draw {i}: " + ", ".join(f"{k} {v['fd'][-1]:.4f}" for k, v in scores.items()), flush=True)
     summary = {}
     for key, sc in scores.items():
@@ -131,7 +152,7 @@ def main() -> None:
             line += "; minus the teacher: " + ", ".join(
                 f"{m} {s[m]['vs_teacher']['diff']:+.4f} +- {s[m]['vs_teacher']['diff_se']:.4f}" for m in names)
         print(line)
-    write_paired(args, "paired_fd.json", scores, summary)
+    write_paired(args, "paired_fd.json", scores, summary, extra)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import json
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 
@@ -82,12 +83,14 @@ def paired_arguments(p: argparse.ArgumentParser, *, student: str, n: int, out: s
     return args
 
 
-def write_paired(args: argparse.Namespace, name: str, scores: dict, summary: dict) -> None:
-    """Writes a paired script's scores and summary, with its options, to ``--out`` (default ``RUN/name``)."""
+def write_paired(args: argparse.Namespace, name: str, scores: dict, summary: dict,
+                 extra: Optional[dict] = None) -> None:
+    """Writes a paired script's scores and summary, with its options (and ``extra``'s entries), to ``--out``
+    (default ``RUN/name``)."""
     out = args.out or os.path.join(args.run, name)
     atomic_write_text(out, json.dumps({"run": args.run, "student": args.student, "teacher": args.teacher,
                                        "also": args.also, "n": args.n, "draws": args.draws, "seed": args.seed,
-                                       "scores": scores, "summary": summary}, indent=2))
+                                       "scores": scores, "summary": summary, **(extra or {})}, indent=2))
     print(f"wrote {out}")
 
 

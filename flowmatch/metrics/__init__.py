@@ -1,6 +1,6 @@
 """Metrics: distances between clouds (W2, MMD), straightness of a flow, log-likelihood, image
-Fréchet distance / KID in a small classifier's feature space, the memorisation check, precision and recall, and
-the noise floor coupled to a model."""
+Fréchet distance / KID in a small classifier's feature space, the memorisation check, precision and recall, the
+class balance and ambiguous samples, and the noise floor coupled to a model."""
 
 from flowmatch.metrics.distances import DEFAULT_BANDWIDTHS, gaussian_w2, mmd, w2
 from flowmatch.metrics.guard import NonFiniteInputWarning
@@ -24,3 +24,6 @@ __all__ += ["CoupledFloor", "paired_ratio"]
 from flowmatch.metrics.coverage import PrecisionRecall, PrecisionRecallReference, precision_recall
 
 __all__ += ["PrecisionRecall", "PrecisionRecallReference", "precision_recall"]
+from flowmatch.metrics.classes import ClassBalance, ClassBalanceReference, class_balance
+
+__all__ += ["ClassBalance", "ClassBalanceReference", "class_balance"]
