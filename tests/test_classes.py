@@ -52,14 +52,13 @@ def test_the_data_itself_is_balanced_and_sure_and_noise_is_not(digits_check):
     # the classifier trained on these training digits: their shares match their labels' (0.0007 measured) and
     # it is sure of almost all of them (0.0013 below 0.9); the held-out test digits (297) score a TV about
     # sqrt(C / (2 pi M)) = 0.07 from their finite size alone (0.091 measured) and 0.0067 ambiguous
-    train, _ = get_image_dataset("digits", "train").tensors()
+    train, labels = get_image_dataset("digits", "train").tensors()
     test, _ = get_image_dataset("digits", "test").tensors()
     r_train, r_test = digits_check(train), digits_check(test)
     assert r_train.class_tv < 0.01 and r_train.ambiguous < 0.01 and r_train.n_samples == 1500
     assert 0.02 < r_test.class_tv < 0.2 and r_test.ambiguous < 0.05
     # the same against the classifier applied by hand
     clf = load_feature_classifier("digits")
-    _, labels = get_image_dataset("digits", "train").tensors()
     with torch.no_grad():
         want = class_balance(clf(test).softmax(dim=1), torch.bincount(labels, minlength=10).double() / len(labels))
     assert (r_test.class_tv, r_test.ambiguous) == pytest.approx((want.class_tv, want.ambiguous), abs=1e-12)

@@ -95,13 +95,12 @@ def main() -> None:
     if not is_image_task(cfg.data):
         raise SystemExit(f"{args.run}: {cfg.name} is a toy task; score it with experiments/toy/paired_w2.py")
     source = build_task(cfg.data).source
-    metrics, _, held_out = image_reference(cfg, args.n)
+    metrics, test_images, held_out = image_reference(cfg, args.n)
     check = memorisation_checker(cfg) if args.memorisation else None
     coverage = precision_recall_checker(cfg) if args.precision_recall else None
     classes = class_balance_checker(cfg) if args.classes else None
     extra = {}
     if classes is not None:  # what new real images score: the held-out test split itself
-        test_images, _ = build_task(cfg.data, split="test").target.tensors()
         real = classes(test_images)
         extra["reference"] = {"test images": {"n": real.n_samples, "class_tv": real.class_tv,
                                               "ambiguous": real.ambiguous}}
